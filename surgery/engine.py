@@ -1,0 +1,316 @@
+"""``apply``, ``revert`` and ``describe``: one walk over the module tree, one change record.
+
+``apply`` plans every change and validates it before it mutates anything, so a failed call
+leaves the model as it was. ``revert`` undoes exactly what the record lists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dropout import config_dropout, find_configs, find_dropout, get_path, set_path
+from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
+from .mixout import MixLinear, check_p, is_conv1d
+from .msd import MultiSampleDropout
+from .record import ATTR, CONFIG_KEY, TARGET_SUFFIX, Record, get_record, unwrap
+from .select import Pattern, compile_pattern, find_head
+
+__all__ = ["apply", "revert", "describe", "is_surgered"]
+
+
+def _check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return unwrap(model)
+
+
+def _root_config(model: nn.Module):
+    return next((cfg for name, path, cfg in find_configs(model) if name == "" and not path), None)
+
+
+def is_surgered(model: nn.Module) -> bool:
+    """True when ``model`` (or the module inside its DDP/compile wrapper) carries surgery."""
+    return get_record(model, required=False) is not None
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for n, prm in model.named_parameters(remove_duplicate=False):
+        names[id(prm)].append(n)
+    return names
+
+
+def apply(
+    model: nn.Module,
+    *,
+    mixout: float = 0.0,
+    dropout: float | None = None,
+    msd: int = 0,
+    msd_p: float = 0.2,
+    head: str | None = None,
+    include: Pattern = None,
+    exclude: Pattern = None,
+    mixout_head: bool = True,
+    mixout_tied: bool = False,
+    target_dtype: torch.dtype | None = None,
+    low_memory: bool = False,
+) -> nn.Module:
+    """Apply Mixout, dropout control and multi-sample dropout to ``model`` in place.
+
+    Args:
+        model: any ``nn.Module``; transformers models are handled first-class.
+        mixout: Mixout probability p in [0, 1]; 0 turns Mixout off. Every ``nn.Linear``
+            and transformers ``Conv1D`` (selected by ``include``/``exclude``) becomes a
+            :class:`MixLinear` mixing toward a frozen copy of its current weight.
+        dropout: when not None, every dropout probability in the model (dropout modules,
+            dropout attributes read at call time, config fields) is set to this value.
+        msd: K > 0 turns the task head into a multi-sample-dropout head with K samples.
+        msd_p: dropout probability of each MSD sample.
+        head: dotted name of the task head; found automatically (``classifier``,
+            ``score``, ``classification_head``, ``qa_outputs``) when None.
+        include: Mixout layers to select: a regex (full match on dotted names) or a
+            list of names / dotted suffixes. A layer is selected when it or a module
+            containing it matches. Default: all.
+        exclude: Mixout layers to leave alone, same forms as ``include``.
+        mixout_head: also mix the task head, toward its (random) initial weights, as the
+            paper and its reference code do. False leaves the head a plain layer.
+        mixout_tied: also mix layers whose weight is tied to another parameter (an LM head
+            tied to the embeddings). The tie is kept either way; default False leaves them
+            alone and ``describe`` says so.
+        target_dtype: keep Mixout targets in this dtype (e.g. ``torch.bfloat16``) to save
+            memory; they are cast to the weight's dtype in forward. Default: the weight's.
+        low_memory: Mixout layers recompute the mixed weight in backward instead of
+            keeping it (one weight-sized tensor less per layer alive during backward).
+
+    Returns:
+        ``model``, the same object.
+
+    Raises:
+        SurgeryTypeError: ``model`` is not an ``nn.Module``, or a pattern/dtype has the wrong type.
+        ValueError: a probability outside [0, 1], NaN or not a number; ``msd`` not an int >= 0.
+        AlreadySurgeredError: the model already carries surgery (``revert`` it first), or
+            it was loaded from a checkpoint saved with surgery applied.
+        PatternError: ``include``/``exclude`` match no module, or select no layer.
+        HeadError: ``msd`` > 0 and no head, an ambiguous head, or ``head`` names no module.
+    """
+    root = _check_model(model)
+    # ---- validate arguments --------------------------------------------------------
+    mixout = check_p(mixout, "mixout")
+    if dropout is not None:
+        dropout = check_p(dropout, "dropout")
+    if isinstance(msd, bool) or not isinstance(msd, int) or msd < 0:
+        raise ValueError(f"msd must be the number of dropout samples, an int >= 0 (0 = off), got {msd!r}")
+    msd_p = check_p(msd_p, "msd_p")
+    if target_dtype is not None and not (isinstance(target_dtype, torch.dtype) and target_dtype.is_floating_point):
+        raise SurgeryTypeError(f"target_dtype must be a floating torch.dtype such as torch.bfloat16, got {target_dtype!r}")
+    if get_record(root, required=False) is not None:
+        raise AlreadySurgeredError(
+            "model already has surgery applied; call surgery.revert(model) before applying it again "
+            "(a second apply does not compose with the first)"
+        )
+    cfg = _root_config(root)
+    if cfg is not None and getattr(cfg, CONFIG_KEY, None) is not None:
+        raise AlreadySurgeredError(
+            "this model was loaded from a checkpoint saved with surgery applied (its config has a "
+            f"'{CONFIG_KEY}' record), so its weights are fine-tuned, not pretrained. To resume training, load the "
+            "pretrained model, surgery.apply(...) it and load the checkpoint's state_dict; to deploy, run "
+            "`surgery convert SRC DST` and load DST"
+        )
+    if (include is not None or exclude is not None) and mixout == 0.0:
+        raise SurgeryError("include/exclude select Mixout layers; they need mixout > 0")
+
+    # ---- plan ------------------------------------------------------------------------
+    all_names = [n for n, _ in root.named_modules()]
+    inc = compile_pattern(include, all_names, "include")
+    exc = compile_pattern(exclude, all_names, "exclude")
+    head_name = find_head(root, head, required=msd > 0)
+    rec = Record(args=dict(mixout=mixout, dropout=dropout, msd=msd, msd_p=msd_p, head=head_name,
+                           include=include if isinstance(include, (str, type(None))) else list(include),
+                           exclude=exclude if isinstance(exclude, (str, type(None))) else list(exclude),
+                           mixout_head=mixout_head, mixout_tied=mixout_tied,
+                           target_dtype=str(target_dtype).replace("torch.", "") if target_dtype else None,
+                           low_memory=low_memory))
+
+    swaps: list[tuple[str, nn.Module]] = []
+    if mixout > 0.0:
+        occurrences: dict[int, int] = defaultdict(int)
+        for _, m in root.named_modules(remove_duplicate=False):
+            occurrences[id(m)] += 1
+        tied = _tied_names(root)
+        under_head = compile_pattern([head_name], all_names, "head") if head_name else None
+        for name, m in root.named_modules():
+            if not name or (inc and not inc(name)) or (exc and exc(name)):
+                continue
+            if not (type(m) is nn.Linear or is_conv1d(m)):
+                if isinstance(m, nn.Linear) and not isinstance(m, MixLinear):
+                    rec.skipped.append({"name": name, "reason": f"{type(m).__name__} is a Linear subclass whose "
+                                        "forward may not be nn.Linear's (its owner may read .weight directly)"})
+                continue
+            if under_head and under_head(name) and not mixout_head:
+                rec.skipped.append({"name": name, "reason": "task head (mixout_head=False)"})
+                continue
+            others = [n for n in tied[id(m.weight)] if n != f"{name}.weight"]
+            if others and not mixout_tied:
+                rec.skipped.append({"name": name, "reason": f"weight tied to {others[0]} (mixout_tied=True mixes it, keeping the tie)"})
+                continue
+            if occurrences[id(m)] > 1:
+                rec.skipped.append({"name": name, "reason": "the same module is registered under several names"})
+                continue
+            swaps.append((name, m))
+        if not swaps:
+            raise SurgeryError(f"mixout={mixout} selected no nn.Linear/Conv1D layer"
+                               + (f" (skipped: {', '.join(s['name'] for s in rec.skipped[:5])})" if rec.skipped else "")
+                               + "; check include/exclude")
+
+    dropout_changes: list[dict[str, Any]] = []
+    config_changes: list[dict[str, Any]] = []
+    if dropout is not None:
+        dropout_changes = [{"module": n, "attr": a, "old": v, "new": dropout} for n, a, v in find_dropout(root)]
+        for mod_name, path, c in find_configs(root):
+            for field, v in config_dropout(c):
+                config_changes.append({"module": mod_name, "path": path + [field], "old": v, "new": dropout})
+
+    # ---- build (allocations that can fail) before the first mutation ------------------
+    new_layers = [(name, MixLinear.from_linear(m, mixout, target_dtype=target_dtype, low_memory=low_memory))
+                  for name, m in swaps]
+
+    # ---- mutate ------------------------------------------------------------------------
+    for name, layer in new_layers:
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent), child, layer)
+        rec.mixout.append({"name": name, "p": mixout, "orig": f"{type(layer.to_linear()).__module__}."
+                           f"{type(layer.to_linear()).__qualname__}", "transposed": layer.transposed})
+    for ch in dropout_changes:
+        setattr(root.get_submodule(ch["module"]), ch["attr"], ch["new"])
+    for ch in config_changes:
+        set_path(root.get_submodule(ch["module"]).config, ch["path"], ch["new"])
+    rec.dropout, rec.config = dropout_changes, config_changes
+    if msd > 0:
+        state = MultiSampleDropout(msd, msd_p)
+        rec.handles += [state] + state.install(root.get_submodule(head_name))
+        rec.msd.append({"name": head_name, "k": msd, "p": msd_p})
+    vars(root)[ATTR] = rec
+    if cfg is not None:
+        setattr(cfg, CONFIG_KEY, rec.to_dict())
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: original module classes holding the current (trained) Parameters,
+    original dropout values and config, no leftover buffers, hooks or attributes.
+
+    Returns:
+        ``model``, the same object.
+
+    Raises:
+        SurgeryTypeError: ``model`` is not an ``nn.Module``.
+        NotSurgeredError: the model carries no surgery.
+        SurgeryError: a recorded Mixout layer is missing or was replaced since ``apply``.
+    """
+    root = _check_model(model)
+    rec = get_record(root)
+    layers = []
+    for m in rec.mixout:
+        try:
+            layer = root.get_submodule(m["name"])
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, MixLinear):
+            raise SurgeryError(f"cannot revert: Mixout layer {m['name']!r} is missing or was replaced after apply "
+                               f"(found {type(layer).__name__}); nothing was changed")
+        layers.append((m["name"], layer))
+    for name, layer in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent), child, layer.to_linear())
+    for ch in rec.dropout:
+        setattr(root.get_submodule(ch["module"]), ch["attr"], ch["old"])
+    for ch in rec.config:
+        set_path(root.get_submodule(ch["module"]).config, ch["path"], ch["old"])
+    for h in rec.handles:
+        if hasattr(h, "remove"):
+            h.remove()
+    cfg = _root_config(root)
+    if cfg is not None and CONFIG_KEY in vars(cfg):
+        delattr(cfg, CONFIG_KEY)
+    del vars(root)[ATTR]
+    return model
+
+
+# ---- describe ------------------------------------------------------------------------
+
+def _ranges(values: list[int]) -> str:
+    values = sorted(set(values))
+    out, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return out[0] if len(out) == 1 and "-" not in out[0] else "{" + ",".join(out) + "}"
+
+
+def _group(names: list[str]) -> list[str]:
+    """``a.0.q, a.1.q, a.2.q`` -> ``a.{0-2}.q (x3)``: one line per layer pattern."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for n in names:
+        parts = n.split(".")
+        key = tuple("#" if p.isdigit() else p for p in parts)
+        groups.setdefault(key, []).append([int(p) for p in parts if p.isdigit()])
+    lines = []
+    for key, idx in groups.items():
+        parts, slot = [], 0
+        for p in key:
+            if p == "#":
+                parts.append(_ranges([i[slot] for i in idx]))
+                slot += 1
+            else:
+                parts.append(p)
+        lines.append(".".join(parts) + (f"  (x{len(idx)})" if len(idx) > 1 else ""))
+    return lines
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def describe(model_or_record: Any) -> str:
+    """A few human-readable lines: what surgery changed, layer pattern by layer pattern.
+
+    Accepts a surgered model, a :class:`Record` or a record dict (as stored on disk).
+
+    Raises:
+        NotSurgeredError: a model that carries no surgery.
+    """
+    target_bytes = None
+    if isinstance(model_or_record, nn.Module):
+        root = unwrap(model_or_record)
+        rec = get_record(root)
+        title = type(root).__name__
+        target_bytes = sum(b.numel() * b.element_size() for n, b in root.named_buffers()
+                           if n.rsplit(".", 1)[-1] == TARGET_SUFFIX)
+    else:
+        rec = model_or_record if isinstance(model_or_record, Record) else Record.from_dict(model_or_record)
+        title = "checkpoint"
+    lines = [f"{title}: surgery (record v{rec.version})"]
+    if rec.mixout:
+        ps = sorted({m["p"] for m in rec.mixout})
+        extra = f", targets {_mib(target_bytes)}" if target_bytes is not None else ""
+        lines.append(f"  mixout p={'/'.join(map(str, ps))} on {len(rec.mixout)} layers{extra}:")
+        lines += [f"    {g}" for g in _group([m["name"] for m in rec.mixout])]
+    if rec.dropout or rec.config:
+        new = rec.args.get("dropout")
+        olds = sorted({c["old"] for c in rec.dropout + rec.config})
+        mods = sum(1 for c in rec.dropout if c["attr"] == "p")
+        lines.append(f"  dropout -> {new}: {mods} dropout modules, {len(rec.dropout) - mods} attributes, "
+                     f"{len(rec.config)} config fields (were {', '.join(map(str, olds))})")
+    for h in rec.msd:
+        lines.append(f"  multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}")
+    for s in rec.skipped:
+        lines.append(f"  left alone: {s['name']} ({s['reason']})")
+    if len(lines) == 1:
+        lines.append("  nothing changed")
+    return "\n".join(lines)

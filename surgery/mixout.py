@@ -1,0 +1,184 @@
+"""Mixout (Lee et al., "Mixout: Effective Regularization to Finetune Large-scale
+Pretrained Language Models", ICLR 2020).
+
+In training, each *input neuron* of a layer (one column of ``weight``, shared by all
+rows and the whole batch) is swapped with probability ``p`` for its pretrained value
+``target`` and the result rescaled so that ``E[W_mix] = W``::
+
+    W_mix = target + M * (W - target) / (1 - p),    M ~ Bernoulli(1 - p), one per column
+
+computed as ``torch.lerp(target, W, M / (1 - p))``: one weight-sized temporary (the mixed
+weight), never a weight-sized mask. The gradient is exact, ``dL/dW = M / (1-p) * dL/dW_mix``
+(the widely copied reference implementation returns ``M * dL/dW_mix``, (1-p) times too
+small). The bias is not mixed. In eval, and for ``p == 0``, the layer computes exactly
+what the original layer computes. ``p == 1`` uses the target alone (W gets zero gradient).
+
+Masks come from the global torch generator of the weight's device, so seeding works and
+activation checkpointing (which restores RNG state) recomputes the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .record import TARGET_SUFFIX
+
+__all__ = ["MixLinear", "mixout_weight", "check_p", "is_conv1d"]
+
+
+def check_p(value, name: str) -> float:
+    """``value`` as a float in [0, 1], or a ValueError naming ``name`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return value
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family: a Linear with the weight stored (in, out))."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _scale(p: float, n: int, like: torch.Tensor) -> torch.Tensor:
+    """``M / (1 - p)`` for ``n`` input neurons: a vector, never a weight-sized mask."""
+    keep = torch.empty(n, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p)
+    return keep.div_(1.0 - p)
+
+
+class _LowMemoryMix(torch.autograd.Function):
+    """``F.linear(x, lerp(T, W, s))`` that keeps only ``x`` and ``s`` for backward and
+    recomputes the mixed weight there (one extra elementwise pass, one weight fewer alive)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, target, s, bias, transposed):
+        w = torch.lerp(target, weight, s)
+        ctx.save_for_backward(x, weight, target, s)
+        ctx.transposed = transposed
+        ctx.has_bias = bias is not None
+        return F.linear(x, w.t() if transposed else w, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, target, s = ctx.saved_tensors
+        w = torch.lerp(target, weight, s)
+        wl = w.t() if ctx.transposed else w  # (out, in)
+        gx = g @ wl if ctx.needs_input_grad[0] else None
+        gw = gb = None
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gwl = g2.t() @ x.reshape(-1, x.shape[-1])  # dL/dW_mix in (out, in)
+            gw = (gwl.t() if ctx.transposed else gwl).mul_(s)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = g2.sum(0)
+        return gx, gw, None, None, gb, None
+
+
+def mixout_weight(weight: torch.Tensor, target: torch.Tensor, p: float, *, transposed: bool = False) -> torch.Tensor:
+    """The mixed weight ``target + M * (weight - target) / (1 - p)`` with a fresh mask.
+
+    ``weight`` is (out, in), or (in, out) when ``transposed``; one mask value per input neuron.
+    """
+    if p == 1.0:
+        return target + weight * 0.0  # target alone; keeps weight in the graph with zero gradient
+    n = weight.shape[0] if transposed else weight.shape[-1]
+    s = _scale(p, n, weight)
+    return torch.lerp(target, weight, s.unsqueeze(1) if transposed else s)
+
+
+class MixLinear(nn.Linear):
+    """A ``nn.Linear`` (or transformers ``Conv1D``) with Mixout toward a frozen target.
+
+    Build it with :meth:`from_linear`, which shares the original ``weight``/``bias``
+    Parameter objects (state_dict keys and optimizer references survive) and adds one
+    persistent buffer ``mixout_target``. :meth:`to_linear` gives back the original module
+    (same object, same class) holding the current Parameters.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        p: Mixout probability in [0, 1].
+        transposed: weight stored (in, out), as transformers ``Conv1D`` stores it.
+        low_memory: keep only the input and the mask for backward, recomputing the
+            mixed weight there (saves one weight-sized tensor per layer, costs one
+            elementwise pass).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, p: float = 0.0, *, transposed=False,
+                 low_memory=False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.p = check_p(p, "p")
+        self.transposed = transposed
+        self.low_memory = low_memory
+        if transposed:
+            self.weight = nn.Parameter(self.weight.detach().t().contiguous())
+        self.register_buffer(TARGET_SUFFIX, self.weight.detach().clone())
+        self.__dict__["_original"] = None  # the module this replaced (not a submodule: keys stay)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, p: float, *, target: torch.Tensor | None = None,
+                    target_dtype: torch.dtype | None = None, low_memory: bool = False) -> "MixLinear":
+        """Wrap ``linear`` (an ``nn.Linear`` or ``Conv1D``) sharing its Parameters.
+
+        ``target`` defaults to a copy of the current weight (in ``target_dtype`` if given).
+        """
+        transposed = is_conv1d(linear)
+        w = linear.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+        with torch.device("meta"):
+            new = cls(in_f, out_f, bias=False, p=p, transposed=transposed, low_memory=low_memory)
+        new.weight = w
+        new.bias = linear.bias
+        if target is None:
+            target = w.detach().to(dtype=target_dtype or w.dtype, copy=True)
+        if target.shape != w.shape:
+            raise ValueError(f"target shape {tuple(target.shape)} does not match weight shape {tuple(w.shape)}")
+        setattr(new, TARGET_SUFFIX, target.detach())
+        new.__dict__["_original"] = linear
+        new.train(linear.training)
+        return new
+
+    def to_linear(self) -> nn.Module:
+        """The original module (same object and class) holding this layer's current Parameters."""
+        orig = self.__dict__.get("_original")
+        if orig is None:
+            with torch.device("meta"):
+                orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        orig.weight = self.weight
+        orig.bias = self.bias
+        orig.train(self.training)
+        return orig
+
+    @property
+    def target(self) -> torch.Tensor:
+        return getattr(self, TARGET_SUFFIX)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            if self.transposed:  # exactly what transformers' Conv1D computes
+                out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight) if self.bias is not None \
+                    else x.reshape(-1, x.size(-1)) @ self.weight
+                return out.view(x.shape[:-1] + (self.out_features,))
+            return F.linear(x, self.weight, self.bias)
+        w, t = self.weight, self.target
+        if t.dtype != w.dtype:
+            t = t.to(w.dtype)
+        if self.low_memory and self.p < 1.0:
+            n = w.shape[0] if self.transposed else w.shape[1]
+            s = _scale(self.p, n, w)
+            return _LowMemoryMix.apply(x, w, t, s.unsqueeze(1) if self.transposed else s, self.bias, self.transposed)
+        wm = mixout_weight(w, t, self.p, transposed=self.transposed)
+        return F.linear(x, wm.t() if self.transposed else wm, self.bias)
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, p={self.p}"
+        if self.transposed:
+            s += ", transposed=True"
+        if self.low_memory:
+            s += ", low_memory=True"
+        return s

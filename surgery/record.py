@@ -1,0 +1,108 @@
+"""The change record: the single source of truth about what ``apply`` changed.
+
+One :class:`Record` lives on a surgered model (``model._surgery``). ``revert`` undoes
+exactly what it lists, ``describe`` prints it, and checkpoint conversion reads it back
+from disk, so it is plain JSON (``Record.to_dict`` / ``Record.from_dict``).
+
+On-disk form (version 1)::
+
+    {"format": "surgery", "version": 1,
+     "args":    {"mixout": 0.1, "dropout": 0.0, "msd": 8, "msd_p": 0.2, ...},
+     "mixout":  [{"name": "bert.encoder.layer.0.attention.self.query", "p": 0.1,
+                  "orig": "torch.nn.modules.linear.Linear", "transposed": false}],
+     "dropout": [{"module": "bert.embeddings.dropout", "attr": "p", "old": 0.1, "new": 0.0}],
+     "config":  [{"path": ["hidden_dropout_prob"], "old": 0.1, "new": 0.0}],
+     "msd":     [{"name": "classifier", "k": 8, "p": 0.2}],
+     "skipped": [{"name": "lm_head", "reason": "weight tied to transformer.wte.weight"}]}
+
+Each Mixout layer adds one persistent buffer, ``<name>.mixout_target`` (the frozen
+pretrained weight, same shape/dtype as ``<name>.weight``), to the state_dict. Nothing
+else changes keys: MSD heads are hooks, dropout changes are attribute values.
+For transformers models the record is also written into the config
+(``config.surgery``), so ``save_pretrained``/Trainer checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import NotSurgeredError
+
+__all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap"]
+
+FORMAT = "surgery"
+VERSION = 1
+TARGET_SUFFIX = "mixout_target"  # buffer name of a Mixout target; state_dict key "<layer>.mixout_target"
+CONFIG_KEY = "surgery"  # attribute of a transformers config that carries the record
+ATTR = "_surgery"  # attribute of the model that holds the live Record
+
+
+@dataclass
+class Record:
+    """What one ``apply`` call changed. JSON-serialisable apart from ``handles``."""
+
+    args: dict[str, Any] = field(default_factory=dict)
+    mixout: list[dict[str, Any]] = field(default_factory=list)
+    dropout: list[dict[str, Any]] = field(default_factory=list)
+    config: list[dict[str, Any]] = field(default_factory=list)
+    msd: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    version: int = VERSION
+    # live hook handles (MSD); never serialised
+    handles: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "handles"}
+        return {"format": FORMAT, **json.loads(json.dumps(d))}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Record":
+        if isinstance(d, str):
+            try:
+                d = json.loads(d)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"surgery record is not valid JSON ({e}); the checkpoint metadata is corrupt") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError("not a surgery record (missing 'format': 'surgery')")
+        if d.get("version") != VERSION:
+            raise ValueError(
+                f"surgery record version {d.get('version')!r} is not supported by this surgery "
+                f"(which reads version {VERSION}); upgrade surgery"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"handles"}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def target_keys(self) -> list[str]:
+        """State-dict keys of the Mixout targets this record added."""
+        return [f"{m['name']}.{TARGET_SUFFIX}" if m["name"] else TARGET_SUFFIX for m in self.mixout]
+
+
+def unwrap(model):
+    """The module that carries surgery inside DDP / Accelerate / torch.compile wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if ATTR in getattr(model, "__dict__", {}):
+            return model
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None or not hasattr(inner, "named_modules"):
+            return model
+        model = inner
+    return model
+
+
+def get_record(model, *, required: bool = True) -> Record | None:
+    """The live record of a surgered model (looking through DDP/compile wrappers)."""
+    rec = getattr(unwrap(model), "__dict__", {}).get(ATTR)
+    if rec is None and required:
+        raise NotSurgeredError(
+            f"{type(model).__name__} has no surgery applied; call surgery.apply(model, ...) first"
+        )
+    return rec

@@ -1,0 +1,117 @@
+"""Which modules a call touches: ``include``/``exclude`` patterns and the task head.
+
+A pattern is either a string, matched with :func:`re.fullmatch` against a module's
+dotted name, or a list/tuple of names, each matching a module whose dotted name equals
+it or ends with ``"." + name``. A module is selected when the pattern matches its name
+or the name of any module that contains it, so ``exclude=["classifier"]`` excludes
+every layer inside the classifier.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable, Sequence, Union
+
+from torch import nn
+
+from .errors import HeadError, PatternError, SurgeryTypeError
+
+__all__ = ["Pattern", "compile_pattern", "ancestors", "find_head", "HEAD_NAMES"]
+
+Pattern = Union[str, Sequence[str], None]
+
+# attribute names transformers task models use for their freshly initialised head
+HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+
+
+def ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _close(word: str, names: Iterable[str]) -> str:
+    names = [n for n in names if n]
+    tails = {n.rsplit(".", 1)[-1] for n in names}
+    close = difflib.get_close_matches(word, names, n=5, cutoff=0.5)
+    close += [t for t in difflib.get_close_matches(word, sorted(tails), n=3, cutoff=0.5) if t not in close]
+    return ", ".join(repr(c) for c in close[:6]) if close else "none"
+
+
+def compile_pattern(pattern: Pattern, names: Sequence[str], argname: str):
+    """Validate ``pattern`` against all module ``names``; return ``match(name) -> bool`` or None.
+
+    Raises:
+        SurgeryTypeError: the pattern is neither a string nor a sequence of strings.
+        PatternError: the regex is invalid, or it (or one of the listed names) matches no module.
+    """
+    if pattern is None:
+        return None
+    if isinstance(pattern, str):
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise PatternError(f"{argname}={pattern!r} is not a valid regular expression ({e})") from None
+        if not any(rx.fullmatch(n) for n in names if n):
+            raise PatternError(
+                f"{argname}={pattern!r} (a regex, full match on dotted module names) matches no module; "
+                f"close names: {_close(pattern, names)}"
+            )
+        return lambda name: any(rx.fullmatch(a) for a in ancestors(name))
+    if not isinstance(pattern, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in pattern):
+        raise SurgeryTypeError(
+            f"{argname} must be a regex string or a list of module names, got {type(pattern).__name__}"
+        )
+    wanted = set(pattern)
+    for p in sorted(wanted):
+        if not p or not any(n == p or n.endswith("." + p) for n in names):
+            raise PatternError(
+                f"{argname} entry {p!r} matches no module (a list matches exact dotted names or "
+                f"dotted suffixes); close names: {_close(p, names)}"
+            )
+
+    def match(name: str) -> bool:
+        for a in ancestors(name):
+            for p in wanted:
+                if a == p or a.endswith("." + p):
+                    return True
+        return False
+
+    return match
+
+
+def find_head(model: nn.Module, head: str | None = None, *, required: bool = True) -> str | None:
+    """Dotted name of the task head: ``head`` if given (validated), else found by name.
+
+    The automatic search looks for the shallowest module whose last name component is
+    one of :data:`HEAD_NAMES`.
+
+    Raises:
+        HeadError: ``head`` names no module, or (when ``required``) no head or several
+            equally shallow candidates were found.
+    """
+    modules = dict(model.named_modules())
+    if head is not None:
+        if not isinstance(head, str):
+            raise SurgeryTypeError(f"head must be a module name (str), got {type(head).__name__}")
+        if head not in modules or head == "":
+            raise HeadError(f"head={head!r} names no module in {type(model).__name__}; close names: {_close(head, modules)}")
+        return head
+    found = [n for n in modules if n and n.rsplit(".", 1)[-1] in HEAD_NAMES]
+    if found:
+        depth = min(n.count(".") for n in found)
+        found = [n for n in found if n.count(".") == depth]
+    if len(found) == 1:
+        return found[0]
+    if not required:
+        return None
+    if not found:
+        top = [n for n in modules if n and "." not in n]
+        raise HeadError(
+            f"no task head found in {type(model).__name__} (looked for modules named {', '.join(HEAD_NAMES)}); "
+            f"name it with head=..., e.g. one of the top-level modules: {', '.join(map(repr, top))}"
+        )
+    raise HeadError(
+        f"ambiguous task head in {type(model).__name__}: candidates {', '.join(map(repr, found))}; pick one with head=..."
+    )
