@@ -1,0 +1,208 @@
+"""apply/revert/describe: arguments, selection, failure leaves the model untouched, record."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+import surgery
+from surgery import MixLinear
+
+
+def _bert():
+    cfg = AutoConfig.for_model("bert", vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=20, max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(cfg)
+
+
+def _snapshot(model):
+    return {
+        "classes": [(n, type(m)) for n, m in model.named_modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "params": [id(p) for p in model.parameters()],
+        "dropout": [m.p for m in model.modules() if isinstance(m, nn.Dropout)],
+        "config": model.config.to_dict() if hasattr(model, "config") else None,
+        "dict": set(vars(model)),
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    }
+
+
+def _assert_same(model, snap):
+    now = _snapshot(model)
+    assert now["classes"] == snap["classes"]
+    assert now["state"].keys() == snap["state"].keys()
+    assert all(torch.equal(now["state"][k], snap["state"][k]) for k in snap["state"])
+    assert now["params"] == snap["params"]
+    assert now["dropout"] == snap["dropout"] and now["config"] == snap["config"]
+    assert now["dict"] == snap["dict"] and now["hooks"] == snap["hooks"]
+
+
+BAD_CALLS = [
+    (dict(mixout=-0.1), ValueError, r"mixout must be a probability in \[0, 1\]"),
+    (dict(mixout=1.5), ValueError, r"mixout must be a probability in \[0, 1\]"),
+    (dict(mixout=float("nan")), ValueError, r"mixout must be a probability in \[0, 1\], got nan"),
+    (dict(mixout="0.1"), ValueError, r"mixout must be a probability .*str"),
+    (dict(mixout=True), ValueError, r"mixout must be a probability"),
+    (dict(dropout=2), ValueError, r"dropout must be a probability in \[0, 1\]"),
+    (dict(dropout=float("nan")), ValueError, r"dropout must be"),
+    (dict(msd=4, msd_p=-1), ValueError, r"msd_p must be a probability"),
+    (dict(msd=-1), ValueError, r"msd must be .* int >= 0"),
+    (dict(msd=2.5), ValueError, r"msd must be"),
+    (dict(mixout=0.1, include="bert.encoder.layer.9.*"), surgery.PatternError, r"include=.*matches no module; close names"),
+    (dict(mixout=0.1, exclude=["clasifier"]), surgery.PatternError, r"exclude entry 'clasifier' matches no module.*'classifier'"),
+    (dict(mixout=0.1, include="(unclosed"), surgery.PatternError, r"not a valid regular expression"),
+    (dict(mixout=0.1, include=3), surgery.SurgeryTypeError, r"include must be a regex string or a list"),
+    (dict(include=["query"]), surgery.SurgeryError, r"include/exclude select Mixout layers; they need mixout > 0"),
+    (dict(mixout=0.1, include=["embeddings"]), surgery.SurgeryError, r"selected no nn.Linear"),
+    (dict(msd=4, head="nope", mixout=0.2, dropout=0.0), surgery.HeadError, r"head='nope' names no module"),
+    (dict(mixout=0.1, target_dtype="bf16"), surgery.SurgeryTypeError, r"target_dtype must be a floating torch.dtype"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", BAD_CALLS, ids=[str(c[0]) for c in BAD_CALLS])
+def test_bad_input_is_one_clear_error_and_nothing_is_mutated(kwargs, exc, msg):
+    model = _bert()
+    snap = _snapshot(model)
+    with pytest.raises(exc, match=msg):
+        surgery.apply(model, **kwargs)
+    _assert_same(model, snap)
+    assert not surgery.is_surgered(model)
+
+
+def test_errors_subclass_the_builtin_a_torch_user_expects():
+    assert issubclass(surgery.PatternError, ValueError) and issubclass(surgery.HeadError, ValueError)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        surgery.apply({}, mixout=0.1)
+    with pytest.raises(TypeError):
+        surgery.revert("model")
+
+
+def test_apply_and_revert_return_the_same_object_and_round_trip_exactly():
+    model = _bert().eval()
+    snap = _snapshot(model)
+    ids = torch.randint(0, 50, (2, 9))
+    ref = model(ids).logits
+    assert surgery.apply(model, mixout=0.3, dropout=0.0, msd=4) is model
+    assert torch.equal(model(ids).logits, ref)
+    assert surgery.revert(model) is model
+    _assert_same(model, snap)
+    assert torch.equal(model(ids).logits, ref)
+
+
+def test_apply_twice_and_revert_without_surgery_are_clear_errors():
+    model = _bert()
+    with pytest.raises(surgery.NotSurgeredError, match=r"no surgery applied; call surgery.apply"):
+        surgery.revert(model)
+    with pytest.raises(surgery.NotSurgeredError):
+        surgery.describe(model)
+    surgery.apply(model, mixout=0.1)
+    snap = _snapshot(model)
+    with pytest.raises(surgery.AlreadySurgeredError, match=r"call surgery.revert\(model\)"):
+        surgery.apply(model, dropout=0.0)
+    _assert_same(model, snap)
+    surgery.revert(model)
+    surgery.apply(model, dropout=0.0)  # a fresh apply after revert is fine
+
+
+def test_selection_regex_list_and_exclude():
+    model = _bert()
+    surgery.apply(model, mixout=0.1, include=r"bert\.encoder\.layer\.1")  # an ancestor match selects its layers
+    names = [m["name"] for m in surgery.get_record(model).mixout]
+    assert names and all(n.startswith("bert.encoder.layer.1.") for n in names) and len(names) == 6
+    surgery.revert(model)
+    surgery.apply(model, mixout=0.1, include=["query", "value"], exclude=["layer.0"])
+    names = [m["name"] for m in surgery.get_record(model).mixout]
+    assert names == ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+
+
+def test_head_is_mixed_toward_its_init_by_default_and_can_be_left_alone():
+    model = _bert()
+    surgery.apply(model, mixout=0.1)
+    assert isinstance(model.classifier, MixLinear)
+    surgery.revert(model)
+    surgery.apply(model, mixout=0.1, mixout_head=False)
+    assert type(model.classifier) is nn.Linear
+    assert "classifier (task head (mixout_head=False))" in surgery.describe(model)
+
+
+def test_plain_module_round_trip_and_linear_subclasses_are_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2,
+                                                                                       batch_first=True))
+    x = torch.randn(2, 5, 8)
+    model.eval()
+    ref = model(x)
+    snap = _snapshot(model)
+    surgery.apply(model, mixout=0.2, dropout=0.0)
+    rec = surgery.get_record(model)
+    assert {m["name"] for m in rec.mixout} == {"0", "2.linear1", "2.linear2"}
+    assert [s["name"] for s in rec.skipped] == ["2.self_attn.out_proj"]  # MHA reads out_proj.weight directly
+    assert model[2].self_attn.dropout == 0.0 and model[1].p == 0.0
+    model.train()
+    a, b = model(x), model(x)
+    assert torch.equal(a, b)  # dropout 0, and right after apply W == target: mixing changes nothing
+    surgery.revert(model)
+    _assert_same(model, snap)
+    assert model[2].self_attn.dropout == 0.2
+    assert torch.equal(model.eval()(x), ref)
+
+
+def test_describe_is_a_few_lines_and_reads_records_from_disk_form():
+    model = _bert()
+    surgery.apply(model, mixout=0.1, dropout=0.0, msd=8)
+    text = surgery.describe(model)
+    assert "mixout p=0.1 on 14 layers" in text
+    assert "bert.encoder.layer.{0-1}.attention.self.query  (x2)" in text
+    assert "dropout -> 0.0" in text and "multi-sample dropout: head 'classifier', K=8" in text
+    assert len(text.splitlines()) < 15
+    on_disk = json.loads(json.dumps(model.config.to_dict()["surgery"]))
+    assert surgery.describe(on_disk).splitlines()[1:] == [
+        line.replace(", targets 0.0 MiB", "") for line in text.splitlines()[1:]
+    ] or "mixout p=0.1 on 14 layers" in surgery.describe(on_disk)
+
+
+def test_record_travels_in_the_config_and_blocks_reapplying_to_a_surgered_checkpoint(tmp_path):
+    model = _bert()
+    surgery.apply(model, mixout=0.1, dropout=0.0)
+    rec = surgery.Record.from_dict(model.config.to_dict()["surgery"])
+    assert rec.to_dict() == surgery.get_record(model).to_dict()
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["surgery"]["mixout"][0]["p"] == 0.1 and cfg["hidden_dropout_prob"] == 0.0
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    snap = _snapshot(loaded)
+    with pytest.raises(surgery.AlreadySurgeredError, match="loaded from a checkpoint saved with surgery"):
+        surgery.apply(loaded, mixout=0.1)
+    _assert_same(loaded, snap)
+
+
+def test_record_rejects_foreign_or_newer_data():
+    with pytest.raises(ValueError, match="not a surgery record"):
+        surgery.Record.from_dict({"version": 1})
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        surgery.Record.from_dict({"format": "surgery", "version": 99})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        surgery.Record.from_dict("{oops")
+
+
+def test_revert_refuses_a_model_whose_layers_were_replaced_and_changes_nothing():
+    model = _bert()
+    surgery.apply(model, mixout=0.1, dropout=0.0)
+    model.classifier = nn.Linear(16, 2)
+    with pytest.raises(surgery.SurgeryError, match="'classifier' is missing or was replaced"):
+        surgery.revert(model)
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, MixLinear)
+    assert surgery.is_surgered(model)
+
+
+def test_deepcopy_of_a_surgered_model_reverts_independently():
+    model = _bert()
+    surgery.apply(model, mixout=0.1, msd=2)
+    twin = copy.deepcopy(model)
+    surgery.revert(twin)
+    assert type(twin.classifier) is nn.Linear and isinstance(model.classifier, MixLinear)
+    assert twin.classifier.weight is not model.classifier.weight
