@@ -176,15 +176,15 @@ def apply(
                 config_changes.append({"module": mod_name, "path": path + [field], "old": v, "new": dropout})
 
     # ---- build (allocations that can fail) before the first mutation ------------------
-    new_layers = [(name, MixLinear.from_linear(m, mixout, target_dtype=target_dtype, low_memory=low_memory))
+    new_layers = [(name, m, MixLinear.from_linear(m, mixout, target_dtype=target_dtype, low_memory=low_memory))
                   for name, m in swaps]
 
     # ---- mutate ------------------------------------------------------------------------
-    for name, layer in new_layers:
+    for name, old, layer in new_layers:
         parent, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent), child, layer)
-        rec.mixout.append({"name": name, "p": mixout, "orig": f"{type(layer.to_linear()).__module__}."
-                           f"{type(layer.to_linear()).__qualname__}", "transposed": layer.transposed})
+        rec.mixout.append({"name": name, "p": mixout, "orig": f"{type(old).__module__}.{type(old).__qualname__}",
+                           "transposed": layer.transposed})
     for ch in dropout_changes:
         setattr(root.get_submodule(ch["module"]), ch["attr"], ch["new"])
     for ch in config_changes:
