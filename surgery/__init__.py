@@ -8,6 +8,7 @@ pretrained transformers, applied in place and reverted exactly.
 """
 
 from .engine import apply, describe, is_surgered, revert
+from .export import export
 from .errors import (AlreadySurgeredError, HeadError, NotSurgeredError, PatternError, SurgeryError,
                      SurgeryTypeError)
 from .mixout import MixLinear
@@ -17,6 +18,6 @@ from .record import Record, get_record
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "revert", "describe", "is_surgered", "MixLinear", "msd_samples", "Record", "get_record",
+    "apply", "revert", "describe", "export", "is_surgered", "MixLinear", "msd_samples", "Record", "get_record",
     "SurgeryError", "SurgeryTypeError", "PatternError", "HeadError", "NotSurgeredError", "AlreadySurgeredError",
 ]

@@ -1,0 +1,82 @@
+"""``surgery convert SRC DST``: a surgered checkpoint to a plain one, streaming and atomic."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+
+from ..checkpoint import _mib, execute, plan_convert
+from ._subcommand import Subcommand
+
+
+class Convert(Subcommand):
+    name = "convert"
+    help = "write a plain checkpoint (no Mixout targets, original config) from a surgered one"
+    usage = "surgery convert SRC DST [--overwrite] [--dry-run] [--require-surgery] [--quiet] [--debug]"
+    description = textwrap.dedent("""\
+        Convert a checkpoint saved with surgery applied into a plain one that loads with plain
+        transformers / torch, on machines that never heard of surgery.
+
+        SRC is a .safetensors file, a .bin/.pt/.pth state dict (loaded with torch.load(weights_only=True)
+        only), or a transformers model / Trainer checkpoint directory (model.safetensors, sharded with
+        model.safetensors.index.json, or pytorch_model.bin[.index.json]). DST gets the same layout:
+        sharded stays sharded with a valid index, .bin/.pt becomes safetensors, config.json is restored
+        (original dropout values, no 'surgery' record), other files (tokenizer, generation config) are
+        copied and Trainer training state (optimizer.pt, scheduler.pt, rng_state.pth ...) is not.
+
+        Every tensor is copied bit for bit, one at a time, so memory stays flat. DST is written beside
+        itself under a temporary name and renamed at the end: an error or Ctrl-C leaves no DST.
+        SRC is only read.""")
+    epilog = textwrap.dedent("""\
+        examples:
+          # a save_pretrained / Trainer checkpoint directory (sharded or not)
+          $ surgery convert out/checkpoint-500 plain-model
+          # a state dict saved with torch.save: written as safetensors
+          $ surgery convert run/model.pt plain.safetensors
+          # only show what would be written
+          $ surgery convert out/checkpoint-500 plain-model --dry-run
+          # replace an earlier conversion; fail if SRC holds no surgery
+          $ surgery convert out/checkpoint-500 plain-model --overwrite --require-surgery
+
+        exit status: 0 done, 2 bad input (one line on stderr naming the file), 130 interrupted.""")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("src", metavar="SRC", help="surgered checkpoint: file or directory")
+        parser.add_argument("dst", metavar="DST", help="plain checkpoint to write (a directory for a directory SRC, "
+                                                       "a .safetensors file for a file SRC)")
+        parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        parser.add_argument("--dry-run", action="store_true", help="validate SRC and print what would be written; "
+                                                                   "write nothing")
+        parser.add_argument("--require-surgery", action="store_true",
+                            help="fail (exit 2) when SRC holds no surgery record and no Mixout targets")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+
+    def run(self, args: argparse.Namespace) -> int:
+        t0 = time.perf_counter()
+        plan = plan_convert(args.src, args.dst, overwrite=args.overwrite, require_surgery=args.require_surgery)
+        try:
+            if args.dry_run:
+                print(plan.describe())
+                print("dry run: nothing written")
+                return 0
+            for w in plan.warnings:
+                print(f"surgery convert: warning: {w}", file=sys.stderr)
+            from tqdm.auto import tqdm
+
+            with tqdm(total=plan.kept_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                      desc="convert", delay=0.5, disable=args.quiet or not sys.stderr.isatty()) as bar:
+                execute(plan, overwrite=args.overwrite, progress=bar.update)
+        finally:
+            plan.ck.close()
+        if not args.quiet:
+            n = sum(len(k) for _, _, k, _ in plan.files)
+            what = (f"dropped {len(plan.dropped)} Mixout targets ({_mib(plan.dropped_bytes)})" if plan.surgered
+                    else "no surgery found, plain copy")
+            cfg = ""
+            if plan.config is not None:
+                cfg = f"; config.json: {len(plan.config_changes)} dropout fields restored"
+            print(f"wrote {plan.dst}: {n} tensors ({_mib(plan.kept_bytes)}), {what}{cfg}, "
+                  f"{len(plan.ck.copies)} files copied, in {time.perf_counter() - t0:.1f} s")
+        return 0

@@ -1,0 +1,41 @@
+"""``surgery inspect SRC``: what surgery a checkpoint holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+
+from ..checkpoint import CheckpointError, format_inspect, inspect
+from ._subcommand import Subcommand
+
+
+class Inspect(Subcommand):
+    name = "inspect"
+    help = "show what surgery a checkpoint holds (Mixout layers and p, MSD heads, dropout, sizes)"
+    usage = "surgery inspect SRC [--json] [--require-surgery] [--debug]"
+    description = textwrap.dedent("""\
+        Show what surgery a checkpoint holds, without the model class: the change record (from
+        config.json or the safetensors header metadata), the Mixout layers and their p, multi-sample
+        dropout heads, dropout overrides and the config values convert restores, and sizes (all
+        tensors, Mixout targets, what a plain checkpoint keeps, the largest tensor).
+        SRC takes every layout `surgery convert` takes. Nothing is written.""")
+    epilog = textwrap.dedent("""\
+        examples:
+          $ surgery inspect out/checkpoint-500
+          $ surgery inspect run/model.safetensors --json | jq .mixout_targets.count
+          # exit status 2 when the checkpoint holds no surgery
+          $ surgery inspect plain-model --require-surgery""")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("src", metavar="SRC", help="checkpoint: file or directory")
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+        parser.add_argument("--require-surgery", action="store_true",
+                            help="fail (exit 2) when SRC holds no surgery record and no Mixout targets")
+
+    def run(self, args: argparse.Namespace) -> int:
+        info = inspect(args.src)
+        if args.require_surgery and not info["surgered"]:
+            raise CheckpointError(args.src, "holds no surgery (no change record, no Mixout targets)")
+        print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+        return 0

@@ -1,0 +1,187 @@
+"""``surgery.export``: the plain (reverted) weights of a surgered model, written as
+safetensors without touching the model.
+
+Nothing is reverted and nothing is copied in memory: the state_dict's tensors are the
+model's own, Mixout targets are skipped, and each remaining tensor's bytes go to disk one
+at a time (see ``checkpoint.write_safetensors``). A Mixout layer keeps its weight under the
+original key, so the file holds exactly what ``surgery.revert`` followed by a save would.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import (CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointError, Progress, _remove, atomic_path, commit,
+                         is_target_key, tensor_item, write_safetensors, _write_json)
+from .dropout import set_path
+from .errors import SurgeryError, SurgeryTypeError
+from .record import CONFIG_KEY, Record, get_record, unwrap
+
+__all__ = ["export"]
+
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict without Mixout targets (the model's own tensors, no copies)."""
+    return {k: v for k, v in model.state_dict().items() if not is_target_key(k)}
+
+
+def _untie(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Drop aliases of tied weights and undo load-time weight conversions, as ``save_pretrained`` does."""
+    for k in getattr(model, "_keys_to_ignore_on_save", None) or []:
+        sd.pop(k, None)
+    try:  # transformers >= 5
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        remove_tied_weights_from_state_dict = None
+    if remove_tied_weights_from_state_dict is not None:
+        sd = remove_tied_weights_from_state_dict(sd, model)
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+        except ImportError:
+            return sd
+        return revert_weight_conversion(model, sd)
+    # transformers 4.x: of each group of tensors sharing storage, drop the names the model
+    # declares as tied (``_tied_weights_keys``), keeping at least one
+    tied = list(getattr(model, "_tied_weights_keys", None) or [])
+    groups = defaultdict(list)
+    for k, v in sd.items():
+        groups[(v.device, v.untyped_storage().data_ptr())].append(k)
+    for names in groups.values():
+        drop = [n for n in names if any(re.search(p, n) for p in tied)]
+        for n in drop[: len(names) - 1] if len(drop) == len(names) else drop:
+            sd.pop(n)
+    return sd
+
+
+def _plain_config(model: nn.Module):
+    """A copy of the model's config with the record's config changes undone and no record."""
+    cfg = copy.deepcopy(model.config)
+    rec = get_record(model, required=False)
+    raw = getattr(cfg, CONFIG_KEY, None)
+    if rec is None and raw is not None:
+        rec = Record.from_dict(raw)
+    for ch in rec.config if rec else []:
+        if ch.get("module", "") == "":
+            set_path(cfg, ch["path"], ch["old"])
+    if CONFIG_KEY in vars(cfg):
+        delattr(cfg, CONFIG_KEY)
+    if hasattr(model, "dtype"):
+        cfg.dtype = str(model.dtype).split(".")[1]  # as save_pretrained does
+    cfg.architectures = [type(model).__name__]
+    return cfg
+
+
+def _export_pretrained(model, path: Path, max_shard_size, progress: Progress | None) -> Path:
+    if path.exists() and not path.is_dir():
+        raise SurgeryError(f"{path} is a file; export of a transformers model writes a directory that from_pretrained "
+                           "loads: give a directory path")
+    sd = _untie(_plain_state_dict(model), model)
+    files: dict[str, list[str]] = {SAFE_NAME: list(sd)}
+    index = None
+    if max_shard_size is not None:
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
+        if split.is_sharded:
+            files = dict(split.filename_to_tensors)
+            meta = dict(split.metadata)
+            if hasattr(model, "num_parameters"):
+                meta = {"total_parameters": model.num_parameters(), **meta}
+            index = {"metadata": meta, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        tmp.mkdir()
+        _plain_config(model).save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+            gen.save_pretrained(tmp)
+        for name, keys in files.items():
+            write_safetensors(tmp / name, [tensor_item(k, sd[k], path=tmp / name) for k in keys], {"format": "pt"},
+                              progress)
+        if index is not None:
+            _write_json(tmp / SAFE_INDEX, index)
+        produced = set(os.listdir(tmp))
+        path.mkdir(exist_ok=True)
+        for old in path.iterdir():  # weights of an earlier save that this one does not replace
+            if old.name not in produced and (old.name in (SAFE_NAME, SAFE_INDEX) or _SHARD.fullmatch(old.name)):
+                old.unlink()
+        for name in sorted(produced, key=lambda n: n == CONFIG_NAME):  # config last
+            os.replace(tmp / name, path / name)
+        tmp.rmdir()
+    finally:
+        _remove(tmp)
+    return path
+
+
+def _export_module(model: nn.Module, path: Path, progress: Progress | None) -> Path:
+    if path.suffix != ".safetensors" or path.is_dir():
+        raise SurgeryError(f"export of a plain nn.Module ({type(model).__name__}) writes one .safetensors file; "
+                           f"give a file path ending in .safetensors (got {str(path)!r})")
+    sd = _plain_state_dict(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        write_safetensors(tmp, [tensor_item(k, v, path=path) for k, v in sd.items()], {"format": "pt"}, progress)
+        commit(tmp, path, overwrite=True)
+    finally:
+        _remove(tmp)
+    return path
+
+
+def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None,
+           progress: Progress | None = None) -> Path:
+    """Write the plain weights of a (surgered) model as safetensors, leaving the model as it is.
+
+    The result is what ``surgery.revert(model)`` followed by a save would write: Mixout
+    targets are left out, every other tensor is written bit for bit in its dtype, tensor by
+    tensor (no second copy of the model in memory). The model stays surgered.
+
+    Args:
+        model: a model, surgered or not (also inside DDP/compile wrappers).
+        path: for a transformers ``PreTrainedModel``, a directory that ``from_pretrained``
+            loads with plain transformers: ``config.json`` with the original dropout values
+            and no ``surgery`` record, ``generation_config.json`` for generative models, and
+            ``model.safetensors`` with tied weights stored once as ``save_pretrained`` stores
+            them. Files already in the directory are kept (like ``save_pretrained``), except
+            earlier weights this export replaces. For any other ``nn.Module``, a
+            ``.safetensors`` file with the original state_dict keys.
+        max_shard_size: transformers models only: shard the weights (``"5GB"`` or bytes)
+            and write ``model.safetensors.index.json``; default one file.
+        progress: called with the number of bytes written, as they are written.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        SurgeryTypeError: ``model`` is not an ``nn.Module``.
+        SurgeryError: ``path`` of the wrong kind (a file for a transformers model, no
+            ``.safetensors`` suffix for another module).
+        CheckpointError: a tensor safetensors cannot store, or a failed write.
+    """
+    if not isinstance(model, nn.Module):
+        raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    root = unwrap(model)
+    path = Path(path)
+    try:
+        if _is_pretrained(root):
+            return _export_pretrained(root, path, max_shard_size, progress)
+        return _export_module(root, path, progress)
+    except OSError as e:
+        raise CheckpointError(e.filename or path, f"write failed ({e.strerror or e})") from None
