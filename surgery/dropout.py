@@ -10,8 +10,10 @@ Three places hold dropout probabilities in practice:
 3. fields of the model's (transformers) config, some of which are read during forward.
 
 An attribute counts when it is an int/float in [0, 1] whose name contains ``dropout``,
-``pdrop`` or ``drop_prob``. LayerDrop and drop-path rates are structured regularizers of
-another kind and are left alone.
+``pdrop`` or ``drop_prob``, or whose last ``_``-separated word is ``drop`` (``drop``,
+``attn_drop``, ``proj_drop``: X-CLIP's prompt attention reads ``self.attn_drop`` at call
+time). LayerDrop and drop-path rates (``layerdrop``, ``drop_path_rate``) are structured
+regularizers of another kind and are left alone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 
 __all__ = ["DROPOUT_NAME", "find_dropout", "find_configs", "set_path", "get_path"]
 
-DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob", re.IGNORECASE)
+DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|(?:^|_)drop$", re.IGNORECASE)
 
 
 def _is_prob(v: Any) -> bool:
