@@ -124,3 +124,108 @@ def msd_samples(model: nn.Module):
     finally:
         for s in states:
             s._collect = None
+
+
+# ---- the paper's loss: the mean of the K per-sample losses -------------------------------
+
+def msd_sample_loss(samples: torch.Tensor, target: torch.Tensor, *, task: str = "classification",
+                    loss_fn=None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean over the ``K`` samples of the loss of each sample: ``mean_k loss(samples[k], target)``.
+
+    Args:
+        samples: per-sample head outputs ``(K, B, ...)``, as :func:`msd_samples` collects them.
+        target: ``(B, ...)``. Classification: integer class indices shaped like one sample
+            without its class dimension (``ignore_index`` entries skipped). Regression: values
+            shaped like one sample (or ``(B,)`` for ``(B, 1)`` samples).
+        task: ``"classification"`` (cross-entropy) or ``"regression"`` (MSE); ignored when
+            ``loss_fn`` is given.
+        loss_fn: optional ``loss_fn(sample_output, target) -> scalar`` applied to each sample.
+
+    Raises:
+        SurgeryError: shapes that do not match, a float target for classification, an unknown task.
+    """
+    from .errors import SurgeryError, SurgeryTypeError
+    from .rdrop import _check_target, _cross_entropy, check_task
+
+    if not isinstance(samples, torch.Tensor) or samples.dim() < 2:
+        raise SurgeryTypeError("samples must be a (K, B, ...) tensor of per-sample head outputs; for a head that "
+                               "returns a tuple or a model output, pass postprocess= to pick the tensor")
+    k = samples.shape[0]
+    if loss_fn is not None:
+        return torch.stack([loss_fn(samples[i], target) for i in range(k)]).mean()
+    task = check_task(task)
+    if task == "classification" and samples.shape[-1] < 2:
+        raise SurgeryError(f"task='classification' needs a class dimension of size >= 2, got per-sample outputs "
+                           f"{tuple(samples.shape[1:])}; for a one-output head use task='regression'")
+    t = _check_target(target, samples[0], task).to(samples.device)
+    if task == "classification":
+        # every sample has the same valid positions, so the mean over all K*B rows is the mean of the K means
+        return _cross_entropy(samples, t.expand((k,) + tuple(t.shape)), None, ignore_index)
+    return (samples.float() - t).pow(2).mean()
+
+
+def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, task: str = "classification",
+             loss_fn=None, postprocess=None, ignore_index: int = -100):
+    """The paper's multi-sample-dropout loss: one forward, the mean of the ``K`` per-sample losses.
+
+    Runs ``model`` once on ``batch`` (a dict: ``model(**batch)``; a tuple/list:
+    ``model(*batch)``; a tensor: ``model(batch)``) in training mode, collects the ``K``
+    per-sample outputs of the MSD head installed by ``surgery.apply(model, msd=K)`` and
+    returns ``(loss, outputs)``, where ``loss = mean_k loss(sample_k, target)`` and
+    ``outputs`` is what the model returned (its logits are the mean of the K samples).
+
+    Args:
+        model: a model with an MSD head, in training mode.
+        batch: the model's inputs. When ``target`` is None, ``batch["labels"]`` is used as
+            the target and left out of the forward (the model does not compute its own loss
+            on the averaged output).
+        target: see :func:`msd_sample_loss`.
+        task: ``"classification"`` or ``"regression"``.
+        loss_fn: optional per-sample loss ``loss_fn(sample_output, target) -> scalar``.
+        postprocess: optional ``postprocess(samples) -> samples`` for models that transform
+            the head output before returning it (GPT-2 / Llama sequence classification apply
+            ``score`` to every token and then pick the last one:
+            ``lambda s: s[:, torch.arange(B), last_index]``).
+
+    Raises:
+        NotSurgeredError / SurgeryError: the model has no MSD head (call
+            ``surgery.apply(model, msd=K)`` first), it is in eval mode, the head ran more
+            than once in the forward, no target, or a loss/target mismatch
+            (:func:`msd_sample_loss`).
+    """
+    from .errors import NotSurgeredError, SurgeryError
+    from .record import get_record
+
+    rec = get_record(model, required=False)
+    if rec is None or not any(isinstance(h, MultiSampleDropout) for h in rec.handles):
+        raise (NotSurgeredError if rec is None else SurgeryError)(
+            f"{type(model).__name__} has no multi-sample-dropout head; call surgery.apply(model, msd=K) first")
+    forward_batch = batch
+    if target is None:
+        if not (isinstance(batch, dict) and "labels" in batch):
+            raise SurgeryError("msd_loss needs a target: pass target=... or a dict batch with 'labels'")
+        forward_batch = {k: v for k, v in batch.items() if k != "labels"}
+        target = batch["labels"]
+    with msd_samples(model) as got:
+        if not model.training:
+            raise SurgeryError("model is in eval mode, where the MSD head takes no samples; call model.train() first")
+        if isinstance(forward_batch, dict):
+            outputs = model(**forward_batch)
+        elif isinstance(forward_batch, (tuple, list)):
+            outputs = model(*forward_batch)
+        else:
+            outputs = model(forward_batch)
+    if len(got) != 1:
+        raise SurgeryError(f"the multi-sample-dropout head ran {len(got)} times in one forward; msd_loss needs exactly "
+                           "one call (compute the loss from surgery.msd_samples(model) yourself for other models)")
+    samples = got[0]
+    if postprocess is not None:
+        samples = postprocess(samples)
+    if (postprocess is None and loss_fn is None and isinstance(samples, torch.Tensor) and isinstance(target, torch.Tensor)
+            and task == "classification" and samples.dim() != target.dim() + 2):
+        raise SurgeryError(
+            f"the head's per-sample outputs have shape {tuple(samples.shape)} (K, B, ...) but the target has shape "
+            f"{tuple(target.shape)}: this model transforms the head output before returning it (GPT-2 / Llama pick "
+            "the last token's score); pass postprocess= to map the (K, B, ...) samples to per-sample logits"
+        )
+    return msd_sample_loss(samples, target, task=task, loss_fn=loss_fn, ignore_index=ignore_index), outputs
