@@ -309,8 +309,16 @@ def describe(model_or_record: Any) -> str:
                      f"{len(rec.config)} config fields (were {', '.join(map(str, olds))})")
     for h in rec.msd:
         lines.append(f"  multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}")
+    by_reason: dict[str, list[str]] = {}  # one line per reason and layer pattern, not per layer
     for s in rec.skipped:
-        lines.append(f"  left alone: {s['name']} ({s['reason']})")
+        by_reason.setdefault(s["reason"], []).append(s["name"])
+    for reason, names in by_reason.items():
+        groups = _group(names)
+        if len(groups) == 1:
+            lines.append(f"  left alone: {groups[0]} ({reason})")
+        else:
+            lines.append(f"  left alone ({reason}):")
+            lines += [f"    {g}" for g in groups]
     if len(lines) == 1:
         lines.append("  nothing changed")
     return "\n".join(lines)
