@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 from torch import nn
-from zoo import HEAD_NAMES, NAMES, ZOO, batch, build
+import zoo
+from zoo import NAMES, ZOO, batch, build
 
 import surgery
 from surgery.mixout import is_conv1d
@@ -22,7 +23,7 @@ def surgery_args(name: str) -> dict:
 
 def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs).logits
+        return zoo.logits(model(**inputs))
 
 
 def eval_logits(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -43,8 +44,9 @@ def structure(model: nn.Module):
              sorted(m._buffers)) for n, m in model.named_modules()]
 
 
-def n_mixable(model: nn.Module) -> int:
-    return sum(1 for _, m in model.named_modules() if type(m) is nn.Linear or is_conv1d(m))
+def n_linear(model: nn.Module) -> int:
+    """Linear-like layers: each is either mixed or listed as left alone, with its reason."""
+    return sum(1 for _, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m))
 
 
 def train_steps(model: nn.Module, inputs: dict, opt: torch.optim.Optimizer, steps: int = 3) -> list[float]:
@@ -141,7 +143,7 @@ def test_describe(name):
     lines = text.splitlines()
     assert lines[0].startswith(type(model).__name__)
     assert f"mixout p=0.1 on {len(rec.mixout)} layers" in text
-    assert len(rec.mixout) + len(rec.skipped) == n_mixable(build(name))
+    assert len(rec.mixout) + len(rec.skipped) == n_linear(build(name))
     assert "dropout -> 0.0" in text
     if ZOO[name].head:
         assert f"multi-sample dropout: head {rec.args['head']!r}, K=4" in text
@@ -198,7 +200,7 @@ def _enable_checkpointing(model):  # transformers 5 renamed gradient_checkpointi
 
 def _grads(name: str, checkpointing: bool, seed: int, enable_first: bool = False):
     """Gradients of one training step with Mixout + MSD (+ the configs' own dropout), the loss,
-    and how many times the Mixout layers ran (checkpointing runs them again in backward).
+    and how many module calls ran (checkpointing runs the layers again in backward).
     Checkpointing is enabled after apply (as Trainer does), or before with ``enable_first``."""
     model = build(name)
     if checkpointing and enable_first:
@@ -208,8 +210,7 @@ def _grads(name: str, checkpointing: bool, seed: int, enable_first: bool = False
         _enable_checkpointing(model)
     calls = [0]
     for m in model.modules():
-        if isinstance(m, surgery.MixLinear):
-            m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     model.train()
     torch.manual_seed(seed)
     loss = model(**batch(name)).loss
@@ -256,7 +257,7 @@ def test_dtype_move_after_apply(name, move):
             assert torch.equal(m.target, originals[n].to(dtype)), n
     model.train()
     out = model(**inputs)
-    assert out.logits.dtype == dtype and torch.isfinite(out.logits).all()
+    assert zoo.logits(out).dtype == dtype and torch.isfinite(zoo.logits(out)).all()
     out.loss.backward()
     surgery.revert(model)
     assert not any(k.endswith(TARGET_SUFFIX) for k in model.state_dict())

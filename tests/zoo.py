@@ -28,7 +28,7 @@ BATCH = 3
 SEQ = 7
 P = 0.15  # every dropout field of every config
 
-__all__ = ["Spec", "ZOO", "NAMES", "HEAD_NAMES", "build", "batch", "P"]
+__all__ = ["Spec", "ZOO", "NAMES", "HEAD_NAMES", "config", "build", "batch", "logits", "P"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class Spec:
     model_type: str
     cls: str  # attribute name in transformers
     cfg: dict[str, Any] = field(default_factory=dict)
-    inputs: str = "text"  # "text" | "image" | "seq2seq_lm" | "causal_lm"
-    head: bool = True  # the task model has a head surgery finds (classifier/score/...)
+    inputs: str = "text"  # "text" | "image" | "seq2seq_lm" | "causal_lm" | "video_text"
+    head: bool = True  # the task model has a head surgery finds (classifier/score/...) and labels
 
 
 def _bertlike(**extra) -> dict[str, Any]:
@@ -93,6 +93,21 @@ ZOO: dict[str, Spec] = {
                       decoder_ffn_dim=FFN, max_position_embeddings=MAXPOS, dropout=P, attention_dropout=P,
                       activation_dropout=P, classifier_dropout=P, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                       decoder_start_token_id=2, forced_eos_token_id=2)),
+    "falcon": Spec("falcon", "FalconForSequenceClassification",  # reads config.attention_dropout in forward
+                   dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                        hidden_dropout=P, attention_dropout=P, pad_token_id=0, bos_token_id=2, eos_token_id=2)),
+    "x-clip": Spec("xclip", "XCLIPModel",  # nested sub-configs; prompt attention reads `self.attn_drop`
+                   dict(text_config=dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
+                                         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                         max_position_embeddings=MAXPOS, dropout=P, attention_dropout=P),
+                        vision_config=dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                           num_attention_heads=HEADS, image_size=16, patch_size=8, num_frames=2,
+                                           mit_hidden_size=HIDDEN, mit_intermediate_size=FFN,
+                                           mit_num_hidden_layers=1, mit_num_attention_heads=HEADS, dropout=P,
+                                           attention_dropout=P),
+                        projection_dim=HIDDEN, prompt_layers=1, prompt_attention_dropout=P,
+                        prompt_projection_dropout=P, prompt_num_attention_heads=HEADS),
+                   inputs="video_text", head=False),
     "vit": Spec("vit", "ViTForImageClassification",
                 dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                      image_size=16, patch_size=8, num_channels=3, hidden_dropout_prob=P,
@@ -133,6 +148,9 @@ def batch(name: str, model: torch.nn.Module | None = None, seed: int = 1) -> dic
     """
     spec = ZOO[name]
     g = torch.Generator().manual_seed(seed)
+    if spec.inputs == "video_text":  # 2 videos of 2 frames, 2 texts; contrastive loss
+        return {"input_ids": torch.randint(4, VOCAB, (2, SEQ), generator=g),
+                "pixel_values": torch.randn(2, 2, 3, 16, 16, generator=g), "return_loss": True}
     if spec.inputs == "image":
         return {"pixel_values": torch.randn(BATCH, 3, 16, 16, generator=g),
                 "labels": torch.randint(0, NUM_LABELS, (BATCH,), generator=g)}
@@ -150,6 +168,6 @@ def batch(name: str, model: torch.nn.Module | None = None, seed: int = 1) -> dic
     return out
 
 
-def main_output(out) -> torch.Tensor:
-    """The tensor to compare between two forwards: logits."""
-    return out.logits
+def logits(out) -> torch.Tensor:
+    """The tensor to compare between two forwards: ``logits`` (X-CLIP: ``logits_per_video``)."""
+    return out.logits if "logits" in out else out.logits_per_video
