@@ -34,6 +34,7 @@ import re
 import shutil
 import struct
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +348,32 @@ def _unsafe_global(msg: str) -> str | None:
     return m.group(1) if m else None
 
 
+_ALLOWED_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+
+
+def _scan_globals(path: Path) -> str | None:
+    """The first non-torch global a plain pickle file imports, found without executing it."""
+    import pickletools
+
+    try:
+        strings: list[str] = []
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name in ("GLOBAL", "INST"):
+                    name = arg.replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                else:
+                    continue
+                if not name.startswith(_ALLOWED_MODULES):
+                    return name
+    except Exception:
+        return None
+    return None
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A ``.bin``/``.pt`` state dict loaded with ``torch.load(weights_only=True)``
     (memory-mapped where the file allows it). A pickle that would import or call anything
@@ -357,14 +384,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zipfile" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zipfile" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as e:
-        what = _unsafe_global(str(e))
+        what = _unsafe_global(str(e)) or _scan_globals(path)
         raise CheckpointError(path, "refused to load: the pickle "
                               + (f"references {what}, which is not" if what else "holds something that is not")
                               + " a tensor or plain container (torch.load(weights_only=True)); nothing in it was "
