@@ -95,7 +95,8 @@ ZOO: dict[str, Spec] = {
                       decoder_start_token_id=2, forced_eos_token_id=2)),
     "falcon": Spec("falcon", "FalconForSequenceClassification",  # reads config.attention_dropout in forward
                    dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                        hidden_dropout=P, attention_dropout=P, pad_token_id=0, bos_token_id=2, eos_token_id=2)),
+                        hidden_dropout=P, attention_dropout=P, parallel_attn=False, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=2)),
     "x-clip": Spec("xclip", "XCLIPModel",  # nested sub-configs; prompt attention reads `self.attn_drop`
                    dict(text_config=dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
