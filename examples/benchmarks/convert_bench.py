@@ -109,6 +109,12 @@ def run(cmd: list[str], **kw) -> tuple[float, int]:
     return wall, ru.ru_maxrss * 1024
 
 
+def median(xs: list[tuple[float, int]]) -> tuple[float, int]:
+    """Median wall time; the largest peak RSS of the runs."""
+    ts = sorted(t for t, _ in xs)
+    return ts[len(ts) // 2], max(r for _, r in xs)
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -129,6 +135,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--shard", default="500MB", help="max_shard_size of the saves")
     ap.add_argument("--dir", default="/tmp", help="where the temporary checkpoints go")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of cp / cp+fsync / convert (median reported)")
     ap.add_argument("--skip-naive", action="store_true")
     args = ap.parse_args()
 
@@ -158,11 +165,15 @@ def main() -> None:
                                     capture_output=True, text=True, check=True).stdout.split()
 
         _, base = run([py, "-c", "import surgery.cli"], env=env)
-        t_cp, rss_cp = run(["cp", "-r", str(src), str(cp_dst)])
-        shutil.rmtree(cp_dst)
-        t_cps, _ = run(["sh", "-c", f"cp -r '{src}' '{cp_dst}' && sync '{cp_dst}'/*"])
-        shutil.rmtree(cp_dst)
-        t_cv, rss_cv = run([py, "-m", "surgery", "convert", str(src), str(dst), "--quiet"], env=env)
+        runs: dict[str, list[tuple[float, int]]] = {"cp": [], "cps": [], "cv": []}
+        for _ in range(args.repeat):  # interleaved, so drifting load on the shared machine hits all alike
+            runs["cp"].append(run(["cp", "-r", str(src), str(cp_dst)]))
+            shutil.rmtree(cp_dst)
+            runs["cps"].append(run(["sh", "-c", f"cp -r '{src}' '{cp_dst}' && sync '{cp_dst}'/*"]))
+            shutil.rmtree(cp_dst)
+            runs["cv"].append(run([py, "-m", "surgery", "convert", str(src), str(dst), "--quiet", "--overwrite"],
+                                  env=env))
+        (t_cp, rss_cp), (t_cps, _), (t_cv, rss_cv) = (median(runs[k]) for k in ("cp", "cps", "cv"))
         rows = [("cp -r", t_cp, rss_cp), ("cp -r + fsync", t_cps, None), ("surgery convert", t_cv, rss_cv)]
         if not args.skip_naive:
             t_nv, rss_nv = run([py, "-c", NAIVE, str(src), str(naive_dst), args.dtype, args.shard], env=env)
@@ -181,6 +192,7 @@ def main() -> None:
               f"{targets / 1e9:.2f} GB; largest tensor {largest} {sizes[largest] / 2**20:.0f} MiB "
               f"(built in {t_make:.0f} s); page cache warm for every route")
         print(f"baseline RSS (python -c 'import surgery.cli'): {base / 2**20:.0f} MiB")
+        print(f"wall time: median of {args.repeat} runs (naive route: 1 run); peak RSS: the largest of the runs")
         print(f"{'route':46s} {'wall s':>7s} {'x cp':>6s} {'peak RSS MiB':>13s} {'(RSS-base)/largest':>19s}")
         for name, t, rss in rows:
             r = f"{rss / 2**20:13.0f} {(rss - base) / sizes[largest]:19.2f}" if rss else f"{'':13s} {'':19s}"
