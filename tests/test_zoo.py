@@ -198,14 +198,14 @@ def _enable_checkpointing(model):  # transformers 5 renamed gradient_checkpointi
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
 
-def _grads(name: str, checkpointing: bool, seed: int, enable_first: bool = False):
+def _grads(name: str, checkpointing: bool, seed: int, enable_first: bool = False, low_memory: bool = False):
     """Gradients of one training step with Mixout + MSD (+ the configs' own dropout), the loss,
     and how many module calls ran (checkpointing runs the layers again in backward).
     Checkpointing is enabled after apply (as Trainer does), or before with ``enable_first``."""
     model = build(name)
     if checkpointing and enable_first:
         _enable_checkpointing(model)
-    surgery.apply(model, mixout=0.3, msd=4 if ZOO[name].head else 0)
+    surgery.apply(model, mixout=0.3, msd=4 if ZOO[name].head else 0, low_memory=low_memory)
     if checkpointing and not enable_first:
         _enable_checkpointing(model)
     calls = [0]
@@ -238,6 +238,14 @@ def test_gradient_checkpointing_enabled_before_apply(name):
     ckpt, _, calls = _grads(name, True, seed=0, enable_first=True)
     assert calls > _grads(name, False, seed=0)[2]
     assert all(torch.equal(ckpt[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2-lm"])  # nn.Linear and Conv1D (transposed)
+def test_low_memory_mixout_under_checkpointing_matches_plain(name):
+    plain, loss, _ = _grads(name, False, seed=0)
+    low, loss_low, _ = _grads(name, True, seed=0, low_memory=True)
+    assert torch.equal(loss, loss_low)
+    assert plain.keys() == low.keys() and all(torch.equal(low[k], plain[k]) for k in plain)
 
 
 # ---- dtype changes after apply ---------------------------------------------------------
