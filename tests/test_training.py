@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,10 +59,10 @@ def batch(n=4, seq=8, seed=1):
     return {"input_ids": torch.randint(5, 50, (n, seq), generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
 
 
-def trainer_args(out, steps, save_steps=0):
+def trainer_args(out, steps, save_steps=0, **kw):
     return TrainingArguments(out, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=1,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                             logging_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+                             logging_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, **kw)
 
 
 class StopAt(TrainerCallback):
@@ -92,6 +93,19 @@ def assert_targets_are_pretrained(model, seed=0):
     assert t
     for k, v in t.items():
         assert torch.equal(v, ref[k[: -len(".mixout_target")] + ".weight"]), k
+
+
+def run_python(args, timeout=300):
+    """Run ``python *args`` in its own process group; on timeout the whole group (torchrun's workers too) is killed."""
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+        return -1, f"timed out after {timeout} s\n{err[-3000:]}"
+    return p.returncode, err[-3000:]
 
 
 @pytest.fixture
@@ -228,8 +242,8 @@ def test_trainer_resume_in_a_fresh_process_is_bitwise(tmp_path):
     assert ckpt.is_dir() and not (tmp_path / "cut" / "checkpoint-6").exists()
     result = tmp_path / "resumed.pt"
     code = RESUME_SCRIPT.format(tests=TESTS, out=str(tmp_path / "cut"), ckpt=str(ckpt), result=str(result))
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    rc, err = run_python(["-c", code])
+    assert rc == 0, err
     resumed = torch.load(result)
     ref = full.state_dict()
     assert resumed.keys() == ref.keys()
@@ -335,6 +349,47 @@ def test_ddp_two_processes_gloo():
         cfg = json.load(open(os.path.join(tmp, "plain", "config.json")))
         assert "surgery" not in cfg
         assert not any(k.endswith("mixout_target") for k in load_file(os.path.join(tmp, "plain", "model.safetensors")))
+
+
+TRAINER_DDP_SCRIPT = """
+import json, os, sys, torch
+sys.path.insert(0, {tests!r})
+import surgery, surgery.mixout
+from test_training import surgered, dataset, trainer_args
+out = {out!r}
+drawn, real = [], surgery.mixout._scale
+surgery.mixout._scale = lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1]
+export_module = sys.modules["surgery.export"]
+real_export = export_module.export
+def counting_export(*a, **k):
+    with open(os.path.join(out, "exports.txt"), "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    return real_export(*a, **k)
+export_module.export = counting_export
+m = surgered()
+tr = surgery.SurgeryTrainer(model=m, args=trainer_args(out, 3, ddp_backend="gloo"), train_dataset=dataset(),
+                            rdrop_alpha=1.0, msd_loss=True)
+tr.train()
+tr.save_model(os.path.join(out, "final"))
+flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+with open(os.path.join(out, "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump({{"world": tr.args.world_size, "mask": drawn[0].tolist(), "params": flat.tolist()}}, f)
+"""
+
+
+@pytest.mark.slow
+def test_trainer_under_ddp_two_processes(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER_DDP_SCRIPT.format(tests=TESTS, out=str(tmp_path)))
+    rc, err = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)])
+    assert rc == 0, err
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["params"] == r1["params"]  # gradients averaged: identical replicas
+    assert r0["mask"] != r1["mask"]  # RankSeedCallback: each rank draws its own Mixout masks
+    assert (tmp_path / "exports.txt").read_text() == "0\n"  # the plain export happens once, on rank 0
+    cfg = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert "surgery" not in cfg
 
 
 def _fsdp_worker(rank, world, tmp):
