@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointError, Progress, _remove, atomic_path, commit,
-                         is_target_key, tensor_item, write_safetensors, _write_json)
+from .checkpoint.atomic import atomic_path, commit, remove, write_json
+from .checkpoint.common import CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointError, is_target_key
+from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
 from .dropout import set_path
 from .errors import SurgeryError, SurgeryTypeError
 from .record import CONFIG_KEY, Record, get_record, unwrap
@@ -116,7 +117,7 @@ def _export_pretrained(model, path: Path, max_shard_size, progress: Progress | N
             write_safetensors(tmp / name, [tensor_item(k, sd[k], path=tmp / name) for k in keys], {"format": "pt"},
                               progress)
         if index is not None:
-            _write_json(tmp / SAFE_INDEX, index)
+            write_json(tmp / SAFE_INDEX, index)
         produced = set(os.listdir(tmp))
         path.mkdir(exist_ok=True)
         for old in path.iterdir():  # weights of an earlier save that this one does not replace
@@ -126,7 +127,7 @@ def _export_pretrained(model, path: Path, max_shard_size, progress: Progress | N
             os.replace(tmp / name, path / name)
         tmp.rmdir()
     finally:
-        _remove(tmp)
+        remove(tmp)
     return path
 
 
@@ -141,7 +142,7 @@ def _export_module(model: nn.Module, path: Path, progress: Progress | None) -> P
         write_safetensors(tmp, [tensor_item(k, v, path=path) for k, v in sd.items()], {"format": "pt"}, progress)
         commit(tmp, path, overwrite=True)
     finally:
-        _remove(tmp)
+        remove(tmp)
     return path
 
 

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                           AutoModelForSequenceClassification)
 
 import surgery
 import surgery.checkpoint as ckpt
+import surgery.checkpoint.layout as layout
+import surgery.checkpoint.safetensors_file as stfile
 from surgery.cli import main
 
 V = 99
@@ -169,7 +171,8 @@ def test_zoo_round_trip(tmp_path, capsys, name, sharded):
         shards = set(idx["weight_map"].values())
         assert len(shards) > 1 and all((dst / s).is_file() for s in shards)
         assert not any(ckpt.is_target_key(k) for k in idx["weight_map"])
-        assert idx["metadata"]["total_size"] == sum(t.nbytes for s in shards for t in ckpt.read_header(dst / s).tensors.values())
+        written = [t for s in shards for t in ckpt.read_header(dst / s).tensors.values()]
+        assert idx["metadata"]["total_size"] == sum(t.nbytes for t in written)
         assert not (dst / "model.safetensors").exists()
     record = surgery.get_record(m)
     surgery.revert(m)
@@ -326,6 +329,25 @@ def test_pytorch_model_bin_directory(tmp_path, capsys, sharded):
     _check_plain(tmp_path / "dst", m, cls, kind, record)
 
 
+def test_dropout_and_msd_only_surgery_restores_config(tmp_path, capsys):
+    torch.manual_seed(0)
+    m = _bert()
+    surgery.apply(m, dropout=0.0, msd=2)  # no Mixout: no targets, only config and hooks
+    _train(m, "cls")
+    m.save_pretrained(tmp_path / "src")
+    rc, out, err = _run(capsys, "inspect", tmp_path / "src")
+    assert rc == 0 and "Mixout targets: 0" in out and "K=2 samples" in out
+    assert "config.json hidden_dropout_prob: saved 0.0, original 0.1" in out
+    rc, out, err = _run(capsys, "convert", tmp_path / "src", tmp_path / "dst.safetensors")
+    _assert_error(rc, err, "dst.safetensors", "directory SRC is a directory")
+    rc, out, err = _run(capsys, "convert", tmp_path / "src", tmp_path / "dst", "--require-surgery")
+    assert rc == 0, err
+    record = surgery.get_record(m)
+    surgery.revert(m)
+    _check_plain(tmp_path / "dst", m, AutoModelForSequenceClassification, "cls", record)
+    assert (tmp_path / "dst" / "model.safetensors").read_bytes() != b""
+
+
 # ---- options ---------------------------------------------------------------------------------
 
 def test_overwrite_dry_run_and_dst_placement(tmp_path, capsys):
@@ -362,8 +384,8 @@ def test_interrupt_leaves_no_dst(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    real = ckpt._copy_range
-    monkeypatch.setattr(ckpt, "_copy_range", boom)
+    real = stfile.copy_range
+    monkeypatch.setattr(layout, "copy_range", boom)
     rc, out, err = _run(capsys, "convert", tmp_path / "src", tmp_path / "dst")
     assert rc == 130 and "interrupted" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -383,7 +405,8 @@ def test_python_dash_m_and_debug(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope")], capture_output=True,
                        text=True, env=env)
-    assert r.returncode == 2 and r.stderr.strip() == f"surgery inspect: error: {tmp_path / 'nope'}: no such file or directory"
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"surgery inspect: error: {tmp_path / 'nope'}: no such file or directory"
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope"), "--debug"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
@@ -401,7 +424,8 @@ def test_inspect_plain_and_require_surgery(tmp_path, capsys):
     assert not (tmp_path / "dst").exists()
     rc, out, err = _run(capsys, "convert", tmp_path / "plain", tmp_path / "dst")
     assert rc == 0 and "no surgery found, plain copy" in out
-    assert load_file(tmp_path / "dst" / "model.safetensors").keys() == load_file(tmp_path / "plain" / "model.safetensors").keys()
+    assert load_file(tmp_path / "dst" / "model.safetensors").keys() == \
+        load_file(tmp_path / "plain" / "model.safetensors").keys()
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -164,16 +163,24 @@ def main() -> None:
         torch_info = subprocess.run([py, "-c", "import torch; print(torch.__version__, torch.get_num_threads())"],
                                     capture_output=True, text=True, check=True).stdout.split()
 
-        _, base = run([py, "-c", "import surgery.cli"], env=env)
-        runs: dict[str, list[tuple[float, int]]] = {"cp": [], "cps": [], "cv": []}
+        _, base = run([py, "-c", "import surgery.cli"], env=env)  # also warms the import caches
+        def settle() -> None:  # start each timed run with no dirty pages left by the previous one
+            subprocess.run(["sync", "-f", str(work)], check=True)
+
+        runs: dict[str, list[tuple[float, int]]] = {"cp": [], "cps": [], "cv": [], "start": []}
         for _ in range(args.repeat):  # interleaved, so drifting load on the shared machine hits all alike
+            settle()
             runs["cp"].append(run(["cp", "-r", str(src), str(cp_dst)]))
             shutil.rmtree(cp_dst)
+            settle()
             runs["cps"].append(run(["sh", "-c", f"cp -r '{src}' '{cp_dst}' && sync '{cp_dst}'/*"]))
             shutil.rmtree(cp_dst)
+            settle()
             runs["cv"].append(run([py, "-m", "surgery", "convert", str(src), str(dst), "--quiet", "--overwrite"],
                                   env=env))
-        (t_cp, rss_cp), (t_cps, _), (t_cv, rss_cv) = (median(runs[k]) for k in ("cp", "cps", "cv"))
+            runs["start"].append(run([py, "-c", "import surgery.cli"], env=env))
+        (t_cp, rss_cp), (t_cps, _), (t_cv, rss_cv), (t_start, _) = (median(runs[k])
+                                                                    for k in ("cp", "cps", "cv", "start"))
         rows = [("cp -r", t_cp, rss_cp), ("cp -r + fsync", t_cps, None), ("surgery convert", t_cv, rss_cv)]
         if not args.skip_naive:
             t_nv, rss_nv = run([py, "-c", NAIVE, str(src), str(naive_dst), args.dtype, args.shard], env=env)
@@ -197,7 +204,9 @@ def main() -> None:
         for name, t, rss in rows:
             r = f"{rss / 2**20:13.0f} {(rss - base) / sizes[largest]:19.2f}" if rss else f"{'':13s} {'':19s}"
             print(f"{name:46s} {t:7.2f} {t / t_cp:6.2f} {r}")
-        print(f"convert vs cp: {t_cv / t_cp:.2f}x (goal <= 2x); vs cp + fsync: {t_cv / t_cps:.2f}x")
+        print(f"convert vs cp: {t_cv / t_cp:.2f}x (goal <= 2x); vs cp + fsync: {t_cv / t_cps:.2f}x "
+              f"(convert fsyncs what it writes); of convert's {t_cv:.2f} s, {t_start:.2f} s is starting python and "
+              "importing torch (python -c 'import surgery.cli')")
         ok = rss_cv <= 1.5 * sizes[largest] + base
         print(f"convert peak RSS {rss_cv / 2**20:.0f} MiB = baseline {base / 2**20:.0f} MiB + "
               f"{(rss_cv - base) / sizes[largest]:.2f} x largest tensor (goal < 1.5x + baseline): "

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"surgery {args.command}: interrupted; no DST was left behind", file=sys.stderr)
+        done = "; nothing was written to DST" if args.command == "convert" else ""
+        print(f"surgery {args.command}: interrupted{done}", file=sys.stderr)
         return 130
     except (SurgeryError, SurgeryTypeError, OSError) as e:
         if args.debug:

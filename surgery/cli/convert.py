@@ -7,7 +7,8 @@ import sys
 import textwrap
 import time
 
-from ..checkpoint import _mib, execute, plan_convert
+from ..checkpoint import execute, plan_convert
+from ..checkpoint.common import fmt_bytes
 from ._subcommand import Subcommand
 
 
@@ -72,11 +73,11 @@ class Convert(Subcommand):
             plan.ck.close()
         if not args.quiet:
             n = sum(len(k) for _, _, k, _ in plan.files)
-            what = (f"dropped {len(plan.dropped)} Mixout targets ({_mib(plan.dropped_bytes)})" if plan.surgered
+            what = (f"dropped {len(plan.dropped)} Mixout targets ({fmt_bytes(plan.dropped_bytes)})" if plan.surgered
                     else "no surgery found, plain copy")
             cfg = ""
             if plan.config is not None:
                 cfg = f"; config.json: {len(plan.config_changes)} dropout fields restored"
-            print(f"wrote {plan.dst}: {n} tensors ({_mib(plan.kept_bytes)}), {what}{cfg}, "
+            print(f"wrote {plan.dst}: {n} tensors ({fmt_bytes(plan.kept_bytes)}), {what}{cfg}, "
                   f"{len(plan.ck.copies)} files copied, in {time.perf_counter() - t0:.1f} s")
         return 0

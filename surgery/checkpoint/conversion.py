@@ -1,0 +1,255 @@
+"""``convert``: a surgered checkpoint to a plain one.
+
+Converting drops the ``*.mixout_target`` tensors, restores ``config.json`` from the change
+record and copies every other byte as it is: a Mixout layer keeps its weight under the
+original key, so the plain weights *are* the surgered weights minus the targets, bit for
+bit. Safetensors data is copied file to file by the kernel, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..record import CONFIG_KEY, TARGET_SUFFIX, Record
+from .atomic import atomic_path, check_dst, commit, fsync_dir, remove, write_json
+from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
+                     is_target_key)
+from .layout import Checkpoint, _Source, open_checkpoint
+from .safetensors_file import Progress, write_safetensors
+
+__all__ = ["restore_config", "Plan", "plan_convert", "execute", "convert"]
+
+
+def restore_config(config: dict[str, Any], record: Record | None = None) -> tuple[dict[str, Any], list[tuple]]:
+    """A copy of a saved ``config.json`` dict with the record's config changes undone and
+    the ``surgery`` key removed. Returns ``(config, [(path, saved_value, restored_value)])``.
+
+    Only entries of the root config (``"module": ""``) exist on disk; a key the save left
+    out (transformers omits values equal to the class default) is written back explicitly.
+    """
+    out = copy.deepcopy(config)
+    if record is None and out.get(CONFIG_KEY) is not None:
+        record = Record.from_dict(out[CONFIG_KEY])
+    out.pop(CONFIG_KEY, None)
+    changes = []
+    for ch in (record.config if record else []):
+        if ch.get("module", "") != "":
+            continue
+        d = out
+        for k in ch["path"][:-1]:
+            if d.get(k) is None:
+                d[k] = {}
+            d = d[k]
+            if not isinstance(d, dict):
+                break
+        if not isinstance(d, dict):
+            continue
+        changes.append((".".join(ch["path"]), d.get(ch["path"][-1], "<absent>"), ch["old"]))
+        d[ch["path"][-1]] = ch["old"]
+    return out, changes
+
+
+
+
+@dataclass
+class Plan:
+    """What :func:`convert` does (``--dry-run`` prints :meth:`describe`)."""
+
+    ck: Checkpoint
+    dst: Path
+    record: Record | None
+    record_source: str | None
+    files: list[tuple[_Source, str, list[str], list[str]]]  # (source, dst name, kept keys, dropped keys)
+    config: dict[str, Any] | None  # restored config.json (directories)
+    config_changes: list[tuple]
+    index: dict[str, Any] | None  # DST index (sharded)
+    warnings: list[str]
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(src.entries[k][2] for src, _, kept, _ in self.files for k in kept)
+
+    @property
+    def dropped(self) -> list[str]:
+        return [k for _, _, _, d in self.files for k in d]
+
+    @property
+    def dropped_bytes(self) -> int:
+        return sum(src.entries[k][2] for src, _, _, d in self.files for k in d)
+
+    @property
+    def surgered(self) -> bool:
+        return self.record is not None or bool(self.dropped)
+
+    def describe(self) -> str:
+        ck = self.ck
+        lines = [f"convert {ck.path} ({ck.describe()})", f"     -> {self.dst}"]
+        if self.record is not None:
+            lines.append(f"  record: {self.record_source}")
+        elif self.dropped:
+            lines.append("  record: none found (Mixout targets present; dropout values on disk are kept as saved)")
+        else:
+            lines.append("  no surgery found: DST is a plain copy")
+        n_kept = sum(len(k) for _, _, k, _ in self.files)
+        lines.append(f"  weights: drop {len(self.dropped)} Mixout targets ({fmt_bytes(self.dropped_bytes)}), "
+                     f"write {n_kept} tensors ({fmt_bytes(self.kept_bytes)}) to {len(self.files)} file"
+                     f"{'s' if len(self.files) > 1 else ''}")
+        for src, name, kept, dropped in self.files:
+            lines.append(f"    {src.path.name} -> {name}: {len(kept)} tensors kept, {len(dropped)} targets dropped")
+        if self.index is not None:
+            lines.append(f"  index: {SAFE_INDEX} ({len(self.index['weight_map'])} keys)")
+        if self.config is not None:
+            lines.append(f"  {CONFIG_NAME}: " + ("; ".join(f"{p} {a} -> {b}" for p, a, b in self.config_changes)
+                                                 or "no dropout fields to restore")
+                         + ("; 'surgery' record removed" if self.ck.config and CONFIG_KEY in self.ck.config else ""))
+        if ck.copies:
+            lines.append(f"  copy: {', '.join(ck.copies)}")
+        for rel, why in ck.skipped:
+            lines.append(f"  skip: {rel} ({why})")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _dst_name(src: Path, ck: Checkpoint) -> str:
+    name = src.name
+    if ck.fmt == "safetensors":
+        return name
+    if name == BIN_NAME:
+        return SAFE_NAME
+    stem = name[:-len(".bin")] if name.endswith(".bin") else Path(name).stem
+    return (stem.replace("pytorch_model", "model", 1) if stem.startswith("pytorch_model") else stem) + ".safetensors"
+
+
+def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
+                 require_surgery: bool = False) -> Plan:
+    """Open and validate SRC and work out what :func:`convert` will write to DST.
+
+    Raises:
+        CheckpointError: see :func:`open_checkpoint`; DST exists (without ``overwrite``)
+            or overlaps SRC; a state-dict input with a DST not ending in ``.safetensors``;
+            no surgery in SRC with ``require_surgery``.
+    """
+    src, dst = Path(src), Path(dst)
+    if os.path.lexists(src):
+        check_dst(src, dst, overwrite)
+    ck = open_checkpoint(src)
+    try:
+        if ck.is_dir and dst.suffix == ".safetensors":
+            raise CheckpointError(dst, "DST for a directory SRC is a directory (same layout as SRC); give a "
+                                       "directory path, not a .safetensors file")
+        if not ck.is_dir and dst.suffix != ".safetensors":
+            raise CheckpointError(dst, "DST must be a .safetensors file for a file SRC"
+                                  + (" (.bin/.pt input is written as safetensors)" if ck.fmt == "pickle" else ""))
+        record, where = ck.record()
+        warnings = list(ck.warnings)
+        files = []
+        for s in ck.sources:
+            kept = [k for k in s.entries if not is_target_key(k)]
+            dropped = [k for k in s.entries if is_target_key(k)]
+            if kept or not ck.sharded:
+                files.append((s, _dst_name(s.path, ck) if ck.is_dir else dst.name, kept, dropped))
+            else:
+                files.append((s, "", [], dropped))
+                warnings.append(f"{s.path.name} holds only Mixout targets; no shard is written for it")
+        dropped = {k for _, _, _, d in files for k in d}
+        if record is not None:
+            missing = [k for k in record.target_keys if k not in dropped]
+            unlisted = sorted(dropped - set(record.target_keys))
+            if missing:
+                warnings.append(f"the record lists {len(missing)} Mixout layers whose target is not in the weights "
+                                f"(e.g. {missing[0]!r})")
+            if unlisted:
+                warnings.append(f"{len(unlisted)} Mixout targets are not in the record (e.g. {unlisted[0]!r}); "
+                                "dropped all the same")
+        if require_surgery and record is None and not dropped:
+            raise CheckpointError(src, "holds no surgery (no change record in config.json or safetensors metadata, "
+                                       f"no *.{TARGET_SUFFIX} tensors); nothing to convert")
+        config, changes = None, []
+        if ck.config is not None:
+            config, changes = restore_config(ck.config, record)
+            if record is None and dropped:
+                warnings.append(f"{CONFIG_NAME} holds no surgery record: its dropout values are kept as saved")
+        index = None
+        if ck.sharded:
+            wm = {k: name for s, name, kept, _ in files for k in kept}
+            meta = dict(ck.index.get("metadata") or {})
+            meta["total_size"] = sum(s.entries[k][2] for s, _, kept, _ in files for k in kept)
+            index = {"metadata": meta, "weight_map": dict(sorted(wm.items()))}
+        return Plan(ck, dst, record, where, [f for f in files if f[1]] + [f for f in files if not f[1]],
+                    config, changes, index, warnings)
+    except BaseException:
+        ck.close()
+        raise
+
+
+def _metadata(src: _Source) -> dict[str, str]:
+    md = {k: v for k, v in (src.metadata or {}).items() if k != RECORD_METADATA_KEY}
+    md.setdefault("format", "pt")
+    return md
+
+
+def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = None) -> None:
+    """Write ``plan.dst`` (through a temporary beside it, renamed at the end). SRC is only read.
+
+    Raises:
+        CheckpointError: a read or write problem; nothing is left at DST.
+    """
+    dst, ck = plan.dst, plan.ck
+    if os.path.lexists(dst) and not overwrite:
+        raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(dst)
+    try:
+        if ck.is_dir:
+            tmp.mkdir()
+            for s, name, kept, _ in plan.files:
+                if name:
+                    write_safetensors(tmp / name, [s.item(k) for k in kept], _metadata(s), progress)
+            if plan.index is not None:
+                write_json(tmp / SAFE_INDEX, plan.index)
+            if plan.config is not None:
+                write_json(tmp / CONFIG_NAME, plan.config)
+            for rel in ck.copies:
+                out = tmp / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ck.path / rel, out)
+                shutil.copystat(ck.path / rel, out)
+            fsync_dir(tmp)
+        else:
+            s, _, kept, _ = plan.files[0]
+            write_safetensors(tmp, [s.item(k) for k in kept], _metadata(s), progress)
+        commit(tmp, dst, overwrite)
+    except OSError as e:
+        remove(tmp)
+        raise CheckpointError(e.filename or dst, f"write failed ({e.strerror or e}); nothing was left at DST") from None
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
+            require_surgery: bool = False, dry_run: bool = False, progress: Progress | None = None) -> Plan:
+    """Convert a surgered checkpoint to a plain one (see the module docstring).
+
+    Every tensor written equals, bit for bit and in its dtype, what ``surgery.revert``
+    gives in process; Mixout targets are dropped, ``config.json`` is restored, other files
+    (tokenizer, generation config ...) are copied, Trainer training state is not.
+
+    Returns:
+        the :class:`Plan` that was carried out (or only made, with ``dry_run``).
+
+    Raises:
+        CheckpointError: bad SRC or DST (see :func:`plan_convert`) or a failed write.
+    """
+    plan = plan_convert(src, dst, overwrite=overwrite, require_surgery=require_surgery)
+    try:
+        if not dry_run:
+            execute(plan, overwrite=overwrite, progress=progress)
+    finally:
+        plan.ck.close()
+    return plan

@@ -1,0 +1,74 @@
+"""``inspect``: what surgery a checkpoint holds, without the model class."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .common import fmt_bytes, is_target_key
+from .conversion import restore_config
+from .layout import open_checkpoint
+
+__all__ = ["inspect", "format_inspect"]
+
+
+def inspect(src: str | os.PathLike) -> dict[str, Any]:
+    """What surgery a checkpoint holds, as a JSON-ready dict (``surgery inspect --json``).
+
+    Raises:
+        CheckpointError: see :func:`open_checkpoint`.
+    """
+    ck = open_checkpoint(src)
+    try:
+        record, where = ck.record()
+        dtypes: dict[str, int] = {}
+        total = n = 0
+        largest = ("", 0)
+        targets: dict[str, int] = {}
+        for _, name, (dtype, _, nb) in ck.tensors():
+            n += 1
+            total += nb
+            dtypes[dtype] = dtypes.get(dtype, 0) + 1
+            if nb > largest[1]:
+                largest = (name, nb)
+            if is_target_key(name):
+                targets[name] = nb
+        _, changes = restore_config(ck.config, record) if ck.config is not None else (None, [])
+        return {
+            "path": str(ck.path), "layout": ck.describe(), "trainer_checkpoint": ck.trainer,
+            "files": [s.path.name for s in ck.sources], "surgered": record is not None or bool(targets),
+            "tensors": n, "bytes": total, "dtypes": dtypes, "largest_tensor": {"name": largest[0], "bytes": largest[1]},
+            "mixout_targets": {"count": len(targets), "bytes": sum(targets.values()), "keys": sorted(targets)},
+            "plain": {"tensors": n - len(targets), "bytes": total - sum(targets.values())},
+            "record_source": where, "record": record.to_dict() if record else None,
+            "config_restore": [{"path": p, "saved": a, "restored": b} for p, a, b in changes],
+            "warnings": ck.warnings,
+        }
+    finally:
+        ck.close()
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`inspect`'s dict."""
+    from ..engine import describe
+
+    t = info["mixout_targets"]
+    lines = [f"{info['path']}: {info['layout']}",
+             f"  tensors: {info['tensors']} ({fmt_bytes(info['bytes'])}; "
+             + ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items())) + ")",
+             f"  largest tensor: {info['largest_tensor']['name']} ({fmt_bytes(info['largest_tensor']['bytes'])})"]
+    if not info["surgered"]:
+        lines.append("  no surgery: no change record and no Mixout targets (a plain checkpoint)")
+        return "\n".join(lines)
+    lines.append(f"  Mixout targets: {t['count']} ({fmt_bytes(t['bytes'])}); plain after convert: "
+                 f"{info['plain']['tensors']} tensors ({fmt_bytes(info['plain']['bytes'])})")
+    if info["record"] is None:
+        lines.append("  record: none found (Mixout p, dropout and MSD settings unknown; convert still drops "
+                     "the targets)")
+    else:
+        lines.append(f"  record ({info['record_source']}):")
+        lines += ["  " + ln for ln in describe(info["record"]).splitlines()[1:]]
+    for c in info["config_restore"]:
+        lines.append(f"  config.json {c['path']}: saved {c['saved']}, original {c['restored']}")
+    lines += [f"  warning: {w}" for w in info["warnings"]]
+    return "\n".join(lines)
