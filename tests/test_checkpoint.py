@@ -334,6 +334,23 @@ def test_save_puts_record_in_metadata_and_resume_loads_it_back(tmp_path):
         save(Net(), tmp_path / "plain.safetensors")
 
 
+def test_resume_from_save_pretrained_dir(tmp_path):
+    """The resume story for transformers: pretrained model, same apply, load the checkpoint."""
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    m.save_pretrained(tmp_path / "pretrained")
+    surgery.apply(m, mixout=0.3, dropout=0.0, msd=4)
+    _train(m, torch.randint(0, 99, (4, 7)), lambda m, x: m(input_ids=x, labels=torch.tensor([0, 1, 2, 0])).loss)
+    m.save_pretrained(tmp_path / "ckpt")
+    fresh = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pretrained")
+    surgery.apply(fresh, mixout=0.3, dropout=0.0, msd=4)
+    res = fresh.load_state_dict(load_file(tmp_path / "ckpt" / "model.safetensors"))
+    assert not res.missing_keys and not res.unexpected_keys
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(surgery.AlreadySurgeredError, match="surgery convert"):
+        surgery.apply(AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt"), mixout=0.1)
+
+
 def test_restore_config_puts_back_values_the_save_left_out():
     rec = surgery.Record(config=[{"module": "", "path": ["hidden_dropout_prob"], "old": 0.2, "new": 0.1},
                                  {"module": "", "path": ["text_config", "dropout"], "old": 0.3, "new": 0.0},

@@ -202,7 +202,8 @@ def main() -> None:
         print(f"wall time: median of {args.repeat} runs (naive route: 1 run); peak RSS: the largest of the runs")
         print(f"{'route':46s} {'wall s':>7s} {'x cp':>6s} {'peak RSS MiB':>13s} {'(RSS-base)/largest':>19s}")
         for name, t, rss in rows:
-            r = f"{rss / 2**20:13.0f} {(rss - base) / sizes[largest]:19.2f}" if rss else f"{'':13s} {'':19s}"
+            ratio = f"{(rss - base) / sizes[largest]:19.2f}" if rss and name != "cp -r" else f"{'':19s}"
+            r = f"{rss / 2**20:13.0f} {ratio}" if rss else f"{'':13s} {'':19s}"
             print(f"{name:46s} {t:7.2f} {t / t_cp:6.2f} {r}")
         print(f"convert vs cp: {t_cv / t_cp:.2f}x (goal <= 2x); vs cp + fsync: {t_cv / t_cps:.2f}x "
               f"(convert fsyncs what it writes); of convert's {t_cv:.2f} s, {t_start:.2f} s is starting python and "

@@ -104,7 +104,7 @@ class Checkpoint:
         if self.is_dir:
             s = ("Trainer checkpoint" if self.trainer else "model") + " directory"
             s += f", {'sharded ' if self.sharded else ''}{'safetensors' if self.fmt == 'safetensors' else 'torch.save'}"
-            s += f" ({len(self.sources)} file{'s' if len(self.sources) > 1 else ''})"
+            s += f", {len(self.sources)} file{'s' if len(self.sources) > 1 else ''}"
         return s
 
     def tensors(self) -> Iterable[tuple[_Source, str, tuple[str, tuple[int, ...], int]]]:
