@@ -52,32 +52,57 @@ def _scale(p: float, n: int, like: torch.Tensor) -> torch.Tensor:
     return keep.div_(1.0 - p)
 
 
-class _LowMemoryMix(torch.autograd.Function):
-    """``F.linear(x, lerp(T, W, s))`` that keeps only ``x`` and ``s`` for backward and
-    recomputes the mixed weight there (one extra elementwise pass, one weight fewer alive)."""
+class _MixoutLinear(torch.autograd.Function):
+    """``F.linear(x, lerp(T, W, s), bias)`` with the exact Mixout gradient in one pass.
+
+    Forward builds the mixed weight once. Backward computes ``dL/dx = g W_mix`` and
+    ``dL/dW = s * (g^T x)``, scaling whichever is smaller in place, the input columns
+    (``g^T (x * s)``) or the product: no weight-sized temporary beyond the gradient
+    itself. ``keep_mixed`` keeps the mixed weight for backward (default mode); without it
+    only ``x`` and ``s`` are kept beside the Parameters and the mixed weight is recomputed
+    there (low-memory mode: one extra elementwise pass, one weight fewer alive).
+    Matmuls run in the dtype of the incoming gradient (autocast), gradients come back in
+    the dtypes of ``x``/``weight``/``bias``.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, target, s, bias, transposed):
+    def forward(ctx, x, weight, target, s, bias, transposed, keep_mixed):
         w = torch.lerp(target, weight, s)
-        ctx.save_for_backward(x, weight, target, s)
-        ctx.transposed = transposed
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, w, s) if keep_mixed else ctx.save_for_backward(x, weight, target, s)
+        ctx.transposed, ctx.keep_mixed = transposed, keep_mixed
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return F.linear(x, w.t() if transposed else w, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, target, s = ctx.saved_tensors
-        w = torch.lerp(target, weight, s)
-        wl = w.t() if ctx.transposed else w  # (out, in)
-        gx = g @ wl if ctx.needs_input_grad[0] else None
-        gw = gb = None
-        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.keep_mixed:
+            x, w, s = ctx.saved_tensors
+        else:
+            x, weight, target, s = ctx.saved_tensors
+            w = torch.lerp(target, weight, s)
+        x_dt, w_dt, b_dt = ctx.dtypes
+        dt = g.dtype
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            wl = w.t() if ctx.transposed else w  # (out, in)
+            gx = (g @ wl.to(dt)).to(x_dt)
+        g2 = g.reshape(-1, g.shape[-1])  # (tokens, out)
         if ctx.needs_input_grad[1]:
-            gwl = g2.t() @ x.reshape(-1, x.shape[-1])  # dL/dW_mix in (out, in)
-            gw = (gwl.t() if ctx.transposed else gwl).mul_(s)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            gb = g2.sum(0)
-        return gx, gw, None, None, gb, None
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (tokens, in)
+            sv = s.reshape(-1).to(dt)  # one scale per input neuron
+            out_f = g2.shape[1]
+            if x2.shape[0] < out_f:  # fewer tokens than output neurons: scale the input
+                x2 = x2 * sv
+                gw = x2.t() @ g2 if ctx.transposed else g2.t() @ x2
+            elif ctx.transposed:  # (in, out): scale rows
+                gw = (x2.t() @ g2).mul_(sv.unsqueeze(1))
+            else:  # (out, in): scale columns
+                gw = (g2.t() @ x2).mul_(sv)
+            gw = gw.to(w_dt)
+        if b_dt is not None and ctx.needs_input_grad[4]:
+            gb = g2.sum(0).to(b_dt)
+        return gx, gw, None, None, gb, None, None
 
 
 def mixout_weight(weight: torch.Tensor, target: torch.Tensor, p: float, *, transposed: bool = False) -> torch.Tensor:
@@ -168,10 +193,11 @@ class MixLinear(nn.Linear):
         w, t = self.weight, self.target
         if t.dtype != w.dtype:
             t = t.to(w.dtype)
-        if self.low_memory and self.p < 1.0:
+        if self.p < 1.0:
             n = w.shape[0] if self.transposed else w.shape[1]
             s = _scale(self.p, n, w)
-            return _LowMemoryMix.apply(x, w, t, s.unsqueeze(1) if self.transposed else s, self.bias, self.transposed)
+            return _MixoutLinear.apply(x, w, t, s.unsqueeze(1) if self.transposed else s, self.bias, self.transposed,
+                                       not self.low_memory)
         wm = mixout_weight(w, t, self.p, transposed=self.transposed)
         return F.linear(x, wm.t() if self.transposed else wm, self.bias)
 
