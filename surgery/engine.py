@@ -6,14 +6,13 @@ leaves the model as it was. ``revert`` undoes exactly what the record lists.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import nn
 
-from .dropout import config_dropout, find_configs, find_dropout, get_path, set_path
+from .dropout import config_dropout, find_configs, find_dropout, set_path
 from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
 from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
