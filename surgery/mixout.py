@@ -67,7 +67,7 @@ class _MixoutLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, target, s, bias, transposed, keep_mixed):
-        w = torch.lerp(target, weight, s)
+        w = torch.lerp(target.to(weight.dtype), weight, s)
         ctx.save_for_backward(x, w, s) if keep_mixed else ctx.save_for_backward(x, weight, target, s)
         ctx.transposed, ctx.keep_mixed = transposed, keep_mixed
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -80,7 +80,7 @@ class _MixoutLinear(torch.autograd.Function):
             x, w, s = ctx.saved_tensors
         else:
             x, weight, target, s = ctx.saved_tensors
-            w = torch.lerp(target, weight, s)
+            w = torch.lerp(target.to(weight.dtype), weight, s)
         x_dt, w_dt, b_dt = ctx.dtypes
         dt = g.dtype
         gx = gw = gb = None
@@ -191,14 +191,12 @@ class MixLinear(nn.Linear):
                 return out.view(x.shape[:-1] + (self.out_features,))
             return F.linear(x, self.weight, self.bias)
         w, t = self.weight, self.target
-        if t.dtype != w.dtype:
-            t = t.to(w.dtype)
-        if self.p < 1.0:
+        if self.p < 1.0:  # a target in a smaller dtype is cast inside (low-memory mode keeps it uncast)
             n = w.shape[0] if self.transposed else w.shape[1]
             s = _scale(self.p, n, w)
             return _MixoutLinear.apply(x, w, t, s.unsqueeze(1) if self.transposed else s, self.bias, self.transposed,
                                        not self.low_memory)
-        wm = mixout_weight(w, t, self.p, transposed=self.transposed)
+        wm = mixout_weight(w, t.to(w.dtype), self.p, transposed=self.transposed)
         return F.linear(x, wm.t() if self.transposed else wm, self.bias)
 
     def extra_repr(self) -> str:

@@ -90,3 +90,40 @@ def test_double_backward_is_a_clear_error():
     (gx,) = torch.autograd.grad(m(x).sum(), (x,), create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
+
+
+def _saved(m, x):
+    """Storages autograd keeps for backward of ``m(x)``: {data_ptr: (dtype, nbytes)}."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    return y, seen
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_bf16_targets_keep_no_weight_sized_fp32_copy_in_low_memory_mode(low_memory):
+    torch.manual_seed(0)
+    m = MixLinear.from_linear(nn.Linear(64, 32), 0.3, target_dtype=torch.bfloat16, low_memory=low_memory)
+    m.train()
+    x = torch.randn(5, 64)
+    y, seen = _saved(m, x)
+    alive = {t.untyped_storage().data_ptr() for t in (x, m.weight, m.target, m.bias)}
+    extra = sum(nb for ptr, (dt, nb) in seen.items() if ptr not in alive)
+    weight_bytes = m.weight.numel() * 4
+    # default mode keeps exactly one fp32 mixed weight (+ the mask vector); low-memory mode only the mask
+    assert extra == (weight_bytes + 64 * 4 if not low_memory else 64 * 4)
+    y.sum().backward()
+    torch.manual_seed(0)
+    ref = MixLinear.from_linear(nn.Linear(64, 32), 0.3, target=m.target.float())
+    ref.weight, ref.bias = nn.Parameter(m.weight.detach().clone()), nn.Parameter(m.bias.detach().clone())
+    ref.train()
+    x2 = x.clone()
+    torch.manual_seed(9)
+    ya = m(x2)
+    torch.manual_seed(9)
+    yb = ref(x2)
+    torch.testing.assert_close(ya, yb)
