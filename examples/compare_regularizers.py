@@ -30,6 +30,7 @@ mean and min-max band over seeds) and ``table.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -69,9 +70,9 @@ def surgery_args(method: str, a) -> tuple[dict, float]:
     }[method]
 
 
-def run_one(method: str, seed: int, regime: dict, tok, encs, a) -> dict:
+def run_one(method: str, seed: int, regime: dict, base, encs, a) -> dict:
     kwargs, alpha = surgery_args(method, a)
-    _, model = ft.load_model(a.model, seed=seed)
+    model = ft.fresh_head(copy.deepcopy(base), seed)  # the pretrained model, a seeded new head
     if kwargs:
         surgery.apply(model, **kwargs)
     t0 = time.perf_counter()
@@ -101,7 +102,7 @@ def summarize(runs: list[dict], regime: str, methods) -> dict:
             se = row["diff_std"] / math.sqrt(len(d)) if len(d) > 1 else 0.0
             row["t"] = row["diff_mean"] / se if se > 0 else (math.inf if row["diff_mean"] else 0.0)
             row["t_crit"] = t_crit(len(d) - 1)
-            row["significant"] = abs(row["t"]) > row["t_crit"]
+            row["significant"] = len(d) > 1 and abs(row["t"]) > row["t_crit"]
             row["rel"] = row["diff_mean"] / statistics.fmean([base[s] for s in seeds])
         out[m] = row
     return out
@@ -116,9 +117,12 @@ def format_table(summary: dict, regime: dict, methods) -> str:
     diff = "| difference to baseline (paired) | " + " | ".join(
         "—" if m == "baseline" else f"{summary[m]['diff_mean']:+.3f} ± {summary[m]['diff_std']:.3f} "
         f"({summary[m]['rel']:+.1%})" for m in cols) + " |"
+    def judge(row):
+        if row["n"] < 2:
+            return "n/a (1 seed)"
+        return ("yes" if row["significant"] else "no, within noise") + f" (t={row['t']:+.1f})"
     verdict = "| beyond seed noise? (paired t, 95%) | " + " | ".join(
-        "—" if m == "baseline" else ("yes" if summary[m]["significant"] else "no, within noise")
-        + f" (t={summary[m]['t']:+.1f})" for m in cols) + " |"
+        "—" if m == "baseline" else judge(summary[m]) for m in cols) + " |"
     return "\n".join([head, sep, mse, diff, verdict])
 
 
@@ -152,7 +156,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: every method, 1 seed, 96/48 training items, 1/2 epochs, 200 validation items")
+                    help="smoke run: every method, 1 seed, 96/48 training items, 1/2 epochs, 128 validation items")
     ap.add_argument("--regimes", nargs="+", choices=("full", "small"), default=["full", "small"])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -174,7 +178,7 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     if a.quick:
         a.seeds = a.seeds[:1]
-        a.val_size = a.val_size or 200
+        a.val_size = a.val_size or 128
         a.full_epochs, a.small_epochs, a.small_size = 1, 2, 48
         a.full_size = 96
     else:
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
         val = sp.val[:a.val_size] if a.val_size else sp.val
         regimes.append({"name": name, "train": sp.train, "val": val, "train_size": len(sp.train),
                         "epochs": a.full_epochs if name == "full" else a.small_epochs})
-    tok, _ = ft.load_model(a.model)
+    tok, base = ft.load_model(a.model)
     methods = [m for m in METHODS if m in a.methods]
     print(f"methods: {', '.join(methods)}; seeds {a.seeds}; lr {a.lr}, batch {a.batch_size}, mixout p {a.mixout_p}, "
           f"MSD K={a.msd_k} p={a.msd_p}, R-Drop alpha {a.rdrop_alpha}")
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
               f"{regime['epochs']} epochs", flush=True)
         for seed in a.seeds:  # seeds outermost: a cut-short run still has every method for the seeds done
             for m in methods:
-                r = run_one(m, seed, regime, tok, encs, a)
+                r = run_one(m, seed, regime, base, encs, a)
                 runs.append(r)
                 print(f"  {m:18s} seed {seed}: validation MSE by epoch "
                       + " ".join(f"{h['val_mse']:.3f}" for h in r["history"]) + f"  ({r['seconds']:.0f} s)", flush=True)

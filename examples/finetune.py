@@ -69,9 +69,19 @@ def load_model(model_path=None, *, seed: int = 0):
     folder = exdata.model_dir(model_path)
     quiet_transformers()
     tok = AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, problem_type="regression")
-    return tok, model
+    return tok, fresh_head(model, seed)
+
+
+def fresh_head(model, seed: int):
+    """Re-draw the regression head as transformers initialises it (normal(0, initializer_range),
+    zero bias), from ``seed``: runs that share a seed start from the same model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.classifier.weight
+        w.copy_(torch.randn(w.shape, generator=gen) * model.config.initializer_range)
+        model.classifier.bias.zero_()
+    return model
 
 
 @dataclass

