@@ -130,6 +130,7 @@ def plot(runs: list[dict], regimes: list[dict], methods, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.5), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
@@ -141,7 +142,8 @@ def plot(runs: list[dict], regimes: list[dict], methods, path: Path) -> None:
             curves = torch.tensor([[h["val_mse"] for h in run] for run in hs])
             ax.plot(epochs, curves.mean(0), marker="o", label=m)
             ax.fill_between(epochs, curves.min(0).values, curves.max(0).values, alpha=0.15)
-        ax.set_title(f"{regime['name']}: {regime['train_size']} training items, {len(hs)} seeds")
+        ax.set_title(f"{regime['name']}: {regime['train_size']} training items, {len(hs)} seed{'s' * (len(hs) != 1)}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation MSE (mean; band: min-max over seeds)")
         ax.grid(alpha=0.3)

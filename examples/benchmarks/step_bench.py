@@ -10,8 +10,9 @@ change the cost). Three groups, each timed interleaved (see common.py):
 1. Mixout on every Linear (p=0.1, default and low-memory mode) against the plain model;
 2. multi-sample dropout K=8 (surgery: one batched head call, the paper's per-sample loss)
    against the plain head, next to a Python-loop version (K dropout+head calls);
-3. R-Drop with ``surgery.compute_loss(rdrop_alpha=1)`` (one forward on ``[x; x]``)
-   against two plain passes with the loss written by hand, and a one-pass plain step.
+3. R-Drop with ``surgery.compute_loss(rdrop_alpha=1)`` (its ``auto`` strategy: one forward
+   on ``[x; x]`` for this model) and with ``strategy="separate"`` (two forwards), against
+   two plain passes with the loss written by hand, and a one-pass plain step.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def msd_loop_loss(k, p):
 
 def rdrop_loss(model, b):
     return surgery.compute_loss(model, b, rdrop_alpha=1.0).loss
+
+
+def rdrop_separate_loss(model, b):
+    return surgery.compute_loss(model, b, rdrop_alpha=1.0, strategy="separate").loss
 
 
 def two_pass_loss(model, b):
@@ -129,9 +134,12 @@ def main(argv=None):
         one = copy.deepcopy(base)
         helper = copy.deepcopy(base)
         two = copy.deepcopy(base)
+        sep = copy.deepcopy(base)
         strategy = surgery.rdrop_strategy(helper)[0]
         res = interleaved({"two plain passes (by hand)": make_step(two, batch, two_pass_loss),
-                           f"surgery.compute_loss(rdrop_alpha=1) [{strategy}]": make_step(helper, batch, rdrop_loss),
+                           f"surgery.compute_loss(rdrop_alpha=1), auto = {strategy}": make_step(helper, batch, rdrop_loss),
+                           "surgery.compute_loss(rdrop_alpha=1, strategy='separate')": make_step(sep, batch,
+                                                                                                 rdrop_separate_loss),
                            "one plain pass (no R-Drop)": make_step(one, batch, plain_loss)}, rounds=args.rounds)
         report("3. R-Drop: the helper against two plain passes", res, "two plain passes")
 
