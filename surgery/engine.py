@@ -155,7 +155,7 @@ def apply(
                 continue
             others = [n for n in tied[id(m.weight)] if n != f"{name}.weight"]
             if others and not mixout_tied:
-                rec.skipped.append({"name": name, "reason": f"weight tied to {others[0]} (mixout_tied=True mixes it, keeping the tie)"})
+                rec.skipped.append({"name": name, "reason": f"weight tied to {others[0]}; mixout_tied=True mixes it, keeping the tie"})
                 continue
             if occurrences[id(m)] > 1:
                 rec.skipped.append({"name": name, "reason": "the same module is registered under several names"})
