@@ -10,6 +10,7 @@ periods hit every variant of a round alike); absolute times are only for orienta
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import statistics
@@ -50,14 +51,24 @@ def set_threads(n: int | None) -> None:
 
 
 def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 1,
-                reference: str | None = None) -> dict[str, dict]:
+                reference: str | None = None, min_time: float = 0.0) -> dict[str, dict]:
     """Time each zero-argument callable once per round, rotating the order.
 
-    Returns ``{name: {"median_s", "min_s", "ratio", "ratio_q1", "ratio_q3"}}``; ratios are
-    medians of per-round ratios to ``reference`` (default: the first variant).
+    With ``min_time`` > 0 each timing repeats a callable enough times (the same count for
+    every variant) for the reference to take at least that long; times are per call.
+    Returns ``{name: {"median_s", "min_s", "ratio", "ratio_q1", "ratio_q3", "inner"}}``;
+    ratios are medians of per-round ratios to ``reference`` (default: the first variant).
     """
     names = list(variants)
     reference = reference or names[0]
+    inner = 1
+    if min_time > 0:
+        variants[reference]()
+        t0 = time.perf_counter()
+        variants[reference]()
+        inner = max(1, math.ceil(min_time / max(time.perf_counter() - t0, 1e-6)))
+        if inner > 1:
+            variants = {n: (lambda f: lambda: [f() for _ in range(inner)])(f) for n, f in variants.items()}
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         k = r % len(names)
@@ -65,7 +76,7 @@ def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, warmup:
             gc.collect()
             t0 = time.perf_counter()
             variants[n]()
-            dt = time.perf_counter() - t0
+            dt = (time.perf_counter() - t0) / inner
             if r >= warmup:
                 times[n].append(dt)
     out = {}
@@ -73,7 +84,7 @@ def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, warmup:
         ratios = sorted(a / b for a, b in zip(times[n], times[reference]))
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
         out[n] = {"median_s": statistics.median(times[n]), "min_s": min(times[n]),
-                  "ratio": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2]}
+                  "ratio": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2], "inner": inner}
     return out
 
 

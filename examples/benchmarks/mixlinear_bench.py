@@ -98,18 +98,22 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--p", type=float, default=0.1)
+    ap.add_argument("--min-time", type=float, default=0.25,
+                    help="repeat each timed call so one timing of nn.Linear lasts at least this many seconds")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     print(machine_line())
-    print(f"forward+backward, training mode, p={args.p}, fp32; median over {args.rounds} interleaved rounds; "
+    print(f"forward+backward, training mode, p={args.p}, fp32; median over {args.rounds} interleaved rounds "
+          f"(each timing >= {args.min_time} s of repeated calls); "
           "ratio = median of per-round time / nn.Linear time [quartiles]\n")
     rows, results = [], []
     for tokens, in_f, out_f in SHAPES:
         mods = build(in_f, out_f, args.p)
         x = torch.randn(tokens, in_f, requires_grad=True)
         g = torch.randn(tokens, out_f)
-        res = interleaved({n: step(m, x, g) for n, m in mods.items()}, rounds=args.rounds, warmup=2)
+        res = interleaved({n: step(m, x, g) for n, m in mods.items()}, rounds=args.rounds, warmup=2,
+                          min_time=args.min_time)
         for n, m in mods.items():
             alive = (x,) + tuple(m.parameters()) + tuple(m.buffers())
             with saved_bytes(alive) as sb:
