@@ -120,7 +120,7 @@ def main(argv=None):
     rows = []
     for name, r in res.items():
         expected_step = 0 if name == "plain" or "low_memory" in name else r["mixed_weights"]
-        rows.append([name, mib(r["resident"]), f"{r['resident'] - p['resident']:+,.0f} B ({mib(r['resident'] - p['resident'])})",
+        rows.append([name, mib(r["resident"]), mib(r["resident"] - p["resident"]),
                      mib(r["targets"]), mib(r["step_peak"]), mib(r["step_peak"] - p["step_peak"]),
                      mib(expected_step), mib(r["resident"] + r["step_peak"] - p["resident"] - p["step_peak"])])
     print()
