@@ -498,9 +498,14 @@ class _Net(nn.Module):
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor_matches_eager(monkeypatch):
+def test_torch_compile_inductor_matches_eager():
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # draw masks with eager's RNG, to compare
+    # draw masks with eager's RNG, to compare; config.patch (not monkeypatch, whose undo deletes the entry)
+    with inductor_config.patch(fallback_random=True):
+        _inductor_matches_eager()
+
+
+def _inductor_matches_eager():
     torch.manual_seed(0)
     m = surgery.apply(_Net(), mixout=0.3, msd=4).train()
     perturb(m, 0.1)
