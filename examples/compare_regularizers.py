@@ -177,6 +177,8 @@ def parse_args(argv=None):
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default: <cache>/surgery/runs/compare)")
     ap.add_argument("--progress", action="store_true", help="progress bar per run")
+    ap.add_argument("--replot", nargs="+", default=None, metavar="JSON",
+                    help="no training: rebuild the table and plot from results.json files (runs merged)")
     a = ap.parse_args(argv)
     if a.quick:
         a.seeds = a.seeds[:1]
@@ -190,10 +192,42 @@ def parse_args(argv=None):
     return a
 
 
+def replot(a, out: Path) -> int:
+    """Table, JSON and plot from earlier results (e.g. extra seeds run separately)."""
+    runs, seen, machines = [], set(), []
+    for path in a.replot:
+        d = json.loads(Path(path).read_text())
+        machines.append(d.get("machine", "?"))
+        for r in d["runs"]:
+            key = (r["regime"], r["method"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                runs.append(r)
+    names = [n for n in ("full", "small") if any(r["regime"] == n for r in runs)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    regimes = []
+    for n in names:
+        r0 = next(r for r in runs if r["regime"] == n)
+        regimes.append({"name": n, "train_size": r0["train_size"], "epochs": r0["epochs"]})
+    tables = [format_table(summarize(runs, g["name"], methods), g, methods) for g in regimes]
+    seeds = sorted({r["seed"] for r in runs})
+    text = "\n\n".join(tables)
+    print(f"{machines[0]}\nvalidation MSE after the last epoch, seeds {seeds} (from {', '.join(a.replot)})\n\n{text}")
+    with open(out / "results.json", "w") as f:
+        json.dump({"machine": machines[0], "merged_from": a.replot, "runs": runs,
+                   "summary": {g["name"]: summarize(runs, g["name"], methods) for g in regimes}}, f, indent=1)
+    (out / "table.md").write_text(text + "\n")
+    plot(runs, regimes, methods, out / "curves.png")
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'curves.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out).expanduser() if a.out else exdata.cache_dir() / "runs" / "compare"
     out.mkdir(parents=True, exist_ok=True)
+    if a.replot:
+        return replot(a, out)
     print(ft.machine_line())
     items = exdata.load_afinn(a.data)
     regimes = []
