@@ -180,6 +180,11 @@ def parse_args(argv=None):
     ap.add_argument("--replot", nargs="+", default=None, metavar="JSON",
                     help="no training: rebuild the table and plot from results.json files (runs merged)")
     a = ap.parse_args(argv)
+    for flag, v in (("--mixout-p", a.mixout_p), ("--msd-p", a.msd_p)):
+        if not 0.0 <= v <= 1.0:
+            ap.error(f"{flag} must be a probability in [0, 1], got {v}")
+    if min(a.full_epochs, a.small_epochs, a.small_size, a.msd_k) < 1:
+        ap.error("--full-epochs, --small-epochs, --small-size and --msd-k must be >= 1")
     if a.quick:
         a.seeds = a.seeds[:1]
         a.val_size = a.val_size or 128
@@ -273,4 +278,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (exdata.DataError, ValueError) as e:  # a missing package, a bad file or value: one line, no traceback
+        sys.exit(f"error: {e}")

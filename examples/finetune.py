@@ -231,6 +231,15 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.epochs < 1:
         ap.error(f"--epochs must be >= 1, got {args.epochs}")
+    for flag, v in (("--mixout", args.mixout), ("--msd-p", args.msd_p)):
+        if not 0.0 <= v <= 1.0:
+            ap.error(f"{flag} must be a probability in [0, 1], got {v}")
+    if not (0.0 <= args.dropout <= 1.0 or args.dropout == -1):
+        ap.error(f"--dropout must be in [0, 1], or -1 to leave the model's dropout as is; got {args.dropout}")
+    if args.msd < 0:
+        ap.error(f"--msd must be >= 0 (0 = off), got {args.msd}")
+    if args.max_train is not None and args.max_train < 1:
+        ap.error(f"--max-train must be >= 1, got {args.max_train}")
     return args
 
 
@@ -320,4 +329,7 @@ def sp_std(enc: Encoded) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (exdata.DataError, ValueError) as e:  # a missing package, a bad file or value: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -123,10 +123,16 @@ def test_finetune_trains_reverts_exports_converts_and_reloads(tmp_path):
     assert cfg["surgery"]["args"]["mixout"] == 0.1 and cfg["hidden_dropout_prob"] == 0.0
 
 
-def test_finetune_rejects_bad_flags(tmp_path):
-    res = subprocess.run([sys.executable, "examples/finetune.py", "--epochs", "0"], capture_output=True, text=True,
-                         env=_env(tmp_path), cwd=ROOT)
-    assert res.returncode == 2 and "--epochs must be >= 1" in res.stderr
+@pytest.mark.parametrize("flags, code, message", [
+    (["--epochs", "0"], 2, "--epochs must be >= 1"),
+    (["--mixout", "1.5"], 2, "--mixout must be a probability in [0, 1]"),
+    (["--data", "missing.tsv"], 1, "error: --data missing.tsv: no such file"),
+])
+def test_finetune_rejects_bad_input_with_one_clear_line(tmp_path, flags, code, message):
+    res = subprocess.run([sys.executable, "examples/finetune.py", "--out", str(tmp_path / "o")] + flags,
+                         capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT)
+    assert res.returncode == code and message in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 # ---- the comparison ------------------------------------------------------------------------
