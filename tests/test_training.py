@@ -374,6 +374,12 @@ tr.save_model(os.path.join(out, "final"))
 flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
 with open(os.path.join(out, "rank" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump({{"world": tr.args.world_size, "mask": drawn[0].tolist(), "params": flat.tolist()}}, f)
+# tear the process group down before exit: a gloo group left to interpreter shutdown can abort the process
+# ("terminate called without an active exception")
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
