@@ -38,15 +38,24 @@ def _is_config(obj: Any) -> bool:
     return tf is not None and isinstance(obj, tf.PretrainedConfig)
 
 
-def find_dropout(model: nn.Module) -> Iterator[tuple[str, str, float]]:
-    """Yield ``(module_name, attribute, value)`` for every dropout probability on a module."""
+def _named_probs(obj: Any, pattern: re.Pattern) -> Iterator[tuple[str, float]]:
+    """``(attribute, value)`` of ``obj`` whose public name matches ``pattern`` and whose value is in [0, 1]."""
+    for attr, v in list(vars(obj).items()):
+        if not attr.startswith("_") and pattern.search(attr) and _is_prob(v):
+            yield attr, v
+
+
+def find_dropout(model: nn.Module, pattern: re.Pattern = DROPOUT_NAME) -> Iterator[tuple[str, str, float]]:
+    """Yield ``(module_name, attribute, value)`` for every dropout probability on a module.
+
+    ``pattern`` selects other probability attributes the same way (R-Drop looks for LayerDrop).
+    """
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.dropout._DropoutNd):
+        if pattern is DROPOUT_NAME and isinstance(mod, nn.modules.dropout._DropoutNd):
             yield name, "p", mod.p
             continue
-        for attr, v in list(vars(mod).items()):
-            if not attr.startswith("_") and DROPOUT_NAME.search(attr) and _is_prob(v):
-                yield name, attr, v
+        for attr, v in _named_probs(mod, pattern):
+            yield name, attr, v
 
 
 def find_configs(model: nn.Module) -> Iterator[tuple[str, list[str], Any]]:
@@ -72,11 +81,9 @@ def find_configs(model: nn.Module) -> Iterator[tuple[str, list[str], Any]]:
             yield from walk(name, [], cfg)
 
 
-def config_dropout(cfg) -> Iterator[tuple[str, float]]:
+def config_dropout(cfg, pattern: re.Pattern = DROPOUT_NAME) -> Iterator[tuple[str, float]]:
     """``(field, value)`` for the dropout probabilities in one config (not recursing)."""
-    for k, v in list(vars(cfg).items()):
-        if not k.startswith("_") and DROPOUT_NAME.search(k) and _is_prob(v):
-            yield k, v
+    yield from _named_probs(cfg, pattern)
 
 
 def get_path(d: Any, path: list[str]) -> Any:

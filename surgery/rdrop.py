@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import config_dropout, find_configs, find_dropout
 from .errors import SurgeryError, SurgeryTypeError
 from .mixout import MixLinear
 from .record import unwrap
@@ -206,16 +208,14 @@ def rdrop_loss(out1: Any, out2: Any, target: torch.Tensor | None = None, *, task
 
 # ---- the two passes --------------------------------------------------------------------
 
+_LAYERDROP = re.compile("layerdrop", re.IGNORECASE)
+
+
 def _layerdrop(model: nn.Module) -> list[str]:
-    found = []
-    for name, mod in model.named_modules():
-        cfg = vars(mod).get("config")
-        for k, v in (vars(cfg).items() if cfg is not None and hasattr(cfg, "__dict__") else ()):
-            if "layerdrop" in k.lower() and type(v) in (int, float) and v > 0:
-                found.append(f"config.{k}={v}")
-        for k, v in vars(mod).items():
-            if "layerdrop" in k.lower() and type(v) in (int, float) and v > 0:
-                found.append(f"{name or type(mod).__name__}.{k}={v}")
+    """Non-zero LayerDrop rates on modules or configs, found by the walk dropout control uses."""
+    found = [f"{name or type(model).__name__}.{attr}={v}" for name, attr, v in find_dropout(model, _LAYERDROP) if v > 0]
+    found += [f"config.{'.'.join(path + [k])}={v}" for _, path, cfg in find_configs(model)
+              for k, v in config_dropout(cfg, _LAYERDROP) if v > 0]
     return sorted(set(found))
 
 

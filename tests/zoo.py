@@ -12,7 +12,7 @@ the architecture has (including ones that default to 0, such as Llama's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
