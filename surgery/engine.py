@@ -14,10 +14,12 @@ from torch import nn
 
 from .dropout import config_dropout, find_configs, find_dropout, set_path
 from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
+from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
 from .record import ATTR, CONFIG_KEY, TARGET_SUFFIX, Record, get_record, unwrap
 from .select import Pattern, compile_pattern, find_head
+from .wrappers import find_layers
 
 __all__ = ["apply", "revert", "describe", "is_surgered"]
 
@@ -142,6 +144,7 @@ def apply(
             occurrences[id(m)] += 1
         tied = _tied_names(root)
         under_head = compile_pattern([head_name], all_names, "head") if head_name else None
+        tuners = tuner_layers(root)
         for name, m in root.named_modules():
             if not name or (inc and not inc(name)) or (exc and exc(name)):
                 continue
@@ -149,6 +152,13 @@ def apply(
                 if isinstance(m, nn.Linear) and not isinstance(m, MixLinear):
                     rec.skipped.append({"name": name, "reason": f"{type(m).__name__} is a Linear subclass whose "
                                         "forward may not be nn.Linear's (its owner may read .weight directly)"})
+                continue
+            role = lora_role(tuners, name, m)  # PEFT LoRA adapters: see surgery/lora.py
+            if role == "part":
+                continue
+            if role is None and not m.weight.requires_grad:
+                rec.skipped.append({"name": name, "reason": "weight frozen, requires_grad=False: Mixout would not "
+                                    "change it"})
                 continue
             if under_head and under_head(name) and not mixout_head:
                 rec.skipped.append({"name": name, "reason": "task head (mixout_head=False)"})
@@ -160,7 +170,7 @@ def apply(
             if occurrences[id(m)] > 1:
                 rec.skipped.append({"name": name, "reason": "the same module is registered under several names"})
                 continue
-            swaps.append((name, m))
+            swaps.append((name, m, role))
         if not swaps:
             raise SurgeryError(f"mixout={mixout} selected no nn.Linear/Conv1D layer"
                                + (f" (skipped: {', '.join(s['name'] for s in rec.skipped[:5])})" if rec.skipped else "")
@@ -175,8 +185,10 @@ def apply(
                 config_changes.append({"module": mod_name, "path": path + [field], "old": v, "new": dropout})
 
     # ---- build (allocations that can fail) before the first mutation ------------------
-    new_layers = [(name, m, MixLinear.from_linear(m, mixout, target_dtype=target_dtype, low_memory=low_memory))
-                  for name, m in swaps]
+    new_layers = [(name, m, LoraMixout.from_linear(m, mixout) if role == "lora" else
+                   MixLinear.from_linear(m, mixout, target_dtype=target_dtype, low_memory=low_memory))
+                  for name, m, role in swaps]
+    frozen_warning: dict = {}  # one warning per apply when Mixout layers get frozen later (see MixLinear)
 
     # ---- mutate ------------------------------------------------------------------------
     for name, old, layer in new_layers:
@@ -184,6 +196,9 @@ def apply(
         setattr(root.get_submodule(parent), child, layer)
         rec.mixout.append({"name": name, "p": mixout, "orig": f"{type(old).__module__}.{type(old).__qualname__}",
                            "transposed": layer.transposed})
+        if isinstance(layer, LoraMixout):
+            rec.mixout[-1]["kind"] = "lora"
+        vars(layer).update(_frozen_warning=frozen_warning, _record_name=name)
     for ch in dropout_changes:
         setattr(root.get_submodule(ch["module"]), ch["attr"], ch["new"])
     for ch in config_changes:
@@ -213,17 +228,14 @@ def revert(model: nn.Module) -> nn.Module:
     """
     root = _check_model(model)
     rec = get_record(root)
-    layers = []
-    for m in rec.mixout:
-        try:
-            layer = root.get_submodule(m["name"])
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, MixLinear):
+    layers = {}
+    for m in rec.mixout:  # at its name, inside a PEFT wrapper put there, or where an unwrapped wrapper was
+        found, here = find_layers(root, m["name"], (MixLinear, LoraMixout))
+        if not found and m.get("kind") != "lora":  # a LoRA adapter merged and unloaded leaves nothing to undo
             raise SurgeryError(f"cannot revert: Mixout layer {m['name']!r} is missing or was replaced after apply "
-                               f"(found {type(layer).__name__}); nothing was changed")
-        layers.append((m["name"], layer))
-    for name, layer in layers:
+                               f"(found {type(here).__name__}); nothing was changed")
+        layers.update({id(layer): (name, layer) for name, layer in found})
+    for name, layer in layers.values():
         parent, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent), child, layer.to_linear())
     for ch in rec.dropout:
@@ -300,6 +312,10 @@ def describe(model_or_record: Any) -> str:
         extra = f", targets {_mib(target_bytes)}" if target_bytes is not None else ""
         lines.append(f"  mixout p={'/'.join(map(str, ps))} on {len(rec.mixout)} layers{extra}:")
         lines += [f"    {g}" for g in _group([m["name"] for m in rec.mixout])]
+        n_lora = sum(m.get("kind") == "lora" for m in rec.mixout)
+        if n_lora:
+            lines.append(f"  LoRA: {n_lora} lora_A layers mix their layer's W0 + s*B@A toward the frozen base weight "
+                         "W0 (no target copy)")
     if rec.dropout or rec.config:
         new = rec.args.get("dropout")
         olds = sorted({c["old"] for c in rec.dropout + rec.config})

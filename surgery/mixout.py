@@ -20,6 +20,7 @@ activation checkpointing (which restores RNG state) recomputes the same masks.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,8 @@ class MixLinear(nn.Linear):
                 return out.view(x.shape[:-1] + (self.out_features,))
             return F.linear(x, self.weight, self.bias)
         w, t = self.weight, self.target
+        if not w.requires_grad:
+            self._warn_frozen()
         if self.p < 1.0:  # a target in a smaller dtype is cast inside (low-memory mode keeps it uncast)
             n = w.shape[0] if self.transposed else w.shape[1]
             s = _scale(self.p, n, w)
@@ -198,6 +201,18 @@ class MixLinear(nn.Linear):
                                        not self.low_memory)
         wm = mixout_weight(w, t.to(w.dtype), self.p, transposed=self.transposed)
         return F.linear(x, wm.t() if self.transposed else wm, self.bias)
+
+    def _warn_frozen(self) -> None:
+        """Once per ``apply`` (all its layers share the flag): a Mixout layer is training frozen."""
+        state = self.__dict__.setdefault("_frozen_warning", {})
+        if not state:
+            state["warned"] = True
+            warnings.warn(
+                f"surgery: Mixout layer {self.__dict__.get('_record_name', '?')!r} (and maybe others) holds a frozen "
+                "weight (requires_grad=False): Mixout does not train it, and on an untrained weight it is the identity. "
+                "This happens when the model is frozen or wrapped by get_peft_model after surgery.apply: call "
+                "surgery.revert(model) first, then surgery.apply(peft_model, mixout=p), which mixes the LoRA adapters "
+                "and leaves frozen layers alone", UserWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, p={self.p}"

@@ -15,8 +15,11 @@ On-disk form (version 1)::
      "msd":     [{"name": "classifier", "k": 8, "p": 0.2}],
      "skipped": [{"name": "lm_head", "reason": "weight tied to transformer.wte.weight"}]}
 
-Each Mixout layer adds one persistent buffer, ``<name>.mixout_target`` (the frozen
-pretrained weight, same shape/dtype as ``<name>.weight``), to the state_dict. Nothing
+A Mixout entry with ``"kind": "lora"`` names the ``lora_A.<adapter>`` layer of a PEFT LoRA
+layer: Mixout on that layer's effective weight toward its frozen base weight, no target
+buffer (see :mod:`surgery.lora`). Every other Mixout layer adds one persistent buffer,
+``<name>.mixout_target`` (the frozen pretrained weight, same shape/dtype as
+``<name>.weight``), to the state_dict. Nothing
 else changes keys: MSD heads are hooks, dropout changes are attribute values.
 For transformers models the record is also written into the config
 (``config.surgery``), so ``save_pretrained``/Trainer checkpoints carry it.
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import NotSurgeredError
+from .wrappers import unwrap
 
 __all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap"]
 
@@ -80,26 +84,18 @@ class Record:
 
     @property
     def target_keys(self) -> list[str]:
-        """State-dict keys of the Mixout targets this record added."""
-        return [f"{m['name']}.{TARGET_SUFFIX}" if m["name"] else TARGET_SUFFIX for m in self.mixout]
-
-
-def unwrap(model):
-    """The module that carries surgery inside DDP / Accelerate / torch.compile wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if ATTR in getattr(model, "__dict__", {}):
-            return model
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None or not hasattr(inner, "named_modules"):
-            return model
-        model = inner
-    return model
+        """State-dict keys of the Mixout targets this record added (LoRA entries add none)."""
+        return [f"{m['name']}.{TARGET_SUFFIX}" if m["name"] else TARGET_SUFFIX for m in self.mixout
+                if m.get("kind") != "lora"]
 
 
 def get_record(model, *, required: bool = True) -> Record | None:
-    """The live record of a surgered model (looking through DDP/compile wrappers)."""
+    """The live record of a surgered model.
+
+    The record lives on the model inside every wrapper (:func:`surgery.wrappers.unwrap`:
+    DDP, DataParallel, FSDP, torch.compile, PEFT, DeepSpeed), so it is found from any of them
+    and survives unwrapping (``merge_and_unload()``, ``accelerator.unwrap_model``).
+    """
     rec = getattr(unwrap(model), "__dict__", {}).get(ATTR)
     if rec is None and required:
         raise NotSurgeredError(
