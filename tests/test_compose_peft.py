@@ -1,0 +1,333 @@
+"""surgery composed with PEFT/LoRA, in both orders, and with merge_and_unload.
+
+* ``apply(peft_model, mixout=p)``: frozen layers are left alone (a general rule: a weight that
+  does not train is never mixed), LoRA adapters are mixed on their layer's effective weight
+  ``W0 + s B A`` toward ``W0`` (checked against that formula with the same mask), the head's
+  trainable copy is an ordinary Mixout layer; revert restores everything.
+* ``apply(model)`` then ``get_peft_model``: one warning at the first training forward, and
+  revert works on the PEFT model and on the inner model.
+* ``merge_and_unload()`` in either order keeps the record; revert gives plain Linear layers
+  holding the merged weights.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from zoo import batch, build
+
+import surgery
+from surgery import MixLinear, SurgeryError
+from surgery.lora import LoraMixout
+
+SELF = "bert.encoder.layer.{}.attention.self.{}"
+LORA_A = [SELF.format(i, f"{n}.lora_A.default") for i in (0, 1) for n in ("query", "value")]
+FROZEN = ([SELF.format(i, n) for i in (0, 1) for n in ("query.base_layer", "key", "value.base_layer")]
+          + [f"bert.encoder.layer.{i}.{n}" for i in (0, 1) for n in ("attention.output.dense", "intermediate.dense",
+                                                                       "output.dense")]
+          + ["bert.pooler.dense", "classifier.original_module"])
+FROZEN_REASON = "weight frozen, requires_grad=False: Mixout would not change it"
+
+
+def _lora(**kw):
+    return LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], **kw)
+
+
+def _peft(seed=0, dtype=None, **kw):
+    model = build("bert", seed=seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    return get_peft_model(model, _lora(**kw))
+
+
+def _inner(peft_model):
+    return peft_model.base_model.model
+
+
+def _randomize_lora_b(peft_model):
+    """LoRA initialises B to zero; give it values so W0 + s B A differs from W0."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+
+
+def _classes(model):
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _train_step(model, b):
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**b).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _no_surgery_layers(model):
+    return not any(isinstance(m, (MixLinear, LoraMixout)) for m in model.modules())
+
+
+# ---- apply(peft_model) --------------------------------------------------------------------
+
+def test_apply_on_peft_model_mixes_only_what_trains():
+    pm = _peft()
+    surgery.apply(pm, mixout=0.1)
+    rec = surgery.get_record(pm)
+    assert [m["name"] for m in rec.mixout] == [LORA_A[0], LORA_A[1], LORA_A[2], LORA_A[3],
+                                               "classifier.modules_to_save.default"]
+    assert [m.get("kind") for m in rec.mixout] == ["lora"] * 4 + [None]
+    assert sorted(s["name"] for s in rec.skipped) == sorted(FROZEN)
+    assert {s["reason"] for s in rec.skipped} == {FROZEN_REASON}
+    # one target only: the head copy's (LoRA entries mix toward the frozen base weight)
+    inner = _inner(pm)
+    assert [k for k in inner.state_dict() if k.endswith("mixout_target")] == \
+        ["classifier.modules_to_save.default.mixout_target"] == rec.target_keys
+    assert all(isinstance(inner.get_submodule(n), LoraMixout) for n in LORA_A)
+    # the record lives on the innermost model and is found from every wrapper
+    assert "_surgery" in vars(inner) and "_surgery" not in vars(pm) and "_surgery" not in vars(pm.base_model)
+    assert surgery.is_surgered(pm) and surgery.is_surgered(pm.base_model) and surgery.is_surgered(inner)
+    assert surgery.describe(pm).splitlines()[:6] == [
+        "BertForSequenceClassification: surgery (record v1)",
+        "  mixout p=0.1 on 5 layers, targets 0.0 MiB:",
+        "    bert.encoder.layer.{0-1}.attention.self.query.lora_A.default  (x2)",
+        "    bert.encoder.layer.{0-1}.attention.self.value.lora_A.default  (x2)",
+        "    classifier.modules_to_save.default",
+        "  LoRA: 4 lora_A layers mix their layer's W0 + s*B@A toward the frozen base weight W0 (no target copy)",
+    ]
+    assert f"  left alone ({FROZEN_REASON}):" in surgery.describe(pm).splitlines()
+
+
+def test_frozen_weights_are_left_alone_on_any_model():
+    """The general rule, without PEFT: a frozen backbone gets no Mixout, only the head does."""
+    model = build("bert")
+    model.bert.requires_grad_(False)
+    surgery.apply(model, mixout=0.1)
+    rec = surgery.get_record(model)
+    assert [m["name"] for m in rec.mixout] == ["classifier"]
+    assert len(rec.skipped) == 13 and {s["reason"] for s in rec.skipped} == {FROZEN_REASON}
+    model.classifier.requires_grad_(False)
+    surgery.revert(model)
+    with pytest.raises(SurgeryError) as e:
+        surgery.apply(model, mixout=0.1)
+    assert str(e.value) == ("mixout=0.1 selected no nn.Linear/Conv1D layer (skipped: bert.encoder.layer.0.attention."
+                            "self.query, bert.encoder.layer.0.attention.self.key, bert.encoder.layer.0.attention.self."
+                            "value, bert.encoder.layer.0.attention.output.dense, bert.encoder.layer.0.intermediate."
+                            "dense); check include/exclude")
+    assert not surgery.is_surgered(model)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_lora_mixout_is_the_paper_formula_with_the_same_mask(p):
+    """W_mix = W0 + s B A diag(M/(1-p)), M one Bernoulli(1-p) per input neuron shared by the batch;
+    output and the gradients of A, B and x match autograd through that formula."""
+    pm = _peft(dtype=torch.float64)
+    _randomize_lora_b(pm)
+    surgery.apply(pm, mixout=p)
+    pm.train()
+    layer = _inner(pm).bert.encoder.layer[0].attention.self.query
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    W0, b0, s = layer.base_layer.weight, layer.base_layer.bias, layer.scaling["default"]
+    x = torch.randn(3, 7, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 32, dtype=torch.float64)
+    torch.manual_seed(11)
+    y = layer(x)
+    gA, gB, gx = torch.autograd.grad((y * g).sum(), (A, B, x))
+
+    torch.manual_seed(11)
+    mask = torch.empty(32, dtype=torch.float64).bernoulli_(1 - p).div_(1 - p)  # the same draw
+    assert 0 < int((mask == 0).sum()) < 32  # the mask really drops some input neurons and keeps others
+    A2, B2, x2 = (t.detach().clone().requires_grad_() for t in (A, B, x))
+    y_ref = F.linear(x2, W0 + s * B2 @ A2 @ torch.diag(mask), b0)
+    rA, rB, rx = torch.autograd.grad((y_ref * g).sum(), (A2, B2, x2))
+    for got, want in ((y, y_ref), (gA, rA), (gB, rB), (gx, rx)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert not torch.equal(y, F.linear(x, W0 + s * B @ A, b0))  # not the unmixed layer
+
+
+def test_lora_mixout_eval_is_plain_lora_bitwise_and_p1_is_the_base_layer():
+    plain = _peft()
+    _randomize_lora_b(plain)
+    pm = copy.deepcopy(plain)
+    surgery.apply(pm, mixout=0.3)
+    b = batch("bert")
+    b.pop("labels")
+    plain.eval(), pm.eval()
+    assert torch.equal(pm(**b).logits, plain(**b).logits)
+    surgery.revert(pm)
+    surgery.apply(pm, mixout=1.0)
+    layer = _inner(pm).bert.encoder.layer[1].attention.self.value
+    layer.train()
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_revert_of_peft_model_restores_everything_and_keeps_training():
+    pm = _peft()
+    _randomize_lora_b(pm)  # so that lora_A gets a gradient too
+    classes, state, params = _classes(pm), _state(pm), [id(p) for p in pm.parameters()]
+    cfg = _inner(pm).config.to_dict()
+    surgery.apply(pm, mixout=0.1, dropout=0.0)
+    assert _inner(pm).config.hidden_dropout_prob == 0.0
+    surgery.revert(pm)
+    assert _classes(pm) == classes and [id(p) for p in pm.parameters()] == params
+    after = pm.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    assert _inner(pm).config.to_dict() == cfg and not surgery.is_surgered(pm)
+    # trained in between: the trained LoRA weights stay, the frozen ones are bitwise untouched
+    surgery.apply(pm, mixout=0.1)
+    _train_step(pm, batch("bert"))
+    surgery.revert(pm)
+    after = pm.state_dict()
+    assert _classes(pm) == classes and list(after) == list(state)
+    changed = sorted(k for k in state if not torch.equal(after[k], state[k]))
+    assert changed == sorted(k for k, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_merge_and_unload_after_apply_keeps_the_record_and_reverts_to_merged_weights():
+    pm = _peft()
+    surgery.apply(pm, mixout=0.1)
+    _train_step(pm, batch("bert"))
+    q = _inner(pm).bert.encoder.layer[0].attention.self.query
+    merged_q = (q.base_layer.weight + q.lora_B["default"].weight @ q.lora_A["default"].weight * q.scaling["default"])
+    head = _inner(pm).classifier.modules_to_save["default"].weight.detach().clone()
+    pm.eval()
+    b = batch("bert")
+    b.pop("labels")
+    want = pm(**b).logits
+    merged = pm.merge_and_unload()
+    assert surgery.is_surgered(merged)
+    assert type(merged.classifier) is MixLinear  # the trained head copy took its wrapper's place
+    surgery.revert(merged)
+    assert _no_surgery_layers(merged) and not surgery.is_surgered(merged)
+    plain = build("bert")
+    assert _classes(merged) == _classes(plain) and list(merged.state_dict()) == list(plain.state_dict())
+    torch.testing.assert_close(merged.bert.encoder.layer[0].attention.self.query.weight, merged_q.detach(),
+                               rtol=0, atol=1e-7)
+    assert torch.equal(merged.classifier.weight, head)
+    torch.testing.assert_close(merged(**b).logits, want, rtol=0, atol=1e-5)
+
+
+# ---- apply(model) then get_peft_model ------------------------------------------------------
+
+FROZEN_WARNING = (
+    "surgery: Mixout layer 'bert.encoder.layer.0.attention.self.query' (and maybe others) holds a frozen weight "
+    "(requires_grad=False): Mixout does not train it, and on an untrained weight it is the identity. This happens "
+    "when the model is frozen or wrapped by get_peft_model after surgery.apply: call surgery.revert(model) first, "
+    "then surgery.apply(peft_model, mixout=p), which mixes the LoRA adapters and leaves frozen layers alone")
+
+
+def test_peft_after_apply_warns_once_at_the_first_training_forward():
+    model = build("bert")
+    surgery.apply(model, mixout=0.1)
+    pm = get_peft_model(model, _lora())
+    b = batch("bert")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm.eval()
+        pm(**b)  # eval: Mixout is off, nothing to say
+        assert [str(w.message) for w in caught if "surgery" in str(w.message)] == []
+        pm.train()
+        pm(**b)
+        pm(**b)
+    assert [str(w.message) for w in caught if "surgery" in str(w.message)] == [FROZEN_WARNING]
+
+
+@pytest.mark.parametrize("target", ["peft", "inner"])
+def test_revert_finds_layers_through_peft_wrappers(target):
+    model = build("bert")
+    surgery.apply(model, mixout=0.1, dropout=0.0)
+    pm = get_peft_model(model, _lora())
+    assert surgery.is_surgered(pm) and surgery.is_surgered(model)
+    assert type(_inner(pm).bert.encoder.layer[0].attention.self.query.base_layer) is MixLinear
+    reference = get_peft_model(build("bert"), _lora())  # the same PEFT model, never surgered
+    surgery.revert(pm if target == "peft" else model)
+    assert not surgery.is_surgered(pm) and _no_surgery_layers(pm)
+    assert _classes(pm) == _classes(reference)
+    assert list(pm.state_dict()) == list(reference.state_dict())
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in pm.state_dict().items())
+    assert model.config.hidden_dropout_prob == 0.15
+
+
+def test_merge_and_unload_of_a_surgered_model_reverts_to_plain_merged_layers():
+    model = build("bert")
+    surgery.apply(model, mixout=0.1)
+    pm = get_peft_model(model, _lora())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train_step(pm, batch("bert"))
+    q = _inner(pm).bert.encoder.layer[1].attention.self.value
+    merged_w = (q.base_layer.weight + q.lora_B["default"].weight @ q.lora_A["default"].weight * q.scaling["default"])
+    merged = pm.merge_and_unload()
+    assert merged is model and surgery.is_surgered(merged)
+    assert type(merged.bert.encoder.layer[1].attention.self.value) is MixLinear
+    surgery.revert(merged)
+    plain = build("bert")
+    assert _no_surgery_layers(merged) and _classes(merged) == _classes(plain)
+    assert list(merged.state_dict()) == list(plain.state_dict())
+    torch.testing.assert_close(merged.bert.encoder.layer[1].attention.self.value.weight, merged_w.detach(),
+                               rtol=0, atol=1e-7)
+
+
+# ---- refusals: nothing changes ----------------------------------------------------------------
+
+def _refused(pm, message, **kw):
+    classes, state = _classes(pm), _state(pm)
+    with pytest.raises(SurgeryError) as e:
+        surgery.apply(pm, mixout=0.1, **kw)
+    assert str(e.value) == message
+    assert not surgery.is_surgered(pm) and _classes(pm) == classes
+    assert all(torch.equal(v, state[k]) for k, v in pm.state_dict().items())
+
+
+def test_dora_is_refused():
+    _refused(_peft(use_dora=True),
+             "mixout cannot mix LoRA layer 'bert.encoder.layer.0.attention.self.query': its adapter 'default' uses a "
+             "LoRA variant (DoraLinearVariant); Mixout is defined here for vanilla, unmerged LoRA adapters on a frozen "
+             "base layer. Pass exclude=['bert.encoder.layer.0.attention.self.query'] to leave it alone")
+
+
+def test_merged_adapter_is_refused():
+    pm = _peft()
+    pm.merge_adapter()
+    _refused(pm, "mixout cannot mix LoRA layer 'bert.encoder.layer.0.attention.self.query': its adapters are merged "
+                 "into the base weight (call unmerge_adapter() before apply); Mixout is defined here for vanilla, "
+                 "unmerged LoRA adapters on a frozen base layer. Pass exclude=['bert.encoder.layer.0.attention.self."
+                 "query'] to leave it alone")
+
+
+def test_trainable_base_layer_under_an_adapter_is_refused():
+    pm = _peft()
+    _inner(pm).bert.encoder.layer[1].attention.self.value.base_layer.requires_grad_(True)
+    _refused(pm, "mixout cannot mix 'bert.encoder.layer.1.attention.self.value.base_layer': it trains inside PEFT "
+                 "layer 'bert.encoder.layer.1.attention.self.value' (peft.tuners.lora.layer.Linear), for which Mixout "
+                 "is not defined (surgery mixes plain layers and vanilla LoRA adapters of Linear layers). Pass "
+                 "exclude=['bert.encoder.layer.1.attention.self.value'] to leave it alone")
+
+
+def test_excluding_the_refused_layer_works():
+    pm = _peft(use_dora=True)
+    surgery.apply(pm, mixout=0.1, exclude=["query", "value"])
+    assert [m["name"] for m in surgery.get_record(pm).mixout] == ["classifier.modules_to_save.default"]
+    surgery.revert(pm)
+    assert _no_surgery_layers(pm)
+
+
+def test_lora_fa_frozen_a_trainable_b_is_mixed():
+    """LoRA-FA freezes A and trains B: the layer's effective weight still trains, so it is mixed."""
+    pm = _peft()
+    for n, p in pm.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    surgery.apply(pm, mixout=0.1)
+    assert [m["name"] for m in surgery.get_record(pm).mixout][:4] == LORA_A
+    assert isinstance(_inner(pm).bert.encoder.layer[0].attention.self.query.lora_A["default"], nn.Linear)
