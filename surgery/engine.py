@@ -67,7 +67,10 @@ def apply(
         model: any ``nn.Module``; transformers models are handled first-class.
         mixout: Mixout probability p in [0, 1]; 0 turns Mixout off. Every ``nn.Linear``
             and transformers ``Conv1D`` (selected by ``include``/``exclude``) becomes a
-            :class:`MixLinear` mixing toward a frozen copy of its current weight.
+            :class:`MixLinear` mixing toward a frozen copy of its current weight. A layer
+            whose weight does not require grad is left alone (``describe`` lists it). In a
+            PEFT LoRA layer the adapter is mixed on the layer's effective weight toward the
+            frozen base weight (:mod:`surgery.lora`).
         dropout: when not None, every dropout probability in the model (dropout modules,
             dropout attributes read at call time, config fields) is set to this value.
         msd: K > 0 turns the task head into a multi-sample-dropout head with K samples.
@@ -224,7 +227,9 @@ def revert(model: nn.Module) -> nn.Module:
     Raises:
         SurgeryTypeError: ``model`` is not an ``nn.Module``.
         NotSurgeredError: the model carries no surgery.
-        SurgeryError: a recorded Mixout layer is missing or was replaced since ``apply``.
+        SurgeryError: a recorded Mixout layer is missing or was replaced since ``apply``
+            (one inside a PEFT wrapper put there since, or that took the place of the PEFT
+            wrapper it was recorded in, is found and restored).
     """
     root = _check_model(model)
     rec = get_record(root)
