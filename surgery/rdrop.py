@@ -39,6 +39,7 @@ from torch import nn
 
 from .dropout import config_dropout, find_configs, find_dropout
 from .errors import SurgeryError, SurgeryTypeError
+from .lora import LoraMixout
 from .mixout import MixLinear
 from .record import unwrap
 
@@ -232,7 +233,7 @@ def rdrop_strategy(model: nn.Module) -> tuple[str, str]:
     root = unwrap(model)
     shared = []
     for name, mod in root.named_modules():
-        if isinstance(mod, MixLinear) and mod.training and mod.p > 0:
+        if isinstance(mod, (MixLinear, LoraMixout)) and mod.training and mod.p > 0:
             shared.append(f"Mixout {name}")
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
             shared.append(f"BatchNorm {name}")

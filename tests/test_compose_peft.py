@@ -331,3 +331,13 @@ def test_lora_fa_frozen_a_trainable_b_is_mixed():
     surgery.apply(pm, mixout=0.1)
     assert [m["name"] for m in surgery.get_record(pm).mixout][:4] == LORA_A
     assert isinstance(_inner(pm).bert.encoder.layer[0].attention.self.query.lora_A["default"], nn.Linear)
+
+
+def test_rdrop_runs_two_forwards_with_lora_mixout():
+    """A LoRA Mixout mask is shared by the batch, so R-Drop's halves of [x; x] would share it."""
+    pm = _peft()
+    surgery.apply(pm, mixout=0.1)
+    pm.train()
+    strategy, why = surgery.rdrop_strategy(pm)
+    assert (strategy, why) == ("separate", "Mixout bert.encoder.layer.0.attention.self.query.lora_A.default and 4 "
+                                           "more draw noise once per forward for the whole batch")
