@@ -19,14 +19,15 @@ from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
 from .record import ATTR, CONFIG_KEY, TARGET_SUFFIX, Record, get_record, unwrap
 from .select import Pattern, compile_pattern, find_head
-from .wrappers import find_layers
+from .wrappers import check_swappable, find_layers
 
 __all__ = ["apply", "revert", "describe", "is_surgered"]
 
 
-def _check_model(model) -> nn.Module:
+def _check_model(model, action: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_swappable(model, action)
     return unwrap(model)
 
 
@@ -102,7 +103,7 @@ def apply(
         PatternError: ``include``/``exclude`` match no module, or select no layer.
         HeadError: ``msd`` > 0 and no head, an ambiguous head, or ``head`` names no module.
     """
-    root = _check_model(model)
+    root = _check_model(model, "apply")
     # ---- validate arguments --------------------------------------------------------
     mixout = check_p(mixout, "mixout")
     if dropout is not None:
@@ -231,7 +232,7 @@ def revert(model: nn.Module) -> nn.Module:
             (one inside a PEFT wrapper put there since, or that took the place of the PEFT
             wrapper it was recorded in, is found and restored).
     """
-    root = _check_model(model)
+    root = _check_model(model, "revert")
     rec = get_record(root)
     layers = {}
     for m in rec.mixout:  # at its name, inside a PEFT wrapper put there, or where an unwrapped wrapper was

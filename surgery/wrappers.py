@@ -24,7 +24,9 @@ import sys
 
 from torch import nn
 
-__all__ = ["unwrap", "model_wrappers", "is_layer_wrapper", "peft_tuner_layer_type", "find_layers"]
+from .errors import SurgeryError
+
+__all__ = ["unwrap", "model_wrappers", "is_layer_wrapper", "peft_tuner_layer_type", "find_layers", "check_swappable"]
 
 
 def _cls(module: str, name: str):
@@ -62,6 +64,26 @@ def unwrap(model: nn.Module) -> nn.Module:
                     model = inner
                 break
     return model
+
+
+def check_swappable(model: nn.Module, action: str) -> None:
+    """Refuse to swap layers under FSDP1, which flattens the Parameters at wrap time.
+
+    FSDP1 (``FullyShardedDataParallel``) re-points the wrapped modules' weights at views of
+    its flat Parameter and records the module objects it did that for; a layer swapped in
+    afterwards would not get them. FSDP2's ``fully_shard`` keeps ordinary Parameters and is
+    not affected.
+
+    Raises:
+        SurgeryError: ``model`` is or contains an FSDP1 module.
+    """
+    fsdp1 = _cls("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
+    if isinstance(fsdp1, type) and any(isinstance(m, fsdp1) for m in model.modules()):
+        fix = ("apply surgery to the plain model, then wrap it" if action == "apply" else
+               "revert the model before wrapping it, or run `surgery convert` on a full (gathered) checkpoint")
+        raise SurgeryError(f"cannot {action} inside FullyShardedDataParallel (FSDP1): it flattened the Parameters when "
+                           f"it wrapped the model, so swapped layers would not hold them; {fix} "
+                           "(FSDP2's fully_shard keeps Parameters and works either way)")
 
 
 def peft_tuner_layer_type():

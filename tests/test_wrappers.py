@@ -115,3 +115,34 @@ def test_record_survives_ddp_unwrapping(gloo_group):
     assert model.classifier.weight.grad is not None
     surgery.revert(ddp.module)
     assert not surgery.is_surgered(ddp)
+
+
+def _fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_fsdp1_is_refused_after_wrapping_and_works_when_applied_first(gloo_group):
+    model = build("bert")
+    wrapped = _fsdp1(model)
+    classes = [(n, type(m)) for n, m in wrapped.named_modules()]
+    with pytest.raises(surgery.SurgeryError) as e:
+        surgery.apply(wrapped, mixout=0.1)
+    assert str(e.value) == (
+        "cannot apply inside FullyShardedDataParallel (FSDP1): it flattened the Parameters when it wrapped the model, "
+        "so swapped layers would not hold them; apply surgery to the plain model, then wrap it (FSDP2's fully_shard "
+        "keeps Parameters and works either way)")
+    assert [(n, type(m)) for n, m in wrapped.named_modules()] == classes and not surgery.is_surgered(wrapped)
+
+    model = surgery.apply(build("bert"), mixout=0.1, dropout=0.0)
+    wrapped = _fsdp1(model)
+    assert surgery.get_record(wrapped) is surgery.get_record(model)
+    wrapped.train()
+    wrapped(**batch("bert")).loss.backward()
+    with pytest.raises(surgery.SurgeryError) as e:
+        surgery.revert(wrapped)
+    assert str(e.value).startswith("cannot revert inside FullyShardedDataParallel (FSDP1)") and \
+        str(e.value).endswith("revert the model before wrapping it, or run `surgery convert` on a full (gathered) "
+                              "checkpoint (FSDP2's fully_shard keeps Parameters and works either way)")
+    assert surgery.is_surgered(wrapped)
