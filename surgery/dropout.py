@@ -6,14 +6,24 @@ Three places hold dropout probabilities in practice:
    FeatureAlphaDropout and any other ``_DropoutNd`` subclass): their ``p``;
 2. plain numbers stored on other modules and passed to functional dropout or to
    attention kernels at call time (transformers: ``self.dropout``,
-   ``self.attention_dropout``, ``self.activation_dropout``, ``dropout_p`` ...);
+   ``self.attention_dropout``, ``self.activation_dropout``, ``dropout_p`` ...; timm:
+   ``self.drop_rate`` passed to ``F.dropout`` by classifier heads);
 3. fields of the model's (transformers) config, some of which are read during forward.
 
 An attribute counts when it is an int/float in [0, 1] whose name contains ``dropout``,
-``pdrop`` or ``drop_prob``, or whose last ``_``-separated word is ``drop`` (``drop``,
-``attn_drop``, ``proj_drop``: X-CLIP's prompt attention reads ``self.attn_drop`` at call
-time). LayerDrop and drop-path rates (``layerdrop``, ``drop_path_rate``) are structured
-regularizers of another kind and are left alone.
+``pdrop`` or ``drop_prob``, ends in ``drop_rate``/``droprate``, or whose last
+``_``-separated word is ``drop`` (``drop``, ``attn_drop``, ``proj_drop``: X-CLIP's prompt
+attention reads ``self.attn_drop`` at call time).
+
+Stochastic depth is another regularizer with its own knob (``apply(drop_path=r)``, see
+``droppath.py``) and never counts as dropout: attributes named like ``layerdrop``,
+``encoder_layerdrop``, ``drop_path``, ``drop_path_rate``, ``drop_connect_rate``, and every
+probability held by a DropPath / StochasticDepth module (``drop_prob`` of timm's and
+transformers' ``*DropPath``). :func:`prob_kind` is the one rule that tells them apart; the
+walks below serve both kinds.
+
+Names are a heuristic; ``noise.train_noise`` checks the result by what the forward really
+does (every dropout-family call and random draw of one training forward).
 """
 
 from __future__ import annotations
@@ -24,9 +34,14 @@ from typing import Any, Iterator
 
 from torch import nn
 
-__all__ = ["DROPOUT_NAME", "find_dropout", "find_configs", "set_path", "get_path"]
+__all__ = ["DROPOUT_NAME", "DROP_PATH_NAME", "prob_kind", "find_probs", "config_probs", "find_dropout",
+           "config_dropout", "find_configs", "set_path", "get_path"]
 
-DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|(?:^|_)drop$", re.IGNORECASE)
+DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|drop_?rate$|(?:^|_)drop$", re.IGNORECASE)
+DROP_PATH_NAME = re.compile(r"layer_?drop|drop_?path|path_?drop|stochastic_depth|drop_connect", re.IGNORECASE)
+_DROP_PATH_CLASS = re.compile(r"DropPath|StochasticDepth", re.IGNORECASE)
+_PROB_NAME = re.compile(r"^p$|prob|rate|drop", re.IGNORECASE)  # a DropPath module's rate: drop_prob, p, ...
+DROPOUT, DROP_PATH = "dropout", "drop_path"  # the two kinds of probability
 
 
 def _is_prob(v: Any) -> bool:
@@ -38,24 +53,39 @@ def _is_config(obj: Any) -> bool:
     return tf is not None and isinstance(obj, tf.PretrainedConfig)
 
 
-def _named_probs(obj: Any, pattern: re.Pattern) -> Iterator[tuple[str, float]]:
-    """``(attribute, value)`` of ``obj`` whose public name matches ``pattern`` and whose value is in [0, 1]."""
+def is_drop_path_module(mod: Any) -> bool:
+    """A DropPath / StochasticDepth module (timm, torchvision, transformers' ``*DropPath``)."""
+    return any(_DROP_PATH_CLASS.search(c.__name__) for c in type(mod).__mro__)
+
+
+def prob_kind(attr: str, owner: Any = None) -> str | None:
+    """``"drop_path"``, ``"dropout"`` or None for a probability named ``attr`` held by ``owner``
+    (a module or a config)."""
+    if DROP_PATH_NAME.search(attr) or (_PROB_NAME.search(attr) and is_drop_path_module(owner)):
+        return DROP_PATH
+    return DROPOUT if DROPOUT_NAME.search(attr) else None
+
+
+def _named_probs(obj: Any, kind: str) -> Iterator[tuple[str, float]]:
+    """``(attribute, value)`` of ``obj``: public probabilities in [0, 1] of ``kind``."""
     for attr, v in list(vars(obj).items()):
-        if not attr.startswith("_") and pattern.search(attr) and _is_prob(v):
+        if not attr.startswith("_") and _is_prob(v) and prob_kind(attr, obj) == kind:
             yield attr, v
 
 
-def find_dropout(model: nn.Module, pattern: re.Pattern = DROPOUT_NAME) -> Iterator[tuple[str, str, float]]:
-    """Yield ``(module_name, attribute, value)`` for every dropout probability on a module.
-
-    ``pattern`` selects other probability attributes the same way (R-Drop looks for LayerDrop).
-    """
+def find_probs(model: nn.Module, kind: str) -> Iterator[tuple[str, str, float]]:
+    """Yield ``(module_name, attribute, value)`` for every probability of ``kind`` on a module."""
     for name, mod in model.named_modules():
-        if pattern is DROPOUT_NAME and isinstance(mod, nn.modules.dropout._DropoutNd):
-            yield name, "p", mod.p
+        if isinstance(mod, nn.modules.dropout._DropoutNd):
+            if kind == DROPOUT:
+                yield name, "p", mod.p
             continue
-        for attr, v in _named_probs(mod, pattern):
-            yield name, attr, v
+        yield from ((name, attr, v) for attr, v in _named_probs(mod, kind))
+
+
+def find_dropout(model: nn.Module) -> Iterator[tuple[str, str, float]]:
+    """Yield ``(module_name, attribute, value)`` for every dropout probability on a module."""
+    return find_probs(model, DROPOUT)
 
 
 def find_configs(model: nn.Module) -> Iterator[tuple[str, list[str], Any]]:
@@ -81,9 +111,14 @@ def find_configs(model: nn.Module) -> Iterator[tuple[str, list[str], Any]]:
             yield from walk(name, [], cfg)
 
 
-def config_dropout(cfg, pattern: re.Pattern = DROPOUT_NAME) -> Iterator[tuple[str, float]]:
+def config_probs(cfg, kind: str) -> Iterator[tuple[str, float]]:
+    """``(field, value)`` for the probabilities of ``kind`` in one config (not recursing)."""
+    yield from _named_probs(cfg, kind)
+
+
+def config_dropout(cfg) -> Iterator[tuple[str, float]]:
     """``(field, value)`` for the dropout probabilities in one config (not recursing)."""
-    yield from _named_probs(cfg, pattern)
+    return config_probs(cfg, DROPOUT)
 
 
 def get_path(d: Any, path: list[str]) -> Any:

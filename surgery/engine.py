@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dropout import config_dropout, find_configs, find_dropout, set_path
+from . import droppath
+from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
 from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
 from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
@@ -52,6 +53,7 @@ def apply(
     *,
     mixout: float = 0.0,
     dropout: float | None = None,
+    drop_path: float | None = None,
     msd: int = 0,
     msd_p: float = 0.2,
     head: str | None = None,
@@ -74,6 +76,10 @@ def apply(
             frozen base weight (:mod:`surgery.lora`).
         dropout: when not None, every dropout probability in the model (dropout modules,
             dropout attributes read at call time, config fields) is set to this value.
+            Stochastic depth is not dropout: see ``drop_path``.
+        drop_path: when not None, every stochastic-depth rate (DropPath modules, LayerDrop
+            and drop-path attributes read at call time, config fields such as
+            ``drop_path_rate``, ``layerdrop``, ``encoder_layerdrop``) is set to this value.
         msd: K > 0 turns the task head into a multi-sample-dropout head with K samples.
         msd_p: dropout probability of each MSD sample.
         head: dotted name of the task head; found automatically (``classifier``,
@@ -108,6 +114,8 @@ def apply(
     mixout = check_p(mixout, "mixout")
     if dropout is not None:
         dropout = check_p(dropout, "dropout")
+    if drop_path is not None:
+        drop_path = check_p(drop_path, "drop_path")
     if isinstance(msd, bool) or not isinstance(msd, int) or msd < 0:
         raise ValueError(f"msd must be the number of dropout samples, an int >= 0 (0 = off), got {msd!r}")
     msd_p = check_p(msd_p, "msd_p")
@@ -134,7 +142,7 @@ def apply(
     inc = compile_pattern(include, all_names, "include")
     exc = compile_pattern(exclude, all_names, "exclude")
     head_name = find_head(root, head, required=msd > 0)
-    rec = Record(args=dict(mixout=mixout, dropout=dropout, msd=msd, msd_p=msd_p, head=head_name,
+    rec = Record(args=dict(mixout=mixout, dropout=dropout, drop_path=drop_path, msd=msd, msd_p=msd_p, head=head_name,
                            include=include if isinstance(include, (str, type(None))) else list(include),
                            exclude=exclude if isinstance(exclude, (str, type(None))) else list(exclude),
                            mixout_head=mixout_head, mixout_tied=mixout_tied,
@@ -182,11 +190,12 @@ def apply(
 
     dropout_changes: list[dict[str, Any]] = []
     config_changes: list[dict[str, Any]] = []
-    if dropout is not None:
-        dropout_changes = [{"module": n, "attr": a, "old": v, "new": dropout} for n, a, v in find_dropout(root)]
-        for mod_name, path, c in find_configs(root):
-            for field, v in config_dropout(c):
-                config_changes.append({"module": mod_name, "path": path + [field], "old": v, "new": dropout})
+    for kind, value in ((DROPOUT, dropout), (DROP_PATH, drop_path)):  # drop-path entries carry "kind"
+        if value is not None:
+            attrs, fields = droppath.plan(root, kind, value)
+            dropout_changes += attrs
+            config_changes += fields
+    rec.left_on = droppath.left_on(root, dropout=dropout, drop_path=drop_path)
 
     # ---- build (allocations that can fail) before the first mutation ------------------
     new_layers = [(name, m, LoraMixout.from_linear(m, mixout) if role == "lora" else
@@ -322,12 +331,17 @@ def describe(model_or_record: Any) -> str:
         if n_lora:
             lines.append(f"  LoRA: {n_lora} lora_A layers mix their layer's W0 + s*B@A toward the frozen base weight "
                          "W0 (no target copy)")
-    if rec.dropout or rec.config:
+    drop = [c for c in rec.dropout if c.get("kind", DROPOUT) == DROPOUT]
+    fields = [c for c in rec.config if c.get("kind", DROPOUT) == DROPOUT]
+    if drop or fields:
         new = rec.args.get("dropout")
-        olds = sorted({c["old"] for c in rec.dropout + rec.config})
-        mods = sum(1 for c in rec.dropout if c["attr"] == "p")
-        lines.append(f"  dropout -> {new}: {mods} dropout modules, {len(rec.dropout) - mods} attributes, "
-                     f"{len(rec.config)} config fields (were {', '.join(map(str, olds))})")
+        olds = sorted({c["old"] for c in drop + fields})
+        mods = sum(1 for c in drop if c["attr"] == "p")
+        lines.append(f"  dropout -> {new}: {mods} dropout modules, {len(drop) - mods} attributes, "
+                     f"{len(fields)} config fields (were {', '.join(map(str, olds))})")
+    elif rec.args.get("dropout") is not None:
+        lines.append(f"  dropout -> {rec.args['dropout']}: the model has no dropout")
+    lines += droppath.describe_lines(rec)
     for h in rec.msd:
         lines.append(f"  multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}")
     by_reason: dict[str, list[str]] = {}  # one line per reason and layer pattern, not per layer

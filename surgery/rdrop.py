@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dropout import config_dropout, find_configs, find_dropout
+from .droppath import layerdrop_rates
 from .errors import SurgeryError, SurgeryTypeError
 from .lora import LoraMixout
 from .mixout import MixLinear
@@ -209,17 +208,6 @@ def rdrop_loss(out1: Any, out2: Any, target: torch.Tensor | None = None, *, task
 
 # ---- the two passes --------------------------------------------------------------------
 
-_LAYERDROP = re.compile("layerdrop", re.IGNORECASE)
-
-
-def _layerdrop(model: nn.Module) -> list[str]:
-    """Non-zero LayerDrop rates on modules or configs, found by the walk dropout control uses."""
-    found = [f"{name or type(model).__name__}.{attr}={v}" for name, attr, v in find_dropout(model, _LAYERDROP) if v > 0]
-    found += [f"config.{'.'.join(path + [k])}={v}" for _, path, cfg in find_configs(model)
-              for k, v in config_dropout(cfg, _LAYERDROP) if v > 0]
-    return sorted(set(found))
-
-
 def rdrop_strategy(model: nn.Module) -> tuple[str, str]:
     """``("concat" | "separate", reason)``: how :func:`rdrop_forward` runs ``model`` now.
 
@@ -238,7 +226,7 @@ def rdrop_strategy(model: nn.Module) -> tuple[str, str]:
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
             shared.append(f"BatchNorm {name}")
     if root.training:
-        shared += [f"LayerDrop {s}" for s in _layerdrop(root)]
+        shared += [f"LayerDrop {s}" for s in layerdrop_rates(root)]
     if shared:
         more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
         return "separate", f"{shared[0]}{more} draw noise once per forward for the whole batch"

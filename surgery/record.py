@@ -10,10 +10,17 @@ On-disk form (version 1)::
      "args":    {"mixout": 0.1, "dropout": 0.0, "msd": 8, "msd_p": 0.2, ...},
      "mixout":  [{"name": "bert.encoder.layer.0.attention.self.query", "p": 0.1,
                   "orig": "torch.nn.modules.linear.Linear", "transposed": false}],
-     "dropout": [{"module": "bert.embeddings.dropout", "attr": "p", "old": 0.1, "new": 0.0}],
-     "config":  [{"path": ["hidden_dropout_prob"], "old": 0.1, "new": 0.0}],
+     "dropout": [{"module": "bert.embeddings.dropout", "attr": "p", "old": 0.1, "new": 0.0},
+                 {"module": "swin.encoder.layers.0.blocks.1.drop_path", "attr": "drop_prob", "old": 0.1,
+                  "new": 0.0, "kind": "drop_path"}],
+     "config":  [{"module": "", "path": ["hidden_dropout_prob"], "old": 0.1, "new": 0.0}],
      "msd":     [{"name": "classifier", "k": 8, "p": 0.2}],
-     "skipped": [{"name": "lm_head", "reason": "weight tied to transformer.wte.weight"}]}
+     "skipped": [{"name": "lm_head", "reason": "weight tied to transformer.wte.weight"}],
+     "left_on": [{"kind": "drop_path", "values": [0.1], "modules": 12, "config": 1}]}
+
+``dropout``/``config`` entries with ``"kind": "drop_path"`` are stochastic-depth rates
+(``apply(drop_path=...)``); entries without a kind are dropout. ``left_on`` summarises the
+non-zero rates of a kind whose option was not given (``describe`` reports it).
 
 A Mixout entry with ``"kind": "lora"`` names the ``lora_A.<adapter>`` layer of a PEFT LoRA
 layer: Mixout on that layer's effective weight toward its frozen base weight, no target
@@ -54,6 +61,7 @@ class Record:
     config: list[dict[str, Any]] = field(default_factory=list)
     msd: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    left_on: list[dict[str, Any]] = field(default_factory=list)  # train-mode randomness not asked about
     version: int = VERSION
     # live hook handles (MSD); never serialised
     handles: list[Any] = field(default_factory=list, repr=False, compare=False)

@@ -1,6 +1,6 @@
-"""Dropout control: ``apply(model, dropout=0.0)`` makes training-mode forwards deterministic
-and equal to eval, for every zoo architecture and the plain torch dropout modules; ``revert``
-restores every original value (modules, attributes, config)."""
+"""Dropout control: ``apply(model, dropout=0.0, drop_path=0.0)`` makes training-mode forwards
+deterministic and equal to eval, for every zoo architecture and the plain torch dropout modules;
+``revert`` restores every original value (modules, attributes, config)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from zoo import NAMES, batch, build
+from zoo import NAMES, batch, build, drop_fields
 
 import surgery
+from surgery.dropout import DROP_PATH, DROPOUT, find_probs
+from surgery.noise import train_noise
 
 
 def tensors(out) -> list[torch.Tensor]:
@@ -40,30 +42,45 @@ def dropout_values(model: nn.Module) -> list[tuple[str, float]]:
     return [(n, m.p) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
 
 
+def probabilities(model: nn.Module) -> list[tuple[str, str, float]]:
+    """Every dropout and stochastic-depth probability on the modules, and every "drop" config field."""
+    mods = [(n, a, v) for kind in (DROPOUT, DROP_PATH) for n, a, v in find_probs(model, kind)]
+    return mods + [(type(c).__name__, k, getattr(c, k)) for c, k in drop_fields(model.config)]
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_dropout_zero_makes_train_forward_equal_eval(name):
-    model = build(name)
+def test_dropout_and_drop_path_zero_make_train_forward_equal_eval(name):
+    """Acceptance: every config field containing "drop" at 0.1 (LayerDrop and drop-path included);
+    ``dropout=0.0, drop_path=0.0`` leaves no random call in a train forward, two train forwards are
+    bitwise equal to each other and to eval, and revert restores every value exactly."""
+    model = build(name, drop=0.1)
     inputs = {**batch(name), "output_hidden_states": True}
     first = forward(model, inputs, train=False)  # first call may fill config fields (problem_type)
-    cfg_json, cfg, modules = model.config.to_json_string(), model.config.to_dict(), dropout_values(model)
+    cfg_json, cfg, probs = model.config.to_json_string(), model.config.to_dict(), probabilities(model)
     assert len(first) > 3  # logits, loss and the hidden states are compared
-    assert not same(forward(model, inputs, train=True), forward(model, inputs, train=True))  # dropout is on
+    assert {v for _, _, v in probs} == {0.1} or name in ("swin", "convnext")  # depth schedules: 0.1 * i / (n - 1)
+    torch.manual_seed(0)  # LayerDrop: which layers run, so which calls are made, depends on the generator
+    noise = train_noise(model, **inputs)
+    assert noise and not same(forward(model, inputs, train=True), forward(model, inputs, train=True))
 
-    surgery.apply(model, dropout=0.0)
+    surgery.apply(model, dropout=0.0, drop_path=0.0)
+    assert train_noise(model, **inputs) == []  # no dropout-family call with p > 0, no random draw
     # grad on and off separately: autograd may pick another (equally valid) SDPA kernel
     for grad in (False, True):
         a = forward(model, inputs, train=True, grad=grad)
         b = forward(model, inputs, train=True, grad=grad)
         e = forward(model, inputs, train=False, grad=grad)
-        assert same(a, b), f"two train() forwards differ after dropout=0.0 (grad={grad})"
-        assert same(a, e), f"train() forward differs from eval() after dropout=0.0 (grad={grad})"
+        assert same(a, b), f"two train() forwards differ after dropout=0.0, drop_path=0.0 (grad={grad})"
+        assert same(a, e), f"train() forward differs from eval() after dropout=0.0, drop_path=0.0 (grad={grad})"
     assert same(forward(model, inputs, train=False), first)  # and eval itself is unchanged
 
     surgery.revert(model)
-    assert not same(forward(model, inputs, train=True), forward(model, inputs, train=True))
-    assert dropout_values(model) == modules
+    assert probabilities(model) == probs
     assert model.config.to_dict() == cfg
     assert model.config.to_json_string() == cfg_json  # what save_pretrained writes
+    torch.manual_seed(0)
+    assert train_noise(model, **inputs) == noise
+    assert not same(forward(model, inputs, train=True), forward(model, inputs, train=True))
     assert same(forward(model, inputs, train=False), first)
 
 

@@ -2,7 +2,11 @@
 
 Every entry is hidden size 32 (or close), 2 layers, with *nonzero* dropout in every field
 the architecture has (including ones that default to 0, such as Llama's
-``attention_dropout``), so dropout control is really exercised.
+``attention_dropout``), so dropout control is really exercised. Stochastic depth is on
+where the architecture has it (BART's and Whisper's LayerDrop, wav2vec2's ``layerdrop``
+read from the config in forward, Swin's and ConvNeXt's DropPath); wav2vec2's SpecAugment
+masking (augmentation, not dropout) is off. ``build(name, drop=0.1)`` sets every numeric
+config field whose name contains "drop", at every depth, to 0.1.
 
     from zoo import ZOO, build, batch
     model = build("bert")          # fresh tiny model, seeded
@@ -38,7 +42,7 @@ class Spec:
     model_type: str
     cls: str  # attribute name in transformers
     cfg: dict[str, Any] = field(default_factory=dict)
-    inputs: str = "text"  # "text" | "image" | "seq2seq_lm" | "causal_lm" | "video_text"
+    inputs: str = "text"  # "text" | "image" | "seq2seq_lm" | "causal_lm" | "video_text" | "audio" | "speech_seq2seq"
     head: bool = True  # the task model has a head surgery finds (classifier/score/...) and labels
 
 
@@ -91,8 +95,8 @@ ZOO: dict[str, Spec] = {
                  dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
                       encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
                       decoder_ffn_dim=FFN, max_position_embeddings=MAXPOS, dropout=P, attention_dropout=P,
-                      activation_dropout=P, classifier_dropout=P, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                      decoder_start_token_id=2, forced_eos_token_id=2)),
+                      activation_dropout=P, classifier_dropout=P, encoder_layerdrop=P, decoder_layerdrop=P,
+                      pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)),
     "falcon": Spec("falcon", "FalconForSequenceClassification",  # reads config.attention_dropout in forward
                    dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                         hidden_dropout=P, attention_dropout=P, parallel_attn=False, pad_token_id=0, bos_token_id=2,
@@ -114,6 +118,29 @@ ZOO: dict[str, Spec] = {
                      image_size=16, patch_size=8, num_channels=3, hidden_dropout_prob=P,
                      attention_probs_dropout_prob=P),
                 inputs="image"),
+    "whisper": Spec("whisper", "WhisperForConditionalGeneration",  # input_features: (batch, mel bins, 2 * positions)
+                    dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                         encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
+                         decoder_ffn_dim=FFN, num_mel_bins=8, max_source_positions=8, max_target_positions=MAXPOS,
+                         dropout=P, attention_dropout=P, activation_dropout=P, encoder_layerdrop=P,
+                         decoder_layerdrop=P, pad_token_id=0, bos_token_id=2, eos_token_id=2,
+                         decoder_start_token_id=3),
+                    inputs="speech_seq2seq", head=False),
+    "wav2vec2": Spec("wav2vec2", "Wav2Vec2ForSequenceClassification",  # reads config.layerdrop in forward
+                     dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
+                          conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                          num_conv_pos_embedding_groups=2, classifier_proj_size=16, hidden_dropout=P,
+                          activation_dropout=P, attention_dropout=P, feat_proj_dropout=P, feat_quantizer_dropout=P,
+                          final_dropout=P, layerdrop=P, mask_time_prob=0.0, mask_feature_prob=0.0),
+                     inputs="audio"),
+    "swin": Spec("swin", "SwinForImageClassification",
+                 dict(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                      window_size=4, hidden_dropout_prob=P, attention_probs_dropout_prob=P, drop_path_rate=P),
+                 inputs="image"),
+    "convnext": Spec("convnext", "ConvNextForImageClassification",  # no dropout at all, DropPath only
+                     dict(num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[16, 32], depths=[2, 2], image_size=16,
+                          drop_path_rate=P),
+                     inputs="image"),
 }
 
 NAMES = sorted(ZOO)
@@ -121,18 +148,32 @@ HEAD_NAMES = [n for n in NAMES if ZOO[n].head]
 NUM_LABELS = 3
 
 
-def config(name: str):
-    """The tiny config of zoo entry ``name``."""
+def drop_fields(cfg) -> list[tuple[Any, str]]:
+    """``(config, field)`` for every int/float config field whose name contains "drop", at every depth."""
+    out = []
+    for k, v in list(vars(cfg).items()):
+        if isinstance(v, transformers.PretrainedConfig):
+            out += drop_fields(v)
+        elif "drop" in k.lower() and type(v) in (int, float):
+            out.append((cfg, k))
+    return out
+
+
+def config(name: str, drop: float | None = None):
+    """The tiny config of zoo entry ``name``; ``drop`` sets every "drop" field (``drop_fields``)."""
     spec = ZOO[name]
     kw = dict(spec.cfg)
     if spec.head:
         kw["num_labels"] = NUM_LABELS
-    return AutoConfig.for_model(spec.model_type, **kw)
+    cfg = AutoConfig.for_model(spec.model_type, **kw)
+    for c, k in drop_fields(cfg) if drop is not None else []:
+        setattr(c, k, drop)
+    return cfg
 
 
-def build(name: str, seed: int = 0, **cfg_overrides) -> torch.nn.Module:
+def build(name: str, seed: int = 0, drop: float | None = None, **cfg_overrides) -> torch.nn.Module:
     """A freshly initialised tiny model of zoo entry ``name`` (deterministic for ``seed``)."""
-    cfg = config(name)
+    cfg = config(name, drop)
     for k, v in cfg_overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
@@ -152,6 +193,12 @@ def batch(name: str, model: torch.nn.Module | None = None, seed: int = 1) -> dic
     if spec.inputs == "video_text":  # 2 videos of 2 frames, 2 texts; contrastive loss
         return {"input_ids": torch.randint(4, VOCAB, (2, SEQ), generator=g),
                 "pixel_values": torch.randn(2, 2, 3, 16, 16, generator=g), "return_loss": True}
+    if spec.inputs == "audio":  # raw waveform
+        return {"input_values": torch.randn(BATCH, 400, generator=g),
+                "labels": torch.randint(0, NUM_LABELS, (BATCH,), generator=g)}
+    if spec.inputs == "speech_seq2seq":  # log-mel features, target token ids
+        return {"input_features": torch.randn(BATCH, 8, 16, generator=g),
+                "labels": torch.randint(4, VOCAB, (BATCH, 5), generator=g)}
     if spec.inputs == "image":
         return {"pixel_values": torch.randn(BATCH, 3, 16, 16, generator=g),
                 "labels": torch.randint(0, NUM_LABELS, (BATCH,), generator=g)}
