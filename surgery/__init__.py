@@ -13,6 +13,7 @@ from .errors import (AlreadySurgeredError, HeadError, NotSurgeredError, PatternE
                      SurgeryTypeError)
 from .mixout import MixLinear
 from .msd import msd_loss, msd_sample_loss, msd_samples
+from .noise import train_noise
 from .rdrop import rdrop_forward, rdrop_loss, rdrop_strategy
 from .record import Record, get_record
 from .train import (TrainingLoss, check_same_surgery, compute_loss, load_training_state, rank, save_training_state,
@@ -25,7 +26,7 @@ __all__ = [
     "SurgeryError", "SurgeryTypeError", "PatternError", "HeadError", "NotSurgeredError", "AlreadySurgeredError",
     "rdrop_loss", "rdrop_forward", "rdrop_strategy", "msd_loss", "msd_sample_loss", "compute_loss", "TrainingLoss",
     "seed_rank", "rank", "save_training_state", "load_training_state", "check_same_surgery",
-    "SurgeryTrainer", "RankSeedCallback",
+    "SurgeryTrainer", "RankSeedCallback", "train_noise",
 ]
 
 

@@ -13,7 +13,7 @@ from zoo import NAMES, batch, build
 
 import surgery
 from surgery.dropout import DROP_PATH, DROPOUT, find_probs
-from surgery.noise import train_noise
+from surgery import train_noise
 
 STOCHASTIC_DEPTH = ["bart", "convnext", "swin", "wav2vec2", "whisper"]  # zoo entries with LayerDrop / DropPath
 

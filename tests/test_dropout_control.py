@@ -13,7 +13,7 @@ from zoo import NAMES, batch, build, drop_fields
 
 import surgery
 from surgery.dropout import DROP_PATH, DROPOUT, find_probs
-from surgery.noise import train_noise
+from surgery import train_noise
 
 
 def tensors(out) -> list[torch.Tensor]:
