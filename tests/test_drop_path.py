@@ -163,3 +163,21 @@ def test_bad_drop_path_is_refused_before_anything_changes(bad):
     with pytest.raises(ValueError, match="drop_path must be a probability in"):
         surgery.apply(model, drop_path=bad)
     assert untouched()
+
+
+def _owner(cls_name: str):
+    return type(cls_name, (torch.nn.Module,), {})() if cls_name else torch.nn.Module()
+
+
+@pytest.mark.parametrize("attr, owner, kind", [
+    ("dropout", "", DROPOUT), ("attention_probs_dropout_prob", "", DROPOUT), ("attn_pdrop", "", DROPOUT),
+    ("drop_rate", "", DROPOUT), ("attn_drop", "", DROPOUT), ("drop_prob", "StableDropout", DROPOUT),
+    ("drop_prob", "DropBlock2d", DROPOUT), ("layerdrop", "", DROP_PATH), ("encoder_layerdrop", "", DROP_PATH),
+    ("decoder_layerdrop", "", DROP_PATH), ("drop_path_rate", "", DROP_PATH), ("drop_path", "", DROP_PATH),
+    ("drop_connect_rate", "", DROP_PATH), ("drop_prob", "DropPath", DROP_PATH), ("drop_prob", "SwinDropPath", DROP_PATH),
+    ("p", "StochasticDepth", DROP_PATH), ("batch_dim", "DropPath", None), ("hidden_size", "", None),
+    ("mask_time_prob", "", None),  # SpecAugment: augmentation, neither knob
+])
+def test_prob_kind_rule(attr, owner, kind):
+    from surgery.dropout import prob_kind
+    assert prob_kind(attr, _owner(owner)) == kind
