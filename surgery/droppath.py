@@ -117,7 +117,7 @@ def describe_lines(rec) -> list[str]:
                          f"(were {_values([c['old'] for c in changed + fields])})")
         else:
             lines.append(f"  drop-path -> {rec.args['drop_path']}: the model has no stochastic depth")
-    for on in getattr(rec, "left_on", []):
+    for on in rec.left_on:
         where = [_count(on["modules"], "module")] if on["modules"] else []
         where += [_count(on["config"], "config field")] if on["config"] else []
         lines.append(f"  left on in training: {_LABEL[on['kind']]} {_values(on['values'])} on {', '.join(where)}: "
