@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import droppath
+from . import configs, droppath
 from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
-from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
+from .errors import AlreadySurgeredError, HeadError, SurgeryError, SurgeryTypeError
 from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
-from .record import ATTR, CONFIG_KEY, TARGET_SUFFIX, Record, get_record, unwrap
+from .record import ATTR, TARGET_SUFFIX, Record, get_record, unwrap
 from .select import Pattern, compile_pattern, find_head
 from .wrappers import check_swappable, find_layers
 
@@ -30,10 +30,6 @@ def _check_model(model, action: str) -> nn.Module:
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_swappable(model, action)
     return unwrap(model)
-
-
-def _root_config(model: nn.Module):
-    return next((cfg for name, path, cfg in find_configs(model) if name == "" and not path), None)
 
 
 def is_surgered(model: nn.Module) -> bool:
@@ -126,14 +122,7 @@ def apply(
             "model already has surgery applied; call surgery.revert(model) before applying it again "
             "(a second apply does not compose with the first)"
         )
-    cfg = _root_config(root)
-    if cfg is not None and getattr(cfg, CONFIG_KEY, None) is not None:
-        raise AlreadySurgeredError(
-            "this model was loaded from a checkpoint saved with surgery applied (its config has a "
-            f"'{CONFIG_KEY}' record), so its weights are fine-tuned, not pretrained. To resume training, load the "
-            "pretrained model, surgery.apply(...) it and load the checkpoint's state_dict; to deploy, run "
-            "`surgery convert SRC DST` and load DST"
-        )
+    configs.check_no_record(root)  # at any depth: a (sub-)model loaded from a surgered checkpoint
     if (include is not None or exclude is not None) and mixout == 0.0:
         raise SurgeryError("include/exclude select Mixout layers; they need mixout > 0")
 
@@ -142,6 +131,11 @@ def apply(
     inc = compile_pattern(include, all_names, "include")
     exc = compile_pattern(exclude, all_names, "exclude")
     head_name = find_head(root, head, required=msd > 0)
+    if mixout > 0.0 and not mixout_head and head_name is None:
+        try:
+            find_head(root, None)
+        except HeadError as e:
+            raise HeadError(f"mixout_head=False leaves the task head a plain layer, but {e}") from None
     rec = Record(args=dict(mixout=mixout, dropout=dropout, drop_path=drop_path, msd=msd, msd_p=msd_p, head=head_name,
                            include=include if isinstance(include, (str, type(None))) else list(include),
                            exclude=exclude if isinstance(exclude, (str, type(None))) else list(exclude),
@@ -198,12 +192,14 @@ def apply(
     rec.left_on = droppath.left_on(root, dropout=dropout, drop_path=drop_path)
 
     # ---- build (allocations that can fail) before the first mutation ------------------
+    own_configs = configs.plan_copies(root)  # the model's own configs: a shared one (teacher) stays as it is
     new_layers = [(name, m, LoraMixout.from_linear(m, mixout) if role == "lora" else
                    MixLinear.from_linear(m, mixout, target_dtype=target_dtype, low_memory=low_memory))
                   for name, m, role in swaps]
     frozen_warning: dict = {}  # one warning per apply when Mixout layers get frozen later (see MixLinear)
 
     # ---- mutate ------------------------------------------------------------------------
+    own_configs.take()
     for name, old, layer in new_layers:
         parent, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent), child, layer)
@@ -222,8 +218,7 @@ def apply(
         rec.handles += [state] + state.install(root.get_submodule(head_name))
         rec.msd.append({"name": head_name, "k": msd, "p": msd_p})
     vars(root)[ATTR] = rec
-    if cfg is not None:
-        setattr(cfg, CONFIG_KEY, rec.to_dict())
+    configs.attach(own_configs, rec)  # the record, and each sub-model's part of it, into the configs
     return model
 
 
@@ -249,20 +244,23 @@ def revert(model: nn.Module) -> nn.Module:
         if not found and m.get("kind") != "lora":  # a LoRA adapter merged and unloaded leaves nothing to undo
             raise SurgeryError(f"cannot revert: Mixout layer {m['name']!r} is missing or was replaced after apply "
                                f"(found {type(here).__name__}); nothing was changed")
+        for name, layer in found:  # the class and layout the record says it replaced
+            if isinstance(layer, MixLinear) and (layer.orig, layer.transposed) != (m["orig"], m["transposed"]):
+                raise SurgeryError(f"cannot revert: Mixout layer {name!r} was replaced after apply (recorded "
+                                   f"{m['orig']}, transposed={m['transposed']}; found {layer.orig}, "
+                                   f"transposed={layer.transposed}); nothing was changed")
         layers.update({id(layer): (name, layer) for name, layer in found})
     for name, layer in layers.values():
         parent, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent), child, layer.to_linear())
     for ch in rec.dropout:
         setattr(root.get_submodule(ch["module"]), ch["attr"], ch["old"])
-    for ch in rec.config:
-        set_path(root.get_submodule(ch["module"]).config, ch["path"], ch["old"])
+    for module in dict.fromkeys(ch["module"] for ch in rec.config):
+        configs.restore_config(root.get_submodule(module).config, rec, module)
     for h in rec.handles:
         if hasattr(h, "remove"):
             h.remove()
-    cfg = _root_config(root)
-    if cfg is not None and CONFIG_KEY in vars(cfg):
-        delattr(cfg, CONFIG_KEY)
+    configs.detach(root)
     del vars(root)[ATTR]
     return model
 
@@ -321,7 +319,8 @@ def describe(model_or_record: Any) -> str:
     else:
         rec = model_or_record if isinstance(model_or_record, Record) else Record.from_dict(model_or_record)
         title = "checkpoint"
-    lines = [f"{title}: surgery (record v{rec.version})"]
+    lines = [f"{title}: surgery (record v{rec.version})"
+             + (f", the part inside module {rec.scope!r} of the model it was applied to" if rec.scope else "")]
     if rec.mixout:
         ps = sorted({m["p"] for m in rec.mixout})
         extra = f", targets {_mib(target_bytes)}" if target_bytes is not None else ""

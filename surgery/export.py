@@ -22,9 +22,9 @@ from torch import nn
 from .checkpoint.atomic import atomic_path, commit, remove, write_json
 from .checkpoint.common import CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointError, is_target_key
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
-from .dropout import set_path
+from .configs import restore_config
 from .errors import SurgeryError, SurgeryTypeError
-from .record import CONFIG_KEY, Record, get_record, unwrap
+from .record import get_record, unwrap
 
 __all__ = ["export"]
 
@@ -70,17 +70,13 @@ def _untie(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Ten
 
 
 def _plain_config(model: nn.Module):
-    """A copy of the model's config with the record's config changes undone and no record."""
+    """A copy of the model's config with the record's config changes undone and no record.
+
+    The record is the model's own (live) one, else the one its config carries: a sub-model's
+    part of the record of the model that encloses it, names relative to the sub-model.
+    """
     cfg = copy.deepcopy(model.config)
-    rec = get_record(model, required=False)
-    raw = getattr(cfg, CONFIG_KEY, None)
-    if rec is None and raw is not None:
-        rec = Record.from_dict(raw)
-    for ch in rec.config if rec else []:
-        if ch.get("module", "") == "":
-            set_path(cfg, ch["path"], ch["old"])
-    if CONFIG_KEY in vars(cfg):
-        delattr(cfg, CONFIG_KEY)
+    restore_config(cfg, get_record(model, required=False))
     if hasattr(model, "dtype"):
         cfg.dtype = str(model.dtype).split(".")[1]  # as save_pretrained does
     cfg.architectures = [type(model).__name__]

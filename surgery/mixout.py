@@ -169,12 +169,24 @@ class MixLinear(nn.Linear):
         new.train(linear.training)
         return new
 
+    @property
+    def orig(self) -> str:
+        """Dotted class name of the module :meth:`to_linear` gives back (the record's ``orig``)."""
+        cls = type(self.__dict__.get("_original"))
+        if cls is type(None):
+            return "transformers.pytorch_utils.Conv1D" if self.transposed else "torch.nn.modules.linear.Linear"
+        return f"{cls.__module__}.{cls.__qualname__}"
+
     def to_linear(self) -> nn.Module:
         """The original module (same object and class) holding this layer's current Parameters."""
         orig = self.__dict__.get("_original")
         if orig is None:
             with torch.device("meta"):
-                orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+                if self.transposed:  # what from_linear wrapped: transformers' Conv1D (nf=out, nx=in)
+                    from transformers.pytorch_utils import Conv1D
+                    orig = Conv1D(self.out_features, self.in_features)
+                else:
+                    orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         orig.weight = self.weight
         orig.bias = self.bias
         orig.train(self.training)

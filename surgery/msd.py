@@ -114,7 +114,7 @@ def msd_samples(model: nn.Module):
 
     rec = get_record(model)
     states = [h for h in rec.handles if isinstance(h, MultiSampleDropout)]
-    if not states:
+    if not rec.msd:
         raise SurgeryError("model has no multi-sample-dropout head; call surgery.apply(model, msd=K) first")
     got: list = []
     for s in states:
@@ -197,7 +197,7 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
     from .record import get_record
 
     rec = get_record(model, required=False)
-    if rec is None or not any(isinstance(h, MultiSampleDropout) for h in rec.handles):
+    if rec is None or not rec.msd:
         raise (NotSurgeredError if rec is None else SurgeryError)(
             f"{type(model).__name__} has no multi-sample-dropout head; call surgery.apply(model, msd=K) first")
     forward_batch = batch

@@ -29,7 +29,10 @@ buffer (see :mod:`surgery.lora`). Every other Mixout layer adds one persistent b
 ``<name>.weight``), to the state_dict. Nothing
 else changes keys: MSD heads are hooks, dropout changes are attribute values.
 For transformers models the record is also written into the config
-(``config.surgery``), so ``save_pretrained``/Trainer checkpoints carry it.
+(``config.surgery``), so ``save_pretrained``/Trainer checkpoints carry it. A transformers
+sub-model that owns its config (``self.bert = AutoModel...`` in a custom module) carries
+the part of the record inside it, names relative to it, plus ``"scope": "bert"``
+(see ``configs.py``).
 """
 
 from __future__ import annotations
@@ -62,12 +65,16 @@ class Record:
     msd: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     left_on: list[dict[str, Any]] = field(default_factory=list)  # train-mode randomness not asked about
+    # where a sub-model sits in the model apply ran on (its config carries this part of the record,
+    # names relative to it); "" for the record of the model itself, and then not written
+    scope: str = ""
     version: int = VERSION
     # live hook handles (MSD); never serialised
     handles: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "handles"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name != "handles" and (f.name != "scope" or self.scope)}
         return {"format": FORMAT, **json.loads(json.dumps(d))}
 
     def to_json(self) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import configs
 from ..record import CONFIG_KEY, TARGET_SUFFIX, Record
 from .atomic import atomic_path, check_dst, commit, fsync_dir, remove, write_json
 from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
@@ -26,34 +27,11 @@ __all__ = ["restore_config", "Plan", "plan_convert", "execute", "convert"]
 
 
 def restore_config(config: dict[str, Any], record: Record | None = None) -> tuple[dict[str, Any], list[tuple]]:
-    """A copy of a saved ``config.json`` dict with the record's config changes undone and
-    the ``surgery`` key removed. Returns ``(config, [(path, saved_value, restored_value)])``.
-
-    Only entries of the root config (``"module": ""``) exist on disk; a key the save left
-    out (transformers omits values equal to the class default) is written back explicitly.
-    """
+    """A copy of a saved ``config.json`` dict restored by :func:`surgery.configs.restore_config`
+    (the record's changes to the saved model's own config undone, the ``surgery`` key removed).
+    Returns ``(config, [(path, saved_value, restored_value)])``; the input is not modified."""
     out = copy.deepcopy(config)
-    if record is None and out.get(CONFIG_KEY) is not None:
-        record = Record.from_dict(out[CONFIG_KEY])
-    out.pop(CONFIG_KEY, None)
-    changes = []
-    for ch in (record.config if record else []):
-        if ch.get("module", "") != "":
-            continue
-        d = out
-        for k in ch["path"][:-1]:
-            if d.get(k) is None:
-                d[k] = {}
-            d = d[k]
-            if not isinstance(d, dict):
-                break
-        if not isinstance(d, dict):
-            continue
-        changes.append((".".join(ch["path"]), d.get(ch["path"][-1], "<absent>"), ch["old"]))
-        d[ch["path"][-1]] = ch["old"]
-    return out, changes
-
-
+    return out, configs.restore_config(out, record)
 
 
 @dataclass

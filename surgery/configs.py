@@ -1,0 +1,234 @@
+"""The change record in transformers configs: where ``apply`` writes it, and the one
+function that restores a config from it.
+
+``apply`` writes the record into the config of every transformers (sub-)model that owns a
+config, so ``save_pretrained``, ``surgery.export`` and ``surgery convert`` work at any depth:
+
+* the root model's config (``model.config.surgery``) gets the whole record;
+* a sub-model that owns its own config -- a custom module holding
+  ``self.bert = AutoModel.from_pretrained(...)`` -- gets the *projection* of the record onto
+  it: the entries inside it, with names relative to it and ``"scope": "bert"``. A projection
+  is derived from the root record at ``apply`` and removed at ``revert``; nothing else writes it.
+
+A sub-model that shares its parent's config object (``BertForSequenceClassification.bert``)
+owns no config of its own: its config carries the parent's record.
+
+``apply`` also gives the model its own copy of every config object it holds (one copy per
+owner, sharing inside an owner kept), so a config object two models were built from
+(teacher and student) is never modified and never carries the other model's record.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .dropout import _is_config, set_path
+from .errors import AlreadySurgeredError, SurgeryError
+from .record import CONFIG_KEY, Record
+
+__all__ = ["restore_config", "project", "check_no_record", "plan_copies", "ConfigCopies", "attach", "detach"]
+
+
+def _record(config: Any) -> Record | None:
+    raw = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
+    return None if raw is None else Record.from_dict(raw)
+
+
+def restore_config(config: Any, record: Record | dict | None = None, module: str = "") -> list[tuple[str, Any, Any]]:
+    """Undo, in place, the record's changes to the config of ``module`` and drop its ``surgery`` key.
+
+    Args:
+        config: a live ``PretrainedConfig`` or a ``config.json`` dict, with nested sub-configs
+            (``text_config`` ...) at any depth, as objects or dicts.
+        record: the change record (a :class:`Record` or its dict); default: the one ``config``
+            carries under ``surgery``.
+        module: the name, in the record's model, of the module whose config ``config`` is
+            (``""``: the record's own model, what a saved ``config.json`` holds).
+
+    Returns:
+        ``[(dotted path, value before, restored value)]``; a field absent from a dict (a save
+        leaves out values equal to the class default) reads ``"<absent>"`` and is written back
+        explicitly.
+    """
+    if record is None:
+        record = _record(config)
+    elif isinstance(record, dict):
+        record = Record.from_dict(record)
+    changes = []
+    for ch in record.config if record is not None else []:
+        if ch.get("module", "") != module:
+            continue
+        path, parent = ch["path"], config
+        for k in path[:-1]:
+            if isinstance(parent, dict) and parent.get(k) is None:
+                parent[k] = {}  # a sub-config the save left out entirely
+            parent = parent[k] if isinstance(parent, dict) else getattr(parent, k, None)
+            if isinstance(config, dict) and not isinstance(parent, dict):
+                break  # the saved form holds no sub-config there: nothing of it to restore
+        if isinstance(config, dict) and not isinstance(parent, dict):
+            continue
+        key = path[-1]
+        before = parent.get(key, "<absent>") if isinstance(parent, dict) else getattr(parent, key, "<absent>")
+        set_path(parent, [key], ch["old"])
+        changes.append((".".join(path), before, ch["old"]))
+    if isinstance(config, dict):
+        config.pop(CONFIG_KEY, None)
+    elif CONFIG_KEY in vars(config):
+        delattr(config, CONFIG_KEY)
+    return changes
+
+
+# ---- the record of a sub-model ------------------------------------------------------------
+
+def _rel(name: str, prefix: str) -> str | None:
+    """``name`` relative to module ``prefix`` (``""`` for ``prefix`` itself), None when outside it."""
+    if not prefix or name == prefix:
+        return name if not prefix else ""
+    return name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
+
+
+def project(record: Record, prefix: str) -> Record:
+    """The part of ``record`` that concerns the sub-model at ``prefix``, names relative to it.
+
+    ``args`` are the arguments of the ``apply`` call on the enclosing model (``scope`` says
+    where the sub-model sits in it).
+    """
+    if not prefix:
+        return record
+
+    def inside(entries, key):
+        out = []
+        for e in entries:
+            rel = _rel(e[key], prefix)
+            if rel is not None:
+                out.append({**e, key: rel})
+        return out
+
+    return Record(args=dict(record.args), mixout=inside(record.mixout, "name"), dropout=inside(record.dropout, "module"),
+                  config=inside(record.config, "module"), msd=inside(record.msd, "name"),
+                  skipped=inside(record.skipped, "name"), scope=_join(record.scope, prefix))
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else a or b
+
+
+# ---- which configs a model owns -----------------------------------------------------------
+
+def _held(mod: nn.Module) -> list[tuple[str, Any]]:
+    """``(attribute, config)`` of every config a module holds directly."""
+    return [(k, v) for k, v in vars(mod).items() if _is_config(v)]
+
+
+def _reachable(cfg: Any) -> dict[int, Any]:
+    """``cfg`` and every config nested in it, by id."""
+    out: dict[int, Any] = {}
+    todo = [cfg]
+    while todo:
+        c = todo.pop()
+        if id(c) in out:
+            continue
+        out[id(c)] = c
+        todo += [v for v in vars(c).values() if _is_config(v)]
+    return out
+
+
+@dataclass
+class _Owner:
+    prefix: str
+    memo: dict = field(default_factory=dict)
+    ids: set = field(default_factory=set)
+    items: list = field(default_factory=list)  # (module, attribute, config) of every config it holds
+    tops: list = field(default_factory=list)  # (module, attribute) of its own config(s), where the record goes
+
+
+def _owners(root: nn.Module) -> list[_Owner]:
+    """Group the configs a model holds by owner: the shallowest module holding a config that no
+    enclosing owner's config contains (sub-configs and configs shared with the owner stay with it)."""
+    owners: list[_Owner] = []
+    for name, mod in root.named_modules():
+        held = _held(mod)
+        for attr, cfg in held:
+            ids = set(_reachable(cfg))
+            own = next((o for o in reversed(owners) if _rel(name, o.prefix) is not None and ids & o.ids), None)
+            if own is None:
+                own = _Owner(name)
+                owners.append(own)
+            if own.prefix == name and not any(o is not cfg and id(cfg) in _reachable(o) for _, o in held):
+                own.tops.append((mod, attr))
+            own.ids |= ids
+            own.items.append((mod, attr, cfg))
+    return owners
+
+
+def check_no_record(root: nn.Module) -> None:
+    """Refuse a model any of whose configs carries a surgery record.
+
+    Raises:
+        AlreadySurgeredError: naming the module, with the fix.
+    """
+    for name, mod in root.named_modules():
+        for attr, cfg in _held(mod):
+            if getattr(cfg, CONFIG_KEY, None) is None:
+                continue
+            where = "this model" if not name else f"its module {name!r} ({type(mod).__name__})"
+            raise AlreadySurgeredError(
+                f"{where} was loaded from a checkpoint saved with surgery applied (its config has a "
+                f"'{CONFIG_KEY}' record), or is part of a model that carries surgery now, so its weights are "
+                "fine-tuned, not pretrained. To resume training, load the pretrained model, surgery.apply(...) it "
+                "and load the checkpoint's state_dict; to deploy, run `surgery convert SRC DST` and load DST"
+            )
+
+
+@dataclass
+class ConfigCopies:
+    """The model's own copies of its configs, made before ``apply`` changes anything."""
+
+    owners: list[_Owner]
+    swaps: list[tuple[nn.Module, str, Any]]  # (module, attribute, copy)
+
+    def take(self) -> None:
+        """Point every module at its copy (the original config objects are left as they were)."""
+        for mod, attr, new in self.swaps:
+            vars(mod)[attr] = new
+
+
+def plan_copies(root: nn.Module) -> ConfigCopies:
+    """Copy every config ``root`` holds, one deep copy per owner (sharing inside an owner kept).
+
+    Raises:
+        SurgeryError: a config that cannot be deep-copied.
+    """
+    owners, swaps = _owners(root), []
+    for own in owners:
+        for mod, attr, cfg in own.items:
+            try:
+                swaps.append((mod, attr, copy.deepcopy(cfg, own.memo)))
+            except Exception as e:  # noqa: BLE001 - any failure of a user config's __deepcopy__
+                raise SurgeryError(
+                    f"cannot copy the config {type(cfg).__name__} of module {own.prefix or type(root).__name__!r} "
+                    f"({type(e).__name__}: {e}); apply gives the model its own copy of each config so that a config "
+                    "object shared with another model is never changed: make the config deep-copyable") from None
+    return ConfigCopies(owners, swaps)
+
+
+def attach(copies: ConfigCopies, record: Record) -> None:
+    """Write ``record`` into the root's config and its projection into each sub-model's own config."""
+    for own in copies.owners:
+        d = project(record, own.prefix).to_dict()
+        for mod, attr in own.tops:
+            setattr(vars(mod)[attr], CONFIG_KEY, copy.deepcopy(d))
+
+
+def detach(root: nn.Module) -> None:
+    """Remove every record ``attach`` wrote (after ``apply`` no config held a record)."""
+    for _, mod in root.named_modules():
+        for _, cfg in _held(mod):
+            for c in _reachable(cfg).values():
+                if CONFIG_KEY in vars(c):
+                    delattr(c, CONFIG_KEY)
+
