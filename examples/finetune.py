@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     print(f"before fine-tuning: validation RMSE {math.sqrt(val_mse(model, val_enc)):.3f}")
 
     surgery.apply(model, mixout=args.mixout, dropout=None if args.dropout < 0 else args.dropout, msd=args.msd,
-                  msd_p=args.msd_p)
+                  **({"msd_p": args.msd_p} if args.msd else {}))  # msd_p without msd is refused
     print(surgery.describe(model))
 
     def report(rec):

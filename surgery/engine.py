@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from . import configs, droppath
+from .arguments import MSD_P_DEFAULT, check_bool, check_count, check_dependent, check_materialised, recorded_pattern
 from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
 from .errors import AlreadySurgeredError, HeadError, SurgeryError, SurgeryTypeError
 from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
 from .record import ATTR, TARGET_SUFFIX, Record, get_record, unwrap
-from .select import Pattern, compile_pattern, find_head
+from .select import Pattern, check_msd_head, compile_pattern, find_head
 from .wrappers import check_swappable, find_layers
 
 __all__ = ["apply", "revert", "describe", "is_surgered"]
@@ -51,7 +52,7 @@ def apply(
     dropout: float | None = None,
     drop_path: float | None = None,
     msd: int = 0,
-    msd_p: float = 0.2,
+    msd_p: float | None = None,
     head: str | None = None,
     include: Pattern = None,
     exclude: Pattern = None,
@@ -77,7 +78,7 @@ def apply(
             and drop-path attributes read at call time, config fields such as
             ``drop_path_rate``, ``layerdrop``, ``encoder_layerdrop``) is set to this value.
         msd: K > 0 turns the task head into a multi-sample-dropout head with K samples.
-        msd_p: dropout probability of each MSD sample.
+        msd_p: dropout probability of each MSD sample (default 0.2; only with ``msd``).
         head: dotted name of the task head; found automatically (``classifier``,
             ``score``, ``classification_head``, ``qa_outputs``) when None.
         include: Mixout layers to select: a regex (full match on dotted names) or a
@@ -112,9 +113,11 @@ def apply(
         dropout = check_p(dropout, "dropout")
     if drop_path is not None:
         drop_path = check_p(drop_path, "drop_path")
-    if isinstance(msd, bool) or not isinstance(msd, int) or msd < 0:
-        raise ValueError(f"msd must be the number of dropout samples, an int >= 0 (0 = off), got {msd!r}")
-    msd_p = check_p(msd_p, "msd_p")
+    msd = check_count(msd, "msd")
+    if msd_p is not None:
+        msd_p = check_p(msd_p, "msd_p")
+    for flag, value in (("mixout_head", mixout_head), ("mixout_tied", mixout_tied), ("low_memory", low_memory)):
+        check_bool(value, flag)
     if target_dtype is not None and not (isinstance(target_dtype, torch.dtype) and target_dtype.is_floating_point):
         raise SurgeryTypeError(f"target_dtype must be a floating torch.dtype such as torch.bfloat16, got {target_dtype!r}")
     if get_record(root, required=False) is not None:
@@ -125,6 +128,11 @@ def apply(
     configs.check_no_record(root)  # at any depth: a (sub-)model loaded from a surgered checkpoint
     if (include is not None or exclude is not None) and mixout == 0.0:
         raise SurgeryError("include/exclude select Mixout layers; they need mixout > 0")
+    check_dependent(mixout=mixout, msd=msd, msd_p=msd_p, head=head, mixout_head=mixout_head,
+                    mixout_tied=mixout_tied, target_dtype=target_dtype, low_memory=low_memory)
+    msd_p = MSD_P_DEFAULT if msd_p is None else msd_p
+    if mixout > 0.0:
+        check_materialised(root)
 
     # ---- plan ------------------------------------------------------------------------
     all_names = [n for n, _ in root.named_modules()]
@@ -136,9 +144,10 @@ def apply(
             find_head(root, None)
         except HeadError as e:
             raise HeadError(f"mixout_head=False leaves the task head a plain layer, but {e}") from None
+    if msd > 0:
+        check_msd_head(root.get_submodule(head_name), head_name)
     rec = Record(args=dict(mixout=mixout, dropout=dropout, drop_path=drop_path, msd=msd, msd_p=msd_p, head=head_name,
-                           include=include if isinstance(include, (str, type(None))) else list(include),
-                           exclude=exclude if isinstance(exclude, (str, type(None))) else list(exclude),
+                           include=recorded_pattern(include), exclude=recorded_pattern(exclude),
                            mixout_head=mixout_head, mixout_tied=mixout_tied,
                            target_dtype=str(target_dtype).replace("torch.", "") if target_dtype else None,
                            low_memory=low_memory))

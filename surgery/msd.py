@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
+import weakref
 
 import torch
 from torch import nn
@@ -63,34 +65,72 @@ def msd_forward(head: nn.Module, x: torch.Tensor, k: int, p: float, masks: torch
     return _split(out, k, lambda o: o.mean(0))
 
 
+def _head_input(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | None:
+    """Where the head's input is: the first positional tensor, else the first tensor keyword."""
+    if args and isinstance(args[0], torch.Tensor):
+        return 0, args[0]
+    key = next((n for n, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+    return None if key is None else (key, kwargs[key])
+
+
 class MultiSampleDropout:
-    """The hook pair that turns ``head`` into a multi-sample-dropout head (see module doc)."""
+    """The hook pair that turns ``head`` into a multi-sample-dropout head (see module doc).
+
+    Nothing about one call is kept on this shared object: the pre-hook stacks the K samples
+    and the post-hook recognises that call by its input tensor (the stacked one, which the
+    forward hooks receive), remembered per thread. So several threads may run the head at
+    once (``nn.DataParallel`` replicas share these hooks), each getting its own result, and
+    :func:`msd_samples` collects, per thread, only what that thread's forwards produced.
+    """
 
     def __init__(self, k: int, p: float):
         self.k, self.p = k, p
-        self._expanded = False
-        self._collect: list | None = None
+        self._local = threading.local()  # .stacked: weak refs to this thread's stacked inputs; .collect
+
+    def __getstate__(self):  # copies (deepcopy of the model, pickling) start with no calls in flight
+        return {"k": self.k, "p": self.p}
+
+    def __setstate__(self, state):
+        self.__init__(state["k"], state["p"])
+
+    def _thread(self, attr: str, default):
+        if not hasattr(self._local, attr):
+            setattr(self._local, attr, default)
+        return getattr(self._local, attr)
 
     def pre(self, module, args, kwargs):
-        self._expanded = False
         if not module.training:
             return None
-        if args and isinstance(args[0], torch.Tensor):
-            args = (_stack(args[0], self.k, self.p, None),) + tuple(args[1:])
-        else:
-            key = next((n for n, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
-            if key is None:
-                return None
-            kwargs = dict(kwargs, **{key: _stack(kwargs[key], self.k, self.p, None)})
-        self._expanded = True
-        return args, kwargs
+        found = _head_input(args, kwargs)
+        if found is None:
+            return None
+        where, x = found
+        if not (x.dtype.is_floating_point or x.dtype.is_complex):
+            from .errors import SurgeryError
+            raise SurgeryError(f"the multi-sample-dropout head ({type(module).__name__}) got a {x.dtype} input of shape "
+                               f"{tuple(x.shape)}, not features; point head= at the module that maps the backbone's "
+                               "features to the outputs")
+        xs = _stack(x, self.k, self.p, None)
+        stacked = self._thread("stacked", [])
+        stacked[:] = [r for r in stacked if r() is not None]  # drop calls that raised before the post-hook
+        stacked.append(weakref.ref(xs))
+        if where == 0:
+            return (xs,) + tuple(args[1:]), kwargs
+        return args, dict(kwargs, **{where: xs})
 
     def post(self, module, args, kwargs, out):
-        if not self._expanded:
+        stacked = getattr(self._local, "stacked", None)
+        found = _head_input(args, kwargs)
+        if not stacked or found is None:
             return None
-        self._expanded = False
-        if self._collect is not None:
-            self._collect.append(_split(out, self.k, lambda o: o))
+        x = found[1]
+        i = next((i for i in range(len(stacked) - 1, -1, -1) if stacked[i]() is x), None)
+        if i is None:  # this call was not expanded (eval mode, or no tensor input)
+            return None
+        del stacked[i]
+        collect = getattr(self._local, "collect", None)
+        if collect is not None:
+            collect.append(_split(out, self.k, lambda o: o))
             # the collected view and the returned mean share storage; nothing is copied
         return _split(out, self.k, lambda o: o.mean(0))
 
@@ -103,8 +143,9 @@ class MultiSampleDropout:
 def msd_samples(model: nn.Module):
     """Collect the per-sample outputs of every MSD head during the block.
 
-    Yields a list that receives, for each training-mode head call, the head output viewed
-    as ``(K, B, ...)`` (before the mean). Outside this block nothing is kept.
+    Yields a list that receives, for each training-mode head call *in this thread*, the head
+    output viewed as ``(K, B, ...)`` (before the mean). Outside this block nothing is kept.
+    Other threads running the same model at the same time collect their own calls only.
 
     Raises:
         NotSurgeredError / SurgeryError: the model has no MSD head (``apply(model, msd=K)`` first).
@@ -117,13 +158,14 @@ def msd_samples(model: nn.Module):
     if not rec.msd:
         raise SurgeryError("model has no multi-sample-dropout head; call surgery.apply(model, msd=K) first")
     got: list = []
+    before = [getattr(s._local, "collect", None) for s in states]
     for s in states:
-        s._collect = got
+        s._local.collect = got
     try:
         yield got
     finally:
-        for s in states:
-            s._collect = None
+        for s, b in zip(states, before):
+            s._local.collect = b
 
 
 # ---- the paper's loss: the mean of the K per-sample losses -------------------------------
@@ -215,12 +257,29 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
             outputs = model(*forward_batch)
         else:
             outputs = model(forward_batch)
+    if not got:
+        raise SurgeryError("the multi-sample-dropout head did not run in this thread during the forward: the model "
+                           "skipped it, or runs it in other threads (nn.DataParallel replicas on several GPUs); "
+                           "msd_loss needs one head call per forward in the calling thread: use "
+                           "DistributedDataParallel (one process per GPU) instead of DataParallel")
     if len(got) != 1:
         raise SurgeryError(f"the multi-sample-dropout head ran {len(got)} times in one forward; msd_loss needs exactly "
                            "one call (compute the loss from surgery.msd_samples(model) yourself for other models)")
     samples = got[0]
     if postprocess is not None:
         samples = postprocess(samples)
+    if (loss_fn is None and isinstance(samples, torch.Tensor) and isinstance(target, torch.Tensor)
+            and task == "classification" and (target.dtype.is_floating_point or target.dtype.is_complex)):
+        per_sample = tuple(samples.shape[1:])
+        extra = "" if postprocess is not None or samples.dim() == target.dim() + 1 else (
+            f"; the head's per-sample outputs {per_sample} also need postprocess= to become one row per example "
+            "(GPT-2 / Llama score every token and pick the last one)")
+        raise SurgeryError(
+            f"the target is a {target.dtype} tensor of shape {tuple(target.shape)}: float targets are multi-label "
+            "(or soft) labels, which msd_loss's built-in losses do not cover (classification: cross-entropy on "
+            "integer class indices; regression: MSE with task='regression'). Pass a per-sample loss, e.g. "
+            "loss_fn=lambda out, y: F.binary_cross_entropy_with_logits(out, y)" + extra
+        )
     if (postprocess is None and loss_fn is None and isinstance(samples, torch.Tensor) and isinstance(target, torch.Tensor)
             and task == "classification" and samples.dim() != target.dim() + 2):
         raise SurgeryError(

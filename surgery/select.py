@@ -10,6 +10,7 @@ every layer inside the classifier.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from typing import Iterable, Sequence, Union
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .errors import HeadError, PatternError, SurgeryTypeError
 
-__all__ = ["Pattern", "compile_pattern", "ancestors", "find_head", "HEAD_NAMES"]
+__all__ = ["Pattern", "compile_pattern", "ancestors", "find_head", "check_msd_head", "HEAD_NAMES"]
 
 Pattern = Union[str, Sequence[str], None]
 
@@ -115,3 +116,40 @@ def find_head(model: nn.Module, head: str | None = None, *, required: bool = Tru
     raise HeadError(
         f"ambiguous task head in {type(model).__name__}: candidates {', '.join(map(repr, found))}; pick one with head=..."
     )
+
+
+def _required_inputs(module: nn.Module) -> list[str] | None:
+    """Names of the positional parameters of ``module.forward`` without a default (None: unknown)."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    return [n for n, p in sig.parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
+def check_msd_head(module: nn.Module, name: str) -> None:
+    """Refuse a module that cannot be a multi-sample-dropout head.
+
+    A valid head maps one feature tensor to the outputs: it holds parameters and its
+    ``forward`` takes exactly one required positional input (``nn.Linear``, ``nn.Sequential``,
+    transformers classification heads ``forward(hidden_states)``, a custom ``forward(x)``; other
+    parameters need defaults). A backbone (``forward(input_ids=None, attention_mask=None, ...)``)
+    or a module taking several inputs is not one: its K dropout samples would be token ids.
+
+    Raises:
+        HeadError: the module holds no parameters, or its forward does not take exactly one
+            required input.
+    """
+    if next(module.parameters(), None) is None:
+        raise HeadError(f"head {name!r} ({type(module).__name__}) holds no parameters, so it is not a task head; "
+                        "point head= at the layer(s) that compute the outputs from the features, e.g. the final "
+                        "nn.Linear")
+    required = _required_inputs(module)
+    if required is not None and len(required) != 1:
+        got = "no required input" if not required else f"{len(required)} required inputs ({', '.join(required)})"
+        raise HeadError(
+            f"head {name!r} ({type(module).__name__}) is not a task head: a multi-sample-dropout head takes one "
+            f"feature tensor and returns the outputs, but its forward takes {got}. Point head= at the module "
+            "that maps the backbone's features to the outputs (e.g. 'classifier', or an inner nn.Linear)"
+        )

@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import pickle
 import random
 from typing import Any, Mapping, NamedTuple
 
@@ -64,17 +66,22 @@ def infer_task(model: nn.Module) -> str:
     return "classification"
 
 
-def consistency_mask(inputs: Mapping, logits: torch.Tensor) -> torch.Tensor | None:
+def consistency_mask(inputs: Mapping, logits: torch.Tensor, *, decoder: bool | None = None) -> torch.Tensor | None:
     """The padding mask for a token-level consistency term, taken from the batch.
 
     For logits ``(B, T, C)``: the first of ``attention_mask``, ``decoder_attention_mask``,
     ``labels != -100`` whose shape is ``(B, T)``; None for ``(B, C)`` logits or when
-    nothing matches.
+    nothing matches. Decoder logits of an encoder-decoder model (``decoder=True``; by default
+    assumed when the batch has a ``decoder_*`` entry) never take the encoder's
+    ``attention_mask``, even when the two lengths happen to match: only
+    ``decoder_attention_mask`` or ``labels != -100``.
     """
     if logits.dim() < 3:
         return None
+    if decoder is None:
+        decoder = any(isinstance(k, str) and k.startswith("decoder_") for k in inputs)
     rows = tuple(logits.shape[:-1])
-    for key in ("attention_mask", "decoder_attention_mask"):
+    for key in ("decoder_attention_mask",) if decoder else ("attention_mask", "decoder_attention_mask"):
         m = inputs.get(key)
         if isinstance(m, torch.Tensor) and tuple(m.shape) == rows:
             return m
@@ -115,6 +122,8 @@ def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, 
     task = check_task(task) if task is not None else infer_task(model)
     if msd_loss:
         get_record(model)  # NotSurgeredError with the apply() hint
+    else:
+        _check_takes_labels(model, alpha)
     if alpha == 0.0 and not msd_loss:
         out = model(**batch)
         loss = _own_loss(out)
@@ -137,8 +146,28 @@ def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, 
         samples = got[0] if len(got) == 1 else torch.cat(got, dim=1)  # (K, 2B, ...) in both strategies
         task_loss = msd_sample_loss(samples, torch.cat([labels, labels]), task=task)
         logits = logits_of(out1, "model output")
-    consistency = rdrop_loss(out1, out2, task=task, alpha=1.0, mask=consistency_mask(batch, logits))
+    decoder = bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
+    consistency = rdrop_loss(out1, out2, task=task, alpha=1.0, mask=consistency_mask(batch, logits, decoder=decoder))
     return TrainingLoss(task_loss + alpha * consistency, task_loss.detach(), consistency.detach(), out1)
+
+
+def _check_takes_labels(model: nn.Module, alpha: float) -> None:
+    """Refuse, before any forward, a model whose forward takes no ``labels``: it computes no loss."""
+    inner = unwrap(model)
+    try:
+        params = inspect.signature(inner.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.name == "labels" or p.kind == p.VAR_KEYWORD for p in params):
+        return
+    how = ("out1, out2 = surgery.rdrop_forward(model, inputs); loss = surgery.rdrop_loss(out1, out2, labels, "
+           "task=..., alpha=...)" if alpha > 0 else "loss = your_loss_fn(model(**inputs), labels)")
+    raise SurgeryError(
+        f"{type(inner).__name__}.forward takes no 'labels' argument, so the model computes no loss of its own, and "
+        "compute_loss without msd_loss=True trains on the model's own loss. Compute the task loss yourself from the "
+        f"batch without 'labels': {how}; or, with a multi-sample-dropout head, pass msd_loss=True (surgery then "
+        "computes cross-entropy or MSE against batch['labels'], task=...)"
+    )
 
 
 def _own_loss(out: Any) -> torch.Tensor:
@@ -183,12 +212,14 @@ def seed_rank(seed: int) -> int:
 # ---- plain-loop checkpoints ------------------------------------------------------------------
 
 def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain Python data only, so ``torch.load(weights_only=True)`` reads them."""
     state = {"python": random.getstate(), "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)]
     except ImportError:  # pragma: no cover
         pass
     return state
@@ -201,7 +232,29 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse what ``torch.load(weights_only=True)`` would refuse to read back."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise SurgeryTypeError(f"{where} is a {type(value).__name__}; training states hold only tensors and plain data "
+                           "(numbers, strings, lists, tuples, dicts), because they are read back with "
+                           "torch.load(weights_only=True), which runs no code. Convert it (e.g. .tolist(), float())")
 
 
 def _comparable(rec: Record | Mapping | None) -> Any:
@@ -238,11 +291,17 @@ def save_training_state(path: str | os.PathLike, model: nn.Module, optimizer=Non
     """Write everything a plain loop needs to resume bitwise to one file (``torch.save``).
 
     Saved: the model's state_dict (with the Mixout targets), the surgery record, the
-    optimizer and scheduler state, ``step``, ``extra`` and the RNG states of ``random``,
-    torch (CPU and CUDA) and numpy. In DDP every rank draws its own masks, so every rank
-    saves its own file (e.g. ``f"state-{surgery.rank()}.pt"``).
+    optimizer and scheduler state, ``step``, ``extra`` (tensors and plain data only) and the
+    RNG states of ``random``, torch (CPU and CUDA) and numpy, all as tensors and plain data,
+    so :func:`load_training_state` reads the file with ``torch.load(weights_only=True)``. In
+    DDP every rank draws its own masks, so every rank saves its own file (e.g.
+    ``f"state-{surgery.rank()}.pt"``).
+
+    Raises:
+        SurgeryTypeError: ``extra`` holds something other than tensors and plain data.
     """
     rec = get_record(model, required=False)
+    _check_plain(extra, "extra")
     torch.save({"model": unwrap(model).state_dict(), "surgery": rec.to_dict() if rec is not None else None,
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -263,7 +322,12 @@ def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer=Non
         SurgeryError: the model's surgery differs from the checkpoint's, or the checkpoint
             lacks keys the model has (strict loading).
     """
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SurgeryError(f"checkpoint {os.fspath(path)!r} holds objects other than tensors and plain data, so it is "
+                           "not unpickled (torch.load(weights_only=True) runs no code): re-save it with "
+                           f"surgery.save_training_state ({str(e).splitlines()[0]})") from None
     check_same_surgery(model, state.get("surgery"), where=f"checkpoint {os.fspath(path)!r}")
     missing, unexpected = unwrap(model).load_state_dict(state["model"], strict=False)
     if missing or unexpected:
@@ -343,9 +407,16 @@ def _build_trainer_classes():
                 if rec is None or not rec.msd:
                     raise SurgeryError("msd_loss=True needs a multi-sample-dropout head; call "
                                        "surgery.apply(model, msd=K) first")
+            self._pushing = False
             super().__init__(*args, **kwargs)
             if self.rdrop_alpha > 0 or self.msd_loss:
-                self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+                # compute_loss returns a per-batch mean, never normalised by num_items_in_batch, so every
+                # transformers version must divide it by the accumulation steps: < 4.46 accelerate does;
+                # 4.46-4.57 divide unless model_accepts_loss_kwargs (and num_items_in_batch); >= 5 read
+                # loss_is_scaled_for_ga first. The model's own loss (eval, options off) is unaffected:
+                # it then gets no num_items_in_batch and returns its per-batch mean too.
+                self.model_accepts_loss_kwargs = False
+                self.loss_is_scaled_for_ga = False
             if seed_per_rank:
                 self.add_callback(RankSeedCallback())
             self._parts: dict[str, list[float]] = {}
@@ -376,24 +447,86 @@ def _build_trainer_classes():
                 check_same_surgery(self.model, _checkpoint_record(os.fspath(ckpt)), where=f"checkpoint {ckpt!r}")
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
-        def save_model(self, output_dir=None, _internal_call=False):
-            if _internal_call or not self.plain_save or get_record(self.model, required=False) is None \
-                    or self.is_fsdp_enabled or self.is_deepspeed_enabled:
-                return super().save_model(output_dir, _internal_call=_internal_call)
+        def _plain_output(self) -> bool:
+            """Whether saves the user asks for and hub uploads get the plain model."""
+            return self.plain_save and get_record(self.model, required=False) is not None \
+                and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+
+        def _write_plain(self, output_dir: str) -> None:
             from .export import export
 
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
             if self.args.should_save:
                 export(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-            if self.args.push_to_hub:
-                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            # transformers' push_to_hub saves with _internal_call=True before uploading output_dir:
+            # that save is plain too; periodic checkpoints (_internal_call, not pushing) stay surgered
+            if not self._plain_output() or (_internal_call and not self._pushing):
+                return super().save_model(output_dir, _internal_call=_internal_call)
+            self._write_plain(output_dir if output_dir is not None else self.args.output_dir)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+
+        def push_to_hub(self, *args, **kwargs):
+            """Upload the PLAIN model (``surgery.export``: no Mixout targets, no record, original
+            dropout) and the processing class to the Hub, as ``Trainer.push_to_hub`` does."""
+            self._pushing = True
+            try:
+                return super().push_to_hub(*args, **kwargs)
+            finally:
+                self._pushing = False
+
+        def _push_from_checkpoint(self, checkpoint_folder):
+            """``args.push_to_hub`` at every save: the repo's root gets the plain model, exported from
+            the live one (transformers copies the checkpoint's surgered files there); the checkpoint
+            itself (``hub_strategy="checkpoint"/"all_checkpoints"``) is uploaded as saved, surgered, so
+            training resumes from it."""
+            if not self._plain_output():
+                return super()._push_from_checkpoint(checkpoint_folder)
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+            from transformers.utils.hub import PushInProgress
+
+            args = self.args
+            if not self.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
+                return
+            if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+                return
+            if hasattr(self.callback_handler, "on_push_begin"):
+                self.callback_handler.on_push_begin(args, self.state, self.control)
+            self._write_plain(args.output_dir)
+            when = f"step {self.state.global_step}" if args.save_strategy == "steps" else f"epoch {int(self.state.epoch)}"
+            message = f"Training in progress, {when}"
+            api = _hub_api()
+            common = dict(repo_id=self.hub_model_id, token=args.hub_token, run_as_future=True,
+                          revision=getattr(args, "hub_revision", None))
+            jobs = [api.upload_folder(folder_path=args.output_dir, commit_message=message,
+                                      ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"], **common)]
+            if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+                in_repo = "last-checkpoint" if args.hub_strategy == HubStrategy.CHECKPOINT \
+                    else os.path.basename(os.path.normpath(checkpoint_folder))
+                jobs.append(api.upload_folder(folder_path=checkpoint_folder, path_in_repo=in_repo,
+                                              commit_message=message + ", checkpoint", **common))
+            if self.push_in_progress is None or self.push_in_progress.is_done():
+                self.push_in_progress = PushInProgress(jobs)
+            else:
+                self.push_in_progress.jobs.extend(jobs)
 
     for cls in (RankSeedCallback, SurgeryTrainer):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
     return {"RankSeedCallback": RankSeedCallback, "SurgeryTrainer": SurgeryTrainer}
+
+
+def _hub_api():
+    """The HfApi transformers uploads with (its tagged shared instance when it has one)."""
+    try:
+        from transformers.utils.hub import hf_api
+        return hf_api()
+    except ImportError:
+        from huggingface_hub import HfApi
+        return HfApi()
 
 
 _LAZY: dict[str, type] = {}
