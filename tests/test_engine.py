@@ -6,39 +6,17 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from conftest import assert_untouched as _assert_same
+from conftest import snapshot as _snapshot
+from conftest import tiny_bert
+from transformers import AutoModelForSequenceClassification
 
 import surgery
 from surgery import MixLinear
 
 
 def _bert():
-    cfg = AutoConfig.for_model("bert", vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=20, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(cfg)
-
-
-def _snapshot(model):
-    return {
-        "classes": [(n, type(m)) for n, m in model.named_modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "params": [id(p) for p in model.parameters()],
-        "dropout": [m.p for m in model.modules() if isinstance(m, nn.Dropout)],
-        "config": model.config.to_dict() if hasattr(model, "config") else None,
-        "dict": set(vars(model)),
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
-    }
-
-
-def _assert_same(model, snap):
-    now = _snapshot(model)
-    assert now["classes"] == snap["classes"]
-    assert now["state"].keys() == snap["state"].keys()
-    assert all(torch.equal(now["state"][k], snap["state"][k]) for k in snap["state"])
-    assert now["params"] == snap["params"]
-    assert now["dropout"] == snap["dropout"] and now["config"] == snap["config"]
-    assert now["dict"] == snap["dict"] and now["hooks"] == snap["hooks"]
+    return tiny_bert(layers=2, num_labels=2)
 
 
 BAD_CALLS = [

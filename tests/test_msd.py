@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from conftest import tiny_bert
 
 import surgery
 from surgery.msd import draw_masks, msd_forward
@@ -20,10 +20,7 @@ class Net(nn.Module):
 
 
 def _bert(num_labels=3):
-    cfg = AutoConfig.for_model("bert", vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=20, max_position_embeddings=32, num_labels=num_labels)
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(cfg)
+    return tiny_bert(num_labels=num_labels)
 
 
 def test_batched_equals_looped_for_the_same_masks():

@@ -4,6 +4,7 @@ looped reference, for classification, regression and token tasks; errors without
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_bert_config
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -23,10 +24,7 @@ class Net(nn.Module):
 
 
 def _cfg(**kw):
-    base = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
-                max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    base.update(kw)
-    return AutoConfig.for_model("bert", **base)
+    return tiny_bert_config(**{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **kw})
 
 
 def test_mean_of_per_sample_losses_equals_a_looped_reference():

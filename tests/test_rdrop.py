@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_bert
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import surgery
@@ -16,11 +17,7 @@ from surgery import SurgeryError, SurgeryTypeError, rdrop_forward, rdrop_loss, r
 
 
 def _bert(seed=0, **cfg):
-    kw = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
-              max_position_embeddings=32, num_labels=3)
-    kw.update(cfg)
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model("bert", **kw))
+    return tiny_bert(seed, **cfg)
 
 
 def _batch(n=4, seq=8, seed=1):

@@ -17,8 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from conftest import tiny_bert_config
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback, TrainingArguments
+from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainingArguments
 
 import surgery
 import surgery.mixout
@@ -32,10 +33,7 @@ SURGERY = dict(mixout=0.3, msd=4, dropout=0.1)
 # ---- shared builders (also imported by the subprocesses below) --------------------------------------
 
 def tiny_config(num_labels=3, layers=1, **kw):
-    base = dict(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=20,
-                max_position_embeddings=32, num_labels=num_labels)
-    base.update(kw)
-    return AutoConfig.for_model("bert", **base)
+    return tiny_bert_config(num_labels=num_labels, layers=layers, **kw)
 
 
 def pretrained(seed=0, **kw):

@@ -1,0 +1,83 @@
+"""Shared test helpers: the tiny BERT most test files build, and the "model untouched" check
+every bad-input test makes.
+
+Test modules import the builders directly (``from conftest import tiny_bert``; pytest puts
+``tests/`` on the path, as for ``zoo``), so they also work in parametrize tables built at import
+time; the fixtures of the same names serve tests that prefer fixtures. The architecture zoo
+lives in ``zoo.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+import surgery
+
+__all__ = ["tiny_bert_config", "tiny_bert", "snapshot", "assert_untouched"]
+
+
+def tiny_bert_config(*, layers: int = 1, num_labels: int = 3, **cfg):
+    """BERT config: vocabulary 50, hidden 16, 2 heads, FFN 20, 32 positions (``cfg`` overrides)."""
+    kw = dict(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=20,
+              max_position_embeddings=32, num_labels=num_labels)
+    kw.update(cfg)
+    return AutoConfig.for_model("bert", **kw)
+
+
+def tiny_bert(seed: int = 0, *, layers: int = 1, num_labels: int = 3, **cfg) -> nn.Module:
+    """A freshly initialised tiny ``BertForSequenceClassification``, the same weights for the same seed."""
+    config = tiny_bert_config(layers=layers, num_labels=num_labels, **cfg)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a refused ``apply`` must leave as it was."""
+    return {
+        "classes": [(n, type(m)) for n, m in model.named_modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "params": [id(p) for p in model.parameters()],
+        "dropout": [m.p for m in model.modules() if isinstance(m, nn.Dropout)],
+        "config": model.config.to_dict() if hasattr(model, "config") else None,
+        "dict": set(vars(model)),
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        "record": _record_json(model),
+    }
+
+
+def _record_json(model: nn.Module):
+    rec = surgery.get_record(model, required=False)
+    return None if rec is None else rec.to_json()
+
+
+def assert_untouched(model: nn.Module, snap: dict) -> None:
+    """``model`` is as ``snap`` saw it: classes, bitwise state_dict, Parameters, dropout, config, hooks, record."""
+    now = snapshot(model)
+    assert now["classes"] == snap["classes"]
+    assert now["state"].keys() == snap["state"].keys()
+    for k, v in snap["state"].items():
+        w = now["state"][k]
+        assert w.dtype == v.dtype and w.device == v.device and w.shape == v.shape, k
+        assert v.is_meta or torch.equal(w, v), k  # meta tensors hold no data to compare
+    assert now["params"] == snap["params"]
+    assert now["dropout"] == snap["dropout"] and now["config"] == snap["config"]
+    assert now["dict"] == snap["dict"] and now["hooks"] == snap["hooks"]
+    assert now["record"] == snap["record"]  # a plain model stays without a record
+
+
+@pytest.fixture(name="tiny_bert")
+def _tiny_bert_fixture():
+    """The :func:`tiny_bert` builder."""
+    return tiny_bert
+
+
+@pytest.fixture(name="untouched")
+def _untouched_fixture():
+    """``check = untouched(model)`` before a call that must be refused; ``check()`` after it."""
+    def take(model):
+        snap = snapshot(model)
+        return lambda: assert_untouched(model, snap)
+    return take
