@@ -70,29 +70,35 @@ def recorded_pattern(pattern: Any) -> Any:
     return list(pattern)
 
 
-def _unmaterialised(t: torch.Tensor) -> str | None:
+_LOAD = "load the pretrained weights first (from_pretrained, or load_state_dict(state_dict, assign=True) on a model "\
+        "built on the meta device), then call surgery.apply"
+
+
+def _unmaterialised(t: torch.Tensor) -> tuple[str, str] | None:
+    """``(what it is, the fix)`` for a tensor that holds no data, else None."""
     if isinstance(t, nn.parameter.UninitializedTensorMixin):
-        return "uninitialized (a lazy module before its first forward)"
+        return "uninitialized (a lazy module before its first forward)", \
+            "run one forward to materialise the lazy modules and " + _LOAD
     fake = getattr(getattr(torch, "_subclasses", None), "FakeTensor", None)
     if fake is not None and isinstance(t, fake):
-        return "a fake tensor (FakeTensorMode)"
+        return "a fake tensor (FakeTensorMode)", "apply surgery to the real model, outside FakeTensorMode"
     if t.is_meta:
-        return "on the meta device"
+        return "on the meta device", _LOAD
     return None
 
 
 def check_materialised(model: nn.Module) -> None:
     """Refuse Mixout on a model whose weights hold no data: its targets would copy nothing.
 
+    Dropout control and multi-sample dropout touch no tensor data, so they work on a meta
+    model whose weights are loaded afterwards (``load_state_dict(..., assign=True)``).
+
     Raises:
         SurgeryError: a parameter or buffer is on the meta device, a fake tensor or uninitialized.
     """
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
-            why = _unmaterialised(t)
-            if why is not None:
-                raise SurgeryError(
-                    f"{kind} {name!r} is {why}: Mixout copies the pretrained weights as its targets, so it needs "
-                    "them loaded. Load the pretrained weights first (e.g. from_pretrained, or load_state_dict(..., "
-                    "assign=True) after building on the meta device; for a lazy module run one forward), then "
-                    "call surgery.apply")
+            found = _unmaterialised(t)
+            if found is not None:
+                raise SurgeryError(f"{kind} {name!r} is {found[0]}, so it holds no weights: Mixout copies the "
+                                   f"pretrained weights as its targets; {found[1]}")
