@@ -154,6 +154,7 @@ def _assert_error(rc, err, *needles):
 
 # ---- the zoo ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 def test_zoo_round_trip(tmp_path, capsys, name, sharded):
@@ -401,6 +402,7 @@ def test_help_shows_examples(capsys):
     assert rc == 2 and "required" in err
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_debug(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope")], capture_output=True,

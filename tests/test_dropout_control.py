@@ -48,6 +48,7 @@ def probabilities(model: nn.Module) -> list[tuple[str, str, float]]:
     return mods + [(type(c).__name__, k, getattr(c, k)) for c, k in drop_fields(model.config)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_dropout_and_drop_path_zero_make_train_forward_equal_eval(name):
     """Acceptance: every config field containing "drop" at 0.1 (LayerDrop and drop-path included);

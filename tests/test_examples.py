@@ -123,6 +123,7 @@ def test_finetune_trains_reverts_exports_converts_and_reloads(tmp_path):
     assert cfg["surgery"]["args"]["mixout"] == 0.1 and cfg["hidden_dropout_prob"] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, code, message", [
     (["--epochs", "0"], 2, "--epochs must be >= 1"),
     (["--mixout", "1.5"], 2, "--mixout must be a probability in [0, 1]"),

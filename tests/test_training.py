@@ -250,6 +250,7 @@ def test_trainer_resume_in_a_fresh_process_is_bitwise(tmp_path):
     assert not torch.equal(resumed["classifier.weight"], pretrained().state_dict()["classifier.weight"])
 
 
+@pytest.mark.slow
 def test_plain_loop_resume_is_bitwise(tmp_path):
     def step(model, opt, i):
         compute_loss(model, batch(seed=i), rdrop_alpha=1.0, msd_loss=True).loss.backward()
@@ -473,6 +474,7 @@ def _grads(model, b, seed):
     return r.loss.detach(), g
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     m = surgery.apply(pretrained(layers=2), **SURGERY).train()
@@ -532,6 +534,7 @@ def _inductor_matches_eager():
     assert surgery.get_record(compiled) is surgery.get_record(m)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_a_surgered_transformers_model():
     # the dynamo + AOT-autograd path through a surgered BERT (hooks, MixLinear, the MSD loss and R-Drop);
     # the inductor code generation itself is covered by the test above (tiny model: 80 s for BERT on 2 cores)

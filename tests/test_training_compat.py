@@ -40,6 +40,7 @@ def _one_step(out, per_device, accumulation, rule):
     return {k: v - before[k] for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["5.x", "4.46-4.57"])
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, rule):
     # 2 micro-batches of 2 accumulated = one batch of 4 (equal sizes: the mean of the per-batch means)

@@ -88,6 +88,7 @@ def test_apply_revert_without_training_is_exact(name):
     assert "surgery" not in model.config.to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_train_revert_save_load(name, tmp_path):
     model = build(name)
@@ -219,6 +220,7 @@ def _grads(name: str, checkpointing: bool, seed: int, enable_first: bool = False
     return grads, loss.detach(), calls[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in NAMES if getattr(transformers, ZOO[n].cls).supports_gradient_checkpointing])
 def test_gradient_checkpointing_recomputes_same_masks(name):
     plain, loss_plain, calls_plain = _grads(name, False, seed=0)
