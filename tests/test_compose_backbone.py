@@ -238,8 +238,10 @@ def test_mixout_head_false_with_head_named():
     assert type(model.regressor) is nn.Linear and isinstance(model.bert.pooler.dense, MixLinear)
     assert {"name": "regressor", "reason": "task head (mixout_head=False)"} in surgery.get_record(model).skipped
     surgery.revert(model)
-    surgery.apply(model, dropout=0.0, mixout_head=False)  # no Mixout: nothing to keep plain, no head needed
-    surgery.revert(model)
+    # without Mixout, mixout_head=False has no effect: refused like every option without the one it needs
+    with pytest.raises(surgery.SurgeryError, match=r"^mixout_head=False only matters with Mixout, which is off"):
+        surgery.apply(model, dropout=0.0, mixout_head=False)
+    assert not surgery.is_surgered(model)
 
 
 # ---- revert reads the record's orig / transposed ----------------------------------------------
