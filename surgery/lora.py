@@ -73,7 +73,8 @@ class LoraMixout(nn.Linear):
             if self.p == 1.0:
                 x = x * torch.zeros(self.in_features, device=x.device, dtype=x.dtype)
             else:
-                x = x * _scale(self.p, self.in_features, self.weight).to(x.dtype)
+                # the float32 scale multiplies first, one rounding to x's dtype after (no bf16 1/(1-p))
+                x = (x * _scale(self.p, self.in_features, self.weight)).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

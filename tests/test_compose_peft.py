@@ -154,6 +154,21 @@ def test_lora_mixout_is_the_paper_formula_with_the_same_mask(p):
     assert not torch.equal(y, F.linear(x, W0 + s * B @ A, b0))  # not the unmixed layer
 
 
+def test_lora_mixout_scale_is_not_rounded_to_bf16():
+    """A bf16 LoRA input is scaled by the float32 M/(1-p) and rounded once: 1/(1-p) rounded to bf16
+    first would bias E[W_mix] by 0.16% at p = 0.1."""
+    layer = LoraMixout.from_linear(nn.Linear(64, 8, bias=False).to(torch.bfloat16), 0.1)
+    layer.train()
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    scale = torch.empty(64).bernoulli_(0.9).div_(0.9)  # float32, the same draw
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear((x * scale).to(torch.bfloat16), layer.weight))
+    assert not torch.equal(y, F.linear(x * scale.to(torch.bfloat16), layer.weight))
+
+
 def test_lora_mixout_eval_is_plain_lora_bitwise_and_p1_is_the_base_layer():
     plain = _peft()
     _randomize_lora_b(plain)
