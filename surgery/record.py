@@ -82,11 +82,10 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: Any) -> "Record":
+        from .schema import check_record, parse_json
+
         if isinstance(d, str):
-            try:
-                d = json.loads(d)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"surgery record is not valid JSON ({e}); the checkpoint metadata is corrupt") from None
+            d = parse_json(d, "surgery record (the checkpoint metadata is corrupt)")
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError("not a surgery record (missing 'format': 'surgery')")
         if d.get("version") != VERSION:
@@ -94,6 +93,7 @@ class Record:
                 f"surgery record version {d.get('version')!r} is not supported by this surgery "
                 f"(which reads version {VERSION}); upgrade surgery"
             )
+        check_record(d)  # one ValueError per wrong field, before anything reads it
         names = {f.name for f in dataclasses.fields(cls)} - {"handles"}
         return cls(**{k: v for k, v in d.items() if k in names})
 

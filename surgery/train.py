@@ -453,7 +453,7 @@ def _build_trainer_classes():
                 and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
 
         def _write_plain(self, output_dir: str) -> None:
-            from .export import export
+            from .exporting import export
 
             if self.args.should_save:
                 export(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)

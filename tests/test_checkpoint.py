@@ -91,7 +91,7 @@ def _file(tmp_path, hdr, data, *, length=None, raw=None):
 @pytest.mark.parametrize("case,needle", [
     ("short", "8-byte header length"),
     ("length", "header length says"),
-    ("json", "not UTF-8 JSON"),
+    ("json", "the header is not valid JSON"),
     ("dtype", "not {dtype"),
     ("span", "needs 8 bytes"),
     ("past_eof", "past the end"),

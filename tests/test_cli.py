@@ -538,5 +538,5 @@ def test_missing_path_and_unknown_layouts(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.safetensors.index.json").write_text("{oops")
     rc, out, err = _run(capsys, "convert", tmp_path / "bad", tmp_path / "dst")
-    _assert_error(rc, err, tmp_path / "bad" / "model.safetensors.index.json", "cannot read the shard index")
+    _assert_error(rc, err, tmp_path / "bad" / "model.safetensors.index.json", "the shard index is not valid JSON")
     assert not (tmp_path / "dst").exists()

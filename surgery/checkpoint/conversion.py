@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import configs
+from .. import configs, interrupts
 from ..record import CONFIG_KEY, TARGET_SUFFIX, Record
-from .atomic import atomic_path, check_dst, commit, fsync_dir, remove, write_json
+from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os_error, remove, remove_parents,
+                     signal_pending, signals_blocked, write_json)
 from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
                      is_target_key)
-from .layout import Checkpoint, _Source, open_checkpoint
-from .safetensors_file import Progress, write_safetensors
+from .layout import Checkpoint, _Items, _Source, open_checkpoint
+from .safetensors_file import Progress, copy_range, write_safetensors
+from .trust import SourceTree
 
 __all__ = ["restore_config", "Plan", "plan_convert", "execute", "convert"]
 
@@ -50,7 +52,7 @@ class Plan:
 
     @property
     def kept_bytes(self) -> int:
-        return sum(src.entries[k][2] for src, _, kept, _ in self.files for k in kept)
+        return sum(src.entries[k].nbytes for src, _, kept, _ in self.files for k in kept)
 
     @property
     def dropped(self) -> list[str]:
@@ -58,7 +60,7 @@ class Plan:
 
     @property
     def dropped_bytes(self) -> int:
-        return sum(src.entries[k][2] for src, _, _, d in self.files for k in d)
+        return sum(src.entries[k].nbytes for src, _, _, d in self.files for k in d)
 
     @property
     def surgered(self) -> bool:
@@ -104,18 +106,19 @@ def _dst_name(src: Path, ck: Checkpoint) -> str:
 
 
 def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
-                 require_surgery: bool = False) -> Plan:
+                 require_surgery: bool = False, follow_external_symlinks: bool = False) -> Plan:
     """Open and validate SRC and work out what :func:`convert` will write to DST.
 
     Raises:
         CheckpointError: see :func:`open_checkpoint`; DST exists (without ``overwrite``)
             or overlaps SRC; a state-dict input with a DST not ending in ``.safetensors``;
-            no surgery in SRC with ``require_surgery``.
+            no surgery in SRC with ``require_surgery``; a file of SRC that is a link leading
+            outside it (unless ``follow_external_symlinks``).
     """
     src, dst = Path(src), Path(dst)
     if os.path.lexists(src):
         check_dst(src, dst, overwrite)
-    ck = open_checkpoint(src)
+    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks)
     try:
         if ck.is_dir and dst.suffix == ".safetensors":
             raise CheckpointError(dst, "DST for a directory SRC is a directory (same layout as SRC); give a "
@@ -156,7 +159,7 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
         if ck.sharded:
             wm = {k: name for s, name, kept, _ in files for k in kept}
             meta = dict(ck.index.get("metadata") or {})
-            meta["total_size"] = sum(s.entries[k][2] for s, _, kept, _ in files for k in kept)
+            meta["total_size"] = sum(s.entries[k].nbytes for s, _, kept, _ in files for k in kept)
             index = {"metadata": meta, "weight_map": dict(sorted(wm.items()))}
         return Plan(ck, dst, record, where, [f for f in files if f[1]] + [f for f in files if not f[1]],
                     config, changes, index, warnings)
@@ -171,47 +174,132 @@ def _metadata(src: _Source) -> dict[str, str]:
     return md
 
 
-def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = None) -> None:
+def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = None,
+            state: Any = None) -> None:
     """Write ``plan.dst`` (through a temporary beside it, renamed at the end). SRC is only read.
 
+    Files keep the permission bits of their SRC counterpart. The final rename runs with
+    SIGINT/SIGTERM held back; a signal that came before it (or, with ``state``, the CLI's
+    :data:`surgery.interrupts.STATE`, one that library code swallowed) aborts instead, and
+    ``state.committed`` is set once DST is in place.
+
     Raises:
-        CheckpointError: a read or write problem; nothing is left at DST.
+        CheckpointError: a read or write problem; nothing is left at DST, no temporary, no
+            parent folder this call created.
+        KeyboardInterrupt: interrupted; likewise nothing is left.
     """
     dst, ck = plan.dst, plan.ck
     if os.path.lexists(dst) and not overwrite:
         raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(dst)
+    tmp: Path | None = None
+    created: list[Path] = []
     try:
-        if ck.is_dir:
-            tmp.mkdir()
-            for s, name, kept, _ in plan.files:
-                if name:
-                    write_safetensors(tmp / name, [s.item(k) for k in kept], _metadata(s), progress)
-            if plan.index is not None:
-                write_json(tmp / SAFE_INDEX, plan.index)
-            if plan.config is not None:
-                write_json(tmp / CONFIG_NAME, plan.config)
-            for rel in ck.copies:
-                out = tmp / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ck.path / rel, out)
-                shutil.copystat(ck.path / rel, out)
-            fsync_dir(tmp)
-        else:
-            s, _, kept, _ = plan.files[0]
-            write_safetensors(tmp, [s.item(k) for k in kept], _metadata(s), progress)
-        commit(tmp, dst, overwrite)
-    except OSError as e:
-        remove(tmp)
-        raise CheckpointError(e.filename or dst, f"write failed ({e.strerror or e}); nothing was left at DST") from None
-    except BaseException:
-        remove(tmp)
+        try:
+            created = make_parents(dst.parent)
+        except OSError as e:
+            name, problem = os_error(e, dst=dst)
+            raise CheckpointError(name, f"cannot create DST's folder ({problem})") from None
+        tmp = atomic_path(dst)
+        _write(plan, tmp, progress, state)
+        with signals_blocked():
+            if signal_pending() or (state is not None and state.interrupted):
+                raise KeyboardInterrupt
+            commit(tmp, dst, overwrite)
+            if state is not None:
+                state.committed = True
+    except BaseException as e:
+        with signals_blocked():
+            interrupts.test_hook("cleanup")
+            if tmp is not None:
+                remove(tmp)
+            remove_parents(created)
+        if isinstance(e, OSError):
+            name, problem = os_error(e, tmp=tmp, dst=dst)
+            raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST") from None
         raise
 
 
+def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None:
+    ck = plan.ck
+    if not ck.is_dir:
+        s, _, kept, _ = plan.files[0]
+        write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=s.mode)
+        return
+    os.mkdir(tmp, 0o700)
+    for s, name, kept, _ in plan.files:
+        if name:
+            write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress), mode=s.mode)
+        if state is not None and state.interrupted:  # a KeyboardInterrupt some library swallowed
+            raise KeyboardInterrupt
+    if plan.index is not None:
+        write_json(tmp / SAFE_INDEX, plan.index, mode=ck.index_mode)
+    if plan.config is not None:
+        write_json(tmp / CONFIG_NAME, plan.config, mode=ck.config_mode)
+    for rel in ck.copies:
+        out = tmp / rel
+        for d in reversed(Path(rel).parents[:-1]):
+            if not (tmp / d).is_dir():
+                os.mkdir(tmp / d, stat.S_IMODE(os.stat(ck.path / d).st_mode) | 0o700)
+        copy_file(ck.tree, ck.path / rel, out)
+    for rel in sorted({str(d) for r in ck.copies for d in Path(r).parents[:-1]}, key=len, reverse=True):
+        os.chmod(tmp / rel, stat.S_IMODE(os.stat(ck.path / rel).st_mode) | 0o700)
+        fsync_dir(tmp / rel)
+    os.chmod(tmp, ck.mode | 0o700)  # SRC's bits; the owner can always replace or delete DST
+    fsync_dir(tmp)
+
+
+def _hooked(progress: Progress | None) -> Progress | None:
+    """``progress``, plus the ``write`` test hook after the first bytes (signal tests only)."""
+    if "write" not in os.environ.get("SURGERY_TEST_HOOK", ""):
+        return progress
+    fired = []
+
+    def f(n: int) -> None:
+        if progress:
+            progress(n)
+        if not fired:
+            fired.append(1)
+            interrupts.test_hook("write")
+
+    return f
+
+
+def copy_file(tree: SourceTree, src: Path, dst: Path) -> None:
+    """Copy one regular file of SRC (checked by ``tree``) to the new file ``dst``, keeping
+    its permission bits and times; fsync'ed. A read problem names SRC's file, a write problem DST's."""
+    fd_in = tree.open(src)
+    try:
+        st = os.fstat(fd_in)
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            try:
+                copy_range(fd_in, src, 0, st.st_size, fd_out, None)
+            except OSError as e:
+                if e.filename is None and _is_read_error(fd_in):
+                    raise CheckpointError(src, f"cannot read ({e.strerror or e})") from None
+                raise
+            if os.fstat(fd_out).st_size != st.st_size:
+                raise CheckpointError(src, "the file changed size while being copied; run convert again")
+            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+            os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+def _is_read_error(fd_in: int) -> bool:
+    try:
+        os.pread(fd_in, 1, 0)
+    except OSError:
+        return True
+    return False
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
-            require_surgery: bool = False, dry_run: bool = False, progress: Progress | None = None) -> Plan:
+            require_surgery: bool = False, dry_run: bool = False, progress: Progress | None = None,
+            follow_external_symlinks: bool = False) -> Plan:
     """Convert a surgered checkpoint to a plain one (see the module docstring).
 
     Every tensor written equals, bit for bit and in its dtype, what ``surgery.revert``
@@ -224,7 +312,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     Raises:
         CheckpointError: bad SRC or DST (see :func:`plan_convert`) or a failed write.
     """
-    plan = plan_convert(src, dst, overwrite=overwrite, require_surgery=require_surgery)
+    plan = plan_convert(src, dst, overwrite=overwrite, require_surgery=require_surgery,
+                        follow_external_symlinks=follow_external_symlinks)
     try:
         if not dry_run:
             execute(plan, overwrite=overwrite, progress=progress)

@@ -3,27 +3,38 @@ weight files ("sources") inside them."""
 
 from __future__ import annotations
 
-import json
+import functools
 import os
+import re
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..record import CONFIG_KEY, Record
+from ..schema import parse_json, short
 from .common import (BIN_INDEX, BIN_NAME, CONFIG_NAME, OTHER_WEIGHTS, PICKLE_SUFFIXES, RECORD_METADATA_KEY, SAFE_INDEX,
                      SAFE_NAME, TRAINER_STATE, CheckpointError)
-from .pickle_file import load_state_dict_file
-from .safetensors_file import Item, Progress, copy_range, read_header, tensor_item
+from .pickle_file import expanded_views, load_state_dict_file
+from .safetensors_file import MAX_TENSORS, Item, Progress, TensorInfo, copy_range, read_header, tensor_item
+from .trust import SourceTree
 
-__all__ = ["Checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "open_checkpoint", "MAX_EXPANSION", "MAX_EXPANSION_BYTES"]
+
+# a .bin/.pt whose tensors written out exceed both bounds (stride-0 views) is refused
+MAX_EXPANSION, MAX_EXPANSION_BYTES = 64, 2**30
 
 
 class _Source:
-    """One weight file of a checkpoint: its tensors and a way to write each."""
+    """One weight file of a checkpoint: its tensors and a way to write each.
+
+    ``entries`` maps each tensor name to an object with ``dtype``, ``shape`` and ``nbytes``."""
 
     path: Path
     metadata: dict[str, str] | None = None
-    entries: dict[str, tuple[str, tuple[int, ...], int]]  # name -> (dtype, shape, nbytes)
+    entries: Mapping[str, Any]
+    mode: int = 0o644  # permission bits of the file, kept in DST
 
     def item(self, name: str) -> Item:
         raise NotImplementedError
@@ -33,24 +44,36 @@ class _Source:
 
 
 class _SafetensorsSource(_Source):
-    def __init__(self, path: Path):
-        self.path = path
-        self.header = read_header(path)
+    def __init__(self, path: Path, tree: SourceTree, max_tensors: int):
+        self.path, self.tree = path, tree
+        fd = tree.open(path)
+        try:
+            st = os.fstat(fd)
+            self.header = read_header(path, fd=fd, max_tensors=max_tensors)
+        finally:
+            os.close(fd)
+        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.mode = stat.S_IMODE(st.st_mode)
         self.metadata = self.header.metadata
-        self.entries = {n: (t.dtype, t.shape, t.nbytes) for n, t in self.header.tensors.items()}
+        self.entries = self.header.tensors
         self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            fd = self.tree.open(self.path)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+                os.close(fd)
+                raise CheckpointError(self.path, "the file changed during the conversion; run it again")
+            self._fd = fd
+        return self._fd
+
+    def _copy(self, t: TensorInfo, fd: int, progress: Progress | None) -> None:
+        copy_range(self._open(), self.path, self.header.data_start + t.start, t.nbytes, fd, progress)
 
     def item(self, name: str) -> Item:
         t = self.header.tensors[name]
-
-        def write(fd: int, progress: Progress | None) -> None:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            if os.fstat(self._fd).st_size != self.header.size:
-                raise CheckpointError(self.path, "the file changed size during the conversion")
-            copy_range(self._fd, self.path, self.header.data_start + t.start, t.nbytes, fd, progress)
-
-        return Item(name, t.dtype, t.shape, t.nbytes, write)
+        return Item(name, t.dtype, t.shape, t.nbytes, functools.partial(self._copy, t))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -59,17 +82,37 @@ class _SafetensorsSource(_Source):
 
 
 class _PickleSource(_Source):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tree: SourceTree, max_tensors: int):
         self.path = path
-        self.sd = load_state_dict_file(path)
+        st = tree.check_readable(path)
+        self.mode, self.file_size = stat.S_IMODE(st.st_mode), st.st_size
+        self.sd = load_state_dict_file(tree.resolve(path), name=path)
+        if len(self.sd) > max_tensors:
+            raise CheckpointError(path, f"holds {len(self.sd):,} tensors, more than {max_tensors:,}; refused as "
+                                        "absurd")
         self.items = {n: tensor_item(n, t, path=path) for n, t in self.sd.items()}
-        self.entries = {n: (it.dtype, it.shape, it.nbytes) for n, it in self.items.items()}
+        self.entries = self.items
+        self.expanded = expanded_views(self.sd)
 
     def item(self, name: str) -> Item:
         return self.items[name]
 
     def close(self) -> None:
         self.sd = self.items = None  # type: ignore[assignment]
+
+
+class _Items(Sequence):
+    """The items of ``names`` of one source, each made when it is needed (flat memory for
+    a million tensors)."""
+
+    def __init__(self, src: _Source, names: list[str]):
+        self.src, self.names = src, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.src.item(self.names[i])
 
 
 @dataclass
@@ -84,6 +127,10 @@ class Checkpoint:
     config: dict[str, Any] | None = None  # parsed config.json
     trainer: bool = False
     copies: list[str] = field(default_factory=list)  # other files, relative to path
+    tree: SourceTree | None = None  # which files may be read (directories)
+    mode: int = 0o755  # permission bits of SRC (a file SRC: of the file), kept in DST
+    index_mode: int = 0o644
+    config_mode: int = 0o644
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why it is not copied)
     warnings: list[str] = field(default_factory=list)
 
@@ -110,7 +157,7 @@ class Checkpoint:
     def tensors(self) -> Iterable[tuple[_Source, str, tuple[str, tuple[int, ...], int]]]:
         for src in self.sources:
             for name, e in src.entries.items():
-                yield src, name, e
+                yield src, name, (e.dtype, e.shape, e.nbytes)
 
     def record(self) -> tuple[Record | None, str | None]:
         """The change record and where it was found (config.json first, then file metadata).
@@ -137,77 +184,160 @@ class Checkpoint:
             s.close()
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+MAX_JSON = 100_000_000  # bytes of an index or config.json read (the safetensors header limit)
+SHARD_NAME = re.compile(r"(.+)-(\d+)-of-(\d+)(\.safetensors|\.bin)")
+
+
+def _read_json(path: Path, what: str, tree: SourceTree) -> dict[str, Any]:
+    fd = tree.open(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"cannot read {what} ({e})") from None
+        size = os.fstat(fd).st_size
+        if size > MAX_JSON:
+            raise CheckpointError(path, f"{what} is {size:,} bytes, over the {MAX_JSON:,} byte limit; refused as "
+                                        "absurd (memory)")
+        raw = _read_fd(fd, path)
+    finally:
+        os.close(fd)
+    try:
+        obj = parse_json(raw, what)
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(path, f"{what} is not a JSON object")
+        raise CheckpointError(path, f"{what} is not a JSON object but {short(obj)}")
     return obj
 
 
-def _open_source(path: Path) -> _Source:
-    if not path.is_file():
+def _read_fd(fd: int, path: Path) -> bytes:
+    parts = []
+    while True:
+        try:
+            b = os.read(fd, 2**24)
+        except OSError as e:
+            raise CheckpointError(path, f"cannot read ({e.strerror or e})") from None
+        if not b:
+            return b"".join(parts)
+        parts.append(b)
+
+
+def _check_index(path: Path, index: dict[str, Any]) -> dict[str, str]:
+    """The index's ``weight_map``, checked: a non-empty object of tensor names to file names."""
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(path, "shard index has no weight_map (a JSON object of tensor names to shard files)")
+    if not wm:
+        raise CheckpointError(path, "shard index names no tensor (empty weight_map): a checkpoint without weights")
+    meta = index.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(path, f"shard index 'metadata' must be a JSON object, not {short(meta)}")
+    return wm
+
+
+def _source(path: Path, tree: SourceTree, max_tensors: int) -> _Source:
+    if not os.path.lexists(path):
         raise CheckpointError(path, "no such file")
-    return _SafetensorsSource(path) if path.suffix == ".safetensors" else _PickleSource(path)
+    return (_SafetensorsSource if path.suffix == ".safetensors" else _PickleSource)(path, tree, max_tensors)
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def _unreferenced_shards(path: Path, index_name: str, shards: list[str]) -> str | None:
+    """A problem with the shard set: a file named like a shard of this index that the index
+    does not reference, or fewer shards than their ``-of-N`` names say."""
+    prefix = index_name[:-len(".index.json")]
+    stem, ext = os.path.splitext(prefix)
+    ns = set()
+    for s in shards:
+        m = SHARD_NAME.fullmatch(s)
+        if m:
+            ns.add(int(m.group(3)))
+    for fn in sorted(os.listdir(path)):
+        m = SHARD_NAME.fullmatch(fn)
+        if m and m.group(1) == stem and m.group(4) == ext and fn not in shards:
+            return f"{fn} looks like a shard of this checkpoint but {index_name} does not reference it"
+    if len(ns) == 1 and all(SHARD_NAME.fullmatch(s) for s in shards) and len(shards) != next(iter(ns)):
+        return (f"{index_name} references {len(shards)} shard files but their names say there are "
+                f"{next(iter(ns))}")
+    return None
+
+
+def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool = False,
+                    max_tensors: int = MAX_TENSORS) -> Checkpoint:
     """Find the layout of ``path`` and open (validate) its weight files.
 
     Layouts: a ``.safetensors`` file; a ``.bin``/``.pt``/``.pth`` state dict; a model or
     Trainer checkpoint directory holding ``model.safetensors``,
     ``model.safetensors.index.json`` + shards, ``pytorch_model.bin`` or
     ``pytorch_model.bin.index.json`` + shards (looked for in that order, as transformers does).
+    Inside a directory, only files that resolve inside it (or inside the Hugging Face cache
+    repository of a snapshot) are read, unless ``follow_external_symlinks`` (see ``trust``).
 
     Raises:
         CheckpointError: a missing path, an unknown layout, a corrupt or truncated file, a
-            missing shard, an index naming keys its shard lacks, or a refused pickle.
+            missing or unreferenced shard, an index naming no tensor or keys its shard lacks,
+            a link leading outside SRC, more than ``max_tensors`` tensors, or a refused pickle.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
+    tree = SourceTree(path, follow_external_symlinks)
     if path.is_file():
         if path.suffix == ".safetensors":
-            return Checkpoint(path, "safetensors file", [_SafetensorsSource(path)])
-        if path.suffix in PICKLE_SUFFIXES:
-            return Checkpoint(path, "state dict file", [_PickleSource(path)])
-        raise CheckpointError(path, "unknown checkpoint layout: expected a .safetensors file, a .bin/.pt/.pth state "
-                                    "dict, or a model directory")
+            ck = Checkpoint(path, "safetensors file", [_SafetensorsSource(path, tree, max_tensors)])
+        elif path.suffix in PICKLE_SUFFIXES:
+            ck = Checkpoint(path, "state dict file", [_PickleSource(path, tree, max_tensors)])
+        else:
+            raise CheckpointError(path, "unknown checkpoint layout: expected a .safetensors file, a .bin/.pt/.pth "
+                                        "state dict, or a model directory")
+        ck.mode = ck.sources[0].mode
+        _check_weights(ck)
+        return ck
     if not path.is_dir():
         raise CheckpointError(path, "not a regular file or directory")
     ck = Checkpoint(path, "model directory", [])
+    ck.mode = stat.S_IMODE(os.stat(path).st_mode)
+    try:
+        _open_dir(ck, tree, max_tensors)
+    except BaseException:
+        ck.close()
+        raise
+    return ck
+
+
+def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
+    path = ck.path
     for name in (SAFE_NAME, SAFE_INDEX, BIN_NAME, BIN_INDEX):
-        if (path / name).is_file():
+        if os.path.lexists(path / name):
             break
     else:
         raise CheckpointError(path, f"unknown checkpoint layout: no {SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME} or "
                                     f"{BIN_INDEX} in this directory")
     used = {name}
     if name.endswith(".index.json"):
-        ck.index, ck.index_name = _read_json(path / name, "the shard index"), name
-        wm = ck.index.get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-            raise CheckpointError(path / name, "shard index has no weight_map (a JSON object of tensor names to "
-                                               "shard files)")
+        ck.index, ck.index_name = _read_json(path / name, "the shard index", tree), name
+        ck.index_mode = stat.S_IMODE(os.stat(path / name).st_mode)
+        wm = _check_index(path / name, ck.index)
         shards = list(dict.fromkeys(wm.values()))
         for s in shards:
             if Path(s).name != s or s in (".", ".."):
                 raise CheckpointError(path / name, f"shard index names {s!r}, which is not a file in this directory")
-            if not (path / s).is_file():
+            if not os.path.lexists(path / s):
                 raise CheckpointError(path / s, f"missing shard: {name} maps {sum(v == s for v in wm.values())} "
                                                 "tensors to it but it does not exist")
-        ck.sources = [_open_source(path / s) for s in shards]
+        problem = _unreferenced_shards(path, name, shards)
+        if problem:
+            raise CheckpointError(path / name, f"{problem}; the index and the shards do not match")
+        budget = max_tensors
+        for s in shards:
+            ck.sources.append(_source(path / s, tree, budget))
+            budget -= len(ck.sources[-1].entries)
         used |= set(shards)
-        found = {n: s.path.name for s in ck.sources for n in s.entries}
+        found: dict[str, str] = {}
         for src in ck.sources:
             for n in src.entries:
-                if found[n] != src.path.name:
-                    raise CheckpointError(src.path, f"tensor {n!r} is also in {found[n]}; a key must be in one shard")
+                other = found.setdefault(n, src.path.name)
+                if other != src.path.name:
+                    raise CheckpointError(src.path, f"tensor {n!r} is also in {other}; a key must be in one shard")
+        by_name = {s.path.name: s for s in ck.sources}
         for k, s in wm.items():
-            if k not in ck.sources[shards.index(s)].entries:
+            if k not in by_name[s].entries:
                 raise CheckpointError(path / s, f"{name} names tensor {k!r} in this shard, but the shard does not "
                                                 "contain it")
         extra = [n for n in found if n not in wm]
@@ -215,21 +345,41 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             ck.warnings.append(f"{len(extra)} tensors in the shards are not in {name} (e.g. {extra[0]!r}); "
                                "they are copied and indexed")
     else:
-        ck.sources = [_open_source(path / name)]
-    if (path / CONFIG_NAME).is_file():
-        ck.config = _read_json(path / CONFIG_NAME, CONFIG_NAME)
+        ck.sources = [_source(path / name, tree, max_tensors)]
+    _check_weights(ck)
+    if os.path.lexists(path / CONFIG_NAME):
+        ck.config = _read_json(path / CONFIG_NAME, CONFIG_NAME, tree)
+        ck.config_mode = stat.S_IMODE(os.stat(path / CONFIG_NAME).st_mode)
         used.add(CONFIG_NAME)
-    ck.trainer = (path / "trainer_state.json").is_file()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".surgery-tmp"))
-        for fn in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, fn), path)
-            if rel in used:
-                continue
-            if TRAINER_STATE.fullmatch(rel):
-                ck.skipped.append((rel, "Trainer training state (resume from SRC, not from the plain checkpoint)"))
-            elif OTHER_WEIGHTS.fullmatch(fn):
-                ck.skipped.append((rel, "weights or pickle other than the model weights: not converted"))
-            elif os.path.isfile(os.path.join(dirpath, fn)):
-                ck.copies.append(rel)
-    return ck
+    ck.trainer = os.path.isfile(path / "trainer_state.json")
+    files, warnings = tree.walk()
+    ck.warnings += warnings
+    for rel in files:
+        fn = os.path.basename(rel)
+        if rel in used:
+            continue
+        if TRAINER_STATE.fullmatch(rel):
+            ck.skipped.append((rel, "Trainer training state (resume from SRC, not from the plain checkpoint)"))
+        elif OTHER_WEIGHTS.fullmatch(fn):
+            ck.skipped.append((rel, "weights or pickle other than the model weights: not converted"))
+        else:
+            tree.check_readable(path / rel)  # a link outside SRC, a FIFO or an unreadable file: refused now
+            ck.copies.append(rel)
+    ck.tree = tree
+
+
+def _check_weights(ck: Checkpoint) -> None:
+    if not any(s.entries for s in ck.sources):
+        raise CheckpointError(ck.sources[0].path if ck.sources else ck.path,
+                              "holds no tensor: a checkpoint without weights")
+    for s in ck.sources:
+        for name, storage, nbytes in getattr(s, "expanded", ()):
+            ck.warnings.append(f"{s.path.name}: tensor {name!r} is an expanded view (stride 0) of "
+                               f"{storage:,} bytes of storage; written out it takes {nbytes:,} bytes "
+                               f"(x{nbytes // max(storage, 1):,})")
+        total = sum(e.nbytes for e in s.entries.values()) if isinstance(s, _PickleSource) else 0
+        if total > MAX_EXPANSION_BYTES and total > MAX_EXPANSION * s.file_size:
+            raise CheckpointError(s.path, f"its tensors would take {total:,} bytes written out, {total // s.file_size:,}"
+                                          f" times the {s.file_size:,} bytes of the file (expanded stride-0 views); "
+                                          f"refused past {MAX_EXPANSION}x and {MAX_EXPANSION_BYTES // 2**30} GiB. "
+                                          "Save tensor.contiguous() yourself if you mean it")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import struct
 import warnings
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +53,23 @@ def _scan_globals(path: Path) -> str | None:
     return None
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
+def expanded_views(sd: dict[str, "torch.Tensor"]) -> list[tuple[str, int, int]]:
+    """``(name, storage bytes, written bytes)`` of each tensor that takes more bytes written
+    out than its storage holds (a stride-0 view made by ``expand``): a few bytes in the file can
+    become gigabytes in DST."""
+    out = []
+    for k, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        try:
+            storage = t.untyped_storage().nbytes()
+        except Exception:
+            continue
+        if nbytes > storage:
+            out.append((k, storage, nbytes))
+    return out
+
+
+def load_state_dict_file(path: str | os.PathLike, *, name: str | os.PathLike | None = None) -> dict[str, "torch.Tensor"]:
     """A ``.bin``/``.pt`` state dict loaded with ``torch.load(weights_only=True)``
     (memory-mapped where the file allows it). A pickle that would import or call anything
     besides tensors and plain containers is refused; nothing in it is executed.
@@ -66,6 +80,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
     import torch
 
     path = Path(path)
+    shown = Path(name) if name is not None else path  # the name errors use (``path`` may be a resolved link)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -77,20 +92,22 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
                 obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as e:
         what = _unsafe_global(str(e)) or _scan_globals(path)
-        raise CheckpointError(path, "refused to load: the pickle "
+        raise CheckpointError(shown, "refused to load: the pickle "
                               + (f"references {what}, which is not" if what else "holds something that is not")
                               + " a tensor or plain container (torch.load(weights_only=True)); nothing in it was "
                               "executed. If you trust the file, load it yourself and save model.state_dict() with "
                               "safetensors") from None
-    except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, struct.error) as e:
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:  # whatever a corrupt file makes torch.load raise (EOFError, RuntimeError, RecursionError ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, f"cannot read as a torch.save state dict ({msg})") from None
+        raise CheckpointError(shown, f"cannot read as a torch.save state dict ({msg})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict (a dict of names to tensors); "
+        raise CheckpointError(shown, f"holds a {type(obj).__name__}, not a state dict (a dict of names to tensors); "
                                     "save model.state_dict()")
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        raise CheckpointError(path, f"is not a state dict (a dict of names to tensors): entry {bad[0]!r} is a "
+        raise CheckpointError(shown, f"is not a state dict (a dict of names to tensors): entry {bad[0]!r} is a "
                                     f"{type(obj[bad[0]]).__name__} (keys: {', '.join(map(str, list(obj)[:6]))}); "
                                     "save model.state_dict() instead")
     return obj

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from ..schema import parse_json, short
 from .common import CheckpointError
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ __all__ = ["TensorInfo", "SafetensorsFile", "Item", "Progress", "read_header", "
 
 METADATA_KEY = "__metadata__"
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+MAX_TENSORS = 1_000_000  # per file: more is refused as absurd (the largest open models have under 200,000)
 CHUNK = 64 * 2**20
 
 # safetensors dtype name -> bits per element
@@ -40,7 +44,7 @@ BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 
         "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TensorInfo:
     """One tensor of a safetensors file; ``start``/``end`` are offsets into the data section."""
 
@@ -77,60 +81,101 @@ def _nbytes(dtype: str, shape: Iterable[int]) -> int | None:
     return n // 8 if n % 8 == 0 else None
 
 
-def read_header(path: str | os.PathLike) -> SafetensorsFile:
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+_DTYPES = {d: d for d in BITS}  # one string object per dtype name
+
+
+def _entry_hook(pairs: list[tuple[str, Any]]) -> Any:
+    """``object_pairs_hook``: a well-formed tensor entry becomes a compact :class:`TensorInfo`
+    as soon as it is parsed (a million tensors cost ~200 bytes each, not a dict and two lists)."""
+    if len(pairs) == 3:
+        d = dict(pairs)
+        if d.keys() == _ENTRY_KEYS:
+            dtype, shape, offs = d["dtype"], d["shape"], d["data_offsets"]
+            if (isinstance(dtype, str) and dtype in _DTYPES and type(shape) is list
+                    and all(type(x) is int and x >= 0 for x in shape) and type(offs) is list and len(offs) == 2
+                    and type(offs[0]) is int and type(offs[1]) is int and offs[0] >= 0 and offs[1] >= 0):
+                return TensorInfo("", _DTYPES[dtype], tuple(shape), offs[0], offs[1])
+        return d
+    return dict(pairs)
+
+
+def count_tensors_upper_bound(raw: bytes) -> int:
+    """At least the number of tensor entries a header can hold (each has a ``"data_offsets"``
+    key; a key spelled with escapes is counted after parsing instead)."""
+    return raw.count(b'"data_offsets"')
+
+
+def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: int = MAX_TENSORS) -> SafetensorsFile:
     """Parse and validate the header of a safetensors file (the data is not read).
 
     Checks what ``safetensors`` checks and says which tensor is wrong: the header fits in
     the file and is a JSON object, every entry has a known dtype, a shape of non-negative
     ints and ``data_offsets`` whose span equals ``numel * itemsize``, and the entries tile
     the data section exactly (no overlap, no hole, nothing past the end of the file).
+    A header of more than ``max_tensors`` tensors is refused before it is parsed.
+    ``fd``: read from this open descriptor (``path`` then only names the file in errors).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt.
     """
     path = Path(path)
+    own = fd is None
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        if own:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            size = os.fstat(fd).st_size
             if size < 8:
                 raise CheckpointError(path, f"truncated or not a safetensors file: {size} bytes, but the format "
                                             "starts with an 8-byte header length")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER or 8 + n > size:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if n > MAX_HEADER:
+                raise CheckpointError(path, f"corrupt or not a safetensors file: the header length field says {n} "
+                                            f"bytes, over the {MAX_HEADER} byte limit safetensors sets")
+            if 8 + n > size:
                 raise CheckpointError(path, f"truncated or corrupt safetensors file: the header length says {n} bytes "
                                             f"but the file has {size - 8} after the length field")
-            raw = f.read(n)
+            raw = _pread_all(fd, n, 8)
+        finally:
+            if own:
+                os.close(fd)
     except OSError as e:
         raise CheckpointError(path, f"cannot read ({e.strerror or e})") from None
+    if count_tensors_upper_bound(raw) > max_tensors:
+        raise CheckpointError(path, f"the header lists more than {max_tensors:,} tensors (the largest open models "
+                                    f"have under 200,000 per file); refused as absurd (memory)")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"corrupt safetensors header (not UTF-8 JSON: {e})") from None
+        header = parse_json(raw, "the header", max_depth=None, object_pairs_hook=_entry_hook)
+    except ValueError as e:
+        raise CheckpointError(path, f"corrupt safetensors file: {e}") from None
+    raw = None
     if not isinstance(header, dict):
-        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
+        raise CheckpointError(path, f"corrupt safetensors header: not a JSON object but {short(header)}")
     metadata = header.pop(METADATA_KEY, None)
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise CheckpointError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
+    if len(header) > max_tensors:
+        raise CheckpointError(path, f"the header lists {len(header):,} tensors, more than {max_tensors:,}; refused "
+                                    "as absurd (memory)")
     data_bytes = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    for name, e in header.items():
-        if not (isinstance(e, dict) and e.get("dtype") in BITS and isinstance(e.get("shape"), list)
-                and all(type(d) is int and d >= 0 for d in e["shape"]) and isinstance(e.get("data_offsets"), list)
-                and len(e["data_offsets"]) == 2 and all(type(o) is int and o >= 0 for o in e["data_offsets"])):
+    tensors: dict[str, TensorInfo] = header  # type: ignore[assignment]
+    for name, t in header.items():
+        if type(t) is not TensorInfo:
             raise CheckpointError(path, f"corrupt safetensors header: entry {name!r} is not {{dtype (a known "
-                                        f"safetensors dtype), shape, data_offsets}}: {json.dumps(e)[:200]}")
-        start, end = e["data_offsets"]
-        need = _nbytes(e["dtype"], e["shape"])
-        if end < start or need != end - start:
-            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} ({e['dtype']} {e['shape']}) "
-                                        f"needs {need} bytes but its data_offsets {e['data_offsets']} span "
-                                        f"{end - start}")
-        if end > data_bytes:
-            raise CheckpointError(path, f"truncated or corrupt safetensors file: tensor {name!r} ends at byte {end} of "
-                                        f"the data section (offsets point past the end of the file, which holds "
-                                        f"{data_bytes} data bytes)")
-        tensors[name] = TensorInfo(name, e["dtype"], tuple(e["shape"]), start, end)
+                                        f"safetensors dtype), shape (non-negative ints), data_offsets (two "
+                                        f"non-negative ints)}}: {short(t)}")
+        t.name = name
+        need = _nbytes(t.dtype, t.shape)
+        if t.end < t.start or need != t.end - t.start:
+            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} ({t.dtype} {list(t.shape)}) "
+                                        f"needs {short(need) if need and need.bit_length() > 64 else need} bytes but "
+                                        f"its data_offsets [{t.start}, {t.end}] span {t.end - t.start}")
+        if t.end > data_bytes:
+            raise CheckpointError(path, f"truncated or corrupt safetensors file: tensor {name!r} ends at byte "
+                                        f"{t.end} of the data section (offsets point past the end of the file, which "
+                                        f"holds {data_bytes} data bytes)")
     pos = 0
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if t.start != pos:
@@ -144,10 +189,21 @@ def read_header(path: str | os.PathLike) -> SafetensorsFile:
     return SafetensorsFile(path, tensors, metadata, 8 + n, size)
 
 
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, min(n - got, CHUNK), offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
 Progress = Callable[[int], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One tensor to write: ``write(fd, progress)`` writes exactly ``nbytes`` bytes to ``fd``."""
 
@@ -209,6 +265,28 @@ def torch_to_st() -> dict:
     return {getattr(torch, t): s for t, s in pairs if hasattr(torch, t)}
 
 
+def _write_tensor(fd: int, t: "torch.Tensor", progress: Progress | None) -> None:
+    """Write ``t``'s bytes in C order. A non-contiguous tensor (a transposed or expanded
+    view) is made contiguous one slice of at most CHUNK bytes at a time, so a stride-0 view
+    of a few bytes never becomes one huge allocation."""
+    import torch
+
+    if t.numel() == 0:
+        return
+    if t.device.type != "cpu" or t.is_conj() or t.is_neg() or not t.is_contiguous():
+        nbytes = t.numel() * t.element_size()
+        if t.dim() > 0 and nbytes > CHUNK:
+            if t.shape[0] == 1:
+                _write_tensor(fd, t[0], progress)
+                return
+            step = max(1, CHUNK // (nbytes // t.shape[0]))
+            for i in range(0, t.shape[0], step):
+                _write_tensor(fd, t[i:i + step], progress)
+            return
+        t = t.to("cpu").resolve_conj().resolve_neg().contiguous()
+    _write_all(fd, t.reshape(-1).view(torch.uint8).numpy(), progress)
+
+
 def tensor_item(name: str, tensor: "torch.Tensor", *, path: Any = "<tensor>") -> Item:
     """An :class:`Item` that writes ``tensor``'s bytes (a contiguous CPU copy is made only
     for a non-contiguous or non-CPU tensor, one tensor at a time).
@@ -230,46 +308,63 @@ def tensor_item(name: str, tensor: "torch.Tensor", *, path: Any = "<tensor>") ->
     dtype = torch_to_st()[tensor.dtype]
 
     def write(fd: int, progress: Progress | None) -> None:
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        t = t.resolve_conj().resolve_neg().contiguous()
-        if t.numel():
-            _write_all(fd, t.reshape(-1).view(torch.uint8).numpy(), progress)
+        _write_tensor(fd, tensor.detach(), progress)
 
     return Item(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), write)
 
 
-def write_safetensors(path: str | os.PathLike, items: list[Item], metadata: dict[str, str] | None = None,
-                      progress: Progress | None = None) -> SafetensorsFile:
+def _header_bytes(order: Sequence[Item], metadata: dict[str, str] | None) -> tuple[bytes, int]:
+    """The JSON header (padded with spaces to 8 bytes) and the data size, built piece by piece
+    (no dict per tensor: a million tensors cost their text and nothing more)."""
+    buf = io.StringIO()
+    buf.write("{")
+    sep = ""
+    if metadata:
+        buf.write(json.dumps(METADATA_KEY) + ":" + json.dumps(dict(metadata), separators=(",", ":"),
+                                                              ensure_ascii=False))
+        sep = ","
+    pos = 0
+    for it in order:
+        buf.write(f'{sep}{json.dumps(it.name, ensure_ascii=False)}:{{"dtype":"{it.dtype}","shape":'
+                  f'[{",".join(map(str, it.shape))}],"data_offsets":[{pos},{pos + it.nbytes}]}}')
+        sep = ","
+        pos += it.nbytes
+    buf.write("}")
+    raw = buf.getvalue().encode("utf-8")
+    return raw + b" " * (-len(raw) % 8), pos
+
+
+def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: dict[str, str] | None = None,
+                      progress: Progress | None = None, *, mode: int = 0o644) -> SafetensorsFile:
     """Write ``items`` as a safetensors file, one tensor at a time, then verify it.
 
     Tensors are laid out widest dtype first (as safetensors does) so every tensor is
     aligned to its element size; the header is padded with spaces to 8 bytes. The file is
-    fsync'ed, its header re-read and checked against what was meant to be written, and
-    opened with ``safetensors.safe_open``.
+    fsync'ed, its header read back and compared byte for byte with what was meant to be
+    written, its size checked, and it is opened with ``safetensors.safe_open``. ``items``
+    may be any sequence (``convert`` passes one that makes each item on demand); ``mode``:
+    the new file's permission bits.
 
     Raises:
         CheckpointError: duplicate names, a writer that wrote the wrong number of bytes, or
             a written file that fails verification.
     """
     path = Path(path)
-    names = [it.name for it in items]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+    n_items = len(items)
+    names = {it.name for it in items}
+    if len(names) != n_items:
+        seen: set[str] = set()
+        dup = sorted({it.name for it in items if it.name in seen or seen.add(it.name)})
         raise CheckpointError(path, f"duplicate tensor names {dup[:5]}")
-    order = sorted(items, key=lambda it: -BITS[it.dtype])  # stable: keeps the given order within a width
-    header: dict[str, Any] = {}
-    if metadata:
-        header[METADATA_KEY] = dict(metadata)
-    pos = 0
-    for it in order:
-        header[it.name] = {"dtype": it.dtype, "shape": list(it.shape), "data_offsets": [pos, pos + it.nbytes]}
-        pos += it.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    del names
+    widths = [BITS[it.dtype] for it in items]
+    order_idx = sorted(range(n_items), key=lambda i: -widths[i])  # stable: keeps the given order within a width
+    del widths
+    order = _Reordered(items, order_idx)
+    raw, data_size = _header_bytes(order, metadata)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode & 0o7777)
     try:
+        os.fchmod(fd, mode & 0o7777)  # exactly ``mode``, whatever the umask
         _write_all(fd, struct.pack("<Q", len(raw)) + raw, None)
         for it in order:
             before = os.lseek(fd, 0, os.SEEK_CUR)
@@ -278,21 +373,66 @@ def write_safetensors(path: str | os.PathLike, items: list[Item], metadata: dict
             if wrote != it.nbytes:
                 raise CheckpointError(path, f"wrote {wrote} bytes for tensor {it.name!r}, expected {it.nbytes}")
         os.fsync(fd)
+        # verify: what is on disk is what we meant to write, and safetensors itself accepts it
+        size = os.fstat(fd).st_size
+        back = _pread_all(fd, 8 + len(raw), 0)
     finally:
         os.close(fd)
-    # verify: what is on disk is what we meant to write, and safetensors itself accepts it
-    got = read_header(path)
-    want = {n: (e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for n, e in header.items() if n != METADATA_KEY}
-    have = {n: (t.dtype, t.shape, t.start, t.end) for n, t in got.tensors.items()}
-    if have != want or (got.metadata or None) != (metadata or None) or got.size != 8 + len(raw) + pos:
+    if size != 8 + len(raw) + data_size or back != struct.pack("<Q", len(raw)) + raw:
         raise CheckpointError(path, "written file failed verification (header or size differs from what was written)")
+    del back
     try:
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            if set(f.keys()) != set(want):
+        with safe_open(str(path), framework="numpy") as f:  # numpy, not torch: no torch import for safetensors
+            if len(f.keys()) != n_items:
                 raise CheckpointError(path, "written file failed verification (safetensors lists other keys)")
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(path, f"written file failed verification by safetensors ({e})") from None
-    return got
+    return SafetensorsFile(path, _LazyTensors(order), dict(metadata) if metadata else None, 8 + len(raw),
+                           size)
+
+
+class _Reordered(Sequence):
+    """``items`` in the order ``idx`` gives, without copying them."""
+
+    def __init__(self, items: Sequence[Item], idx: list[int]):
+        self.items, self.idx = items, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.items[self.idx[i]]
+
+    def __iter__(self):
+        items = self.items
+        for i in self.idx:
+            yield items[i]
+
+
+class _LazyTensors(Mapping):
+    """The :class:`TensorInfo` of a written file, made on first use (most callers never look)."""
+
+    def __init__(self, order: Sequence[Item]):
+        self._order: Sequence[Item] | None = order
+        self._d: dict[str, TensorInfo] = {}
+
+    def _all(self) -> dict[str, TensorInfo]:
+        if self._order is not None:
+            pos = 0
+            for it in self._order:
+                self._d[it.name] = TensorInfo(it.name, it.dtype, tuple(it.shape), pos, pos + it.nbytes)
+                pos += it.nbytes
+            self._order = None
+        return self._d
+
+    def __getitem__(self, k: str) -> TensorInfo:
+        return self._all()[k]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())

@@ -12,13 +12,13 @@ from .layout import open_checkpoint
 __all__ = ["inspect", "format_inspect"]
 
 
-def inspect(src: str | os.PathLike) -> dict[str, Any]:
+def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False) -> dict[str, Any]:
     """What surgery a checkpoint holds, as a JSON-ready dict (``surgery inspect --json``).
 
     Raises:
         CheckpointError: see :func:`open_checkpoint`.
     """
-    ck = open_checkpoint(src)
+    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks)
     try:
         record, where = ck.record()
         dtypes: dict[str, int] = {}

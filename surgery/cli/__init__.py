@@ -11,18 +11,19 @@ the file and the problem (``--debug`` adds the traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import textwrap
-import threading
 import traceback
 
+from .. import interrupts
+from ..checkpoint.atomic import os_error
 from .convert import Convert
 from .inspect import Inspect
 
 __all__ = ["main", "build_parser"]
 
 SUBCOMMANDS = (Convert, Inspect)
+_NAMES = {c.name for c in SUBCOMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,16 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """``str(e)`` on one line, control characters escaped (a file name cannot move the cursor)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``surgery`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    """Run the ``surgery`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Ctrl-C (SIGINT) or SIGTERM at any moment before convert's final rename: exit 130, one
+    line, no DST, no temporary (see :mod:`surgery.interrupts`)."""
+    installed = interrupts.install()
+    try:
+        interrupts.arm()  # exit 130 now for a signal that came while Python was starting
+        return _main(argv)
+    except KeyboardInterrupt:
+        cmd = _COMMAND[0] or next((a for a in (sys.argv[1:] if argv is None else argv) if a in _NAMES), "")
+        done = "; nothing was written to DST" if cmd == "convert" else ""
+        print(f"surgery{' ' + cmd if cmd else ''}: interrupted{done}", file=sys.stderr)
+        return 130
+    finally:
+        interrupts.disarm()
+        if installed and argv is not None:  # called in process: give the caller its handlers back
+            interrupts.restore()
+        interrupts.STATE.reset()
+        _COMMAND[0] = ""
+
+
+_COMMAND = [""]
+
+
+def _main(argv: list[str] | None) -> int:
     from ..errors import SurgeryError, SurgeryTypeError
 
     parser = build_parser()
@@ -68,19 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
-    old = None
-    if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGTERM, _interrupt)  # clean up temporaries on `kill` as on Ctrl-C
+    _COMMAND[0] = args.command
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        if interrupts.STATE.interrupted and not interrupts.STATE.committed:
+            raise KeyboardInterrupt  # a Ctrl-C that some library swallowed
+        return rc
     except KeyboardInterrupt:
-        done = "; nothing was written to DST" if args.command == "convert" else ""
-        print(f"surgery {args.command}: interrupted{done}", file=sys.stderr)
-        return 130
-    except (SurgeryError, SurgeryTypeError, OSError) as e:
+        raise
+    except (SurgeryError, SurgeryTypeError) as e:
         if args.debug:
             traceback.print_exc()
         print(f"surgery {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug:
+            traceback.print_exc()
+        name, problem = os_error(e)
+        print(f"surgery {args.command}: error: {_one_line(name + ': ' + problem if name else problem)}",
+              file=sys.stderr)
         return 2
     except Exception as e:  # a bug in surgery, not bad input
         if args.debug:
@@ -88,6 +117,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"surgery {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
               "(rerun with --debug for the traceback and report it)", file=sys.stderr)
         return 1
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+from .. import interrupts
 from ..checkpoint import execute, plan_convert
 from ..checkpoint.common import fmt_bytes
 from ._subcommand import Subcommand
@@ -15,7 +16,8 @@ from ._subcommand import Subcommand
 class Convert(Subcommand):
     name = "convert"
     help = "write a plain checkpoint (no Mixout targets, original config) from a surgered one"
-    usage = "surgery convert SRC DST [--overwrite] [--dry-run] [--require-surgery] [--quiet] [--debug]"
+    usage = ("surgery convert SRC DST [--overwrite] [--dry-run] [--require-surgery] [--follow-external-symlinks] "
+             "[--quiet] [--debug]")
     description = textwrap.dedent("""\
         Convert a checkpoint saved with surgery applied into a plain one that loads with plain
         transformers / torch, on machines that never heard of surgery.
@@ -29,7 +31,13 @@ class Convert(Subcommand):
 
         Every tensor is copied bit for bit, one at a time, so memory stays flat. DST is written beside
         itself under a temporary name and renamed at the end: an error or Ctrl-C leaves no DST.
-        SRC is only read.""")
+        SRC is only read.
+
+        SRC may come from someone else: files are read only where they resolve inside SRC (or, for a
+        Hugging Face cache snapshot, inside its repository folder); a symbolic link leading elsewhere
+        is refused unless --follow-external-symlinks; FIFOs, devices and symlinked folders are never
+        read (a warning names them); headers, indexes, config.json and the change record are
+        validated before anything is written.""")
     epilog = textwrap.dedent("""\
         examples:
           # a save_pretrained / Trainer checkpoint directory (sharded or not)
@@ -40,8 +48,11 @@ class Convert(Subcommand):
           $ surgery convert out/checkpoint-500 plain-model --dry-run
           # replace an earlier conversion; fail if SRC holds no surgery
           $ surgery convert out/checkpoint-500 plain-model --overwrite --require-surgery
+          # a Hugging Face cache snapshot (its links into ../../blobs are inside the repository: allowed)
+          $ surgery convert ~/.cache/huggingface/hub/models--org--name/snapshots/<rev> plain-model
 
-        exit status: 0 done, 2 bad input (one line on stderr naming the file), 130 interrupted.""")
+        exit status: 0 done, 2 bad input (one line on stderr naming the file), 130 interrupted
+        (Ctrl-C or SIGTERM: no DST, no temporary).""")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("src", metavar="SRC", help="surgered checkpoint: file or directory")
@@ -52,23 +63,30 @@ class Convert(Subcommand):
                                                                    "write nothing")
         parser.add_argument("--require-surgery", action="store_true",
                             help="fail (exit 2) when SRC holds no surgery record and no Mixout targets")
+        parser.add_argument("--follow-external-symlinks", action="store_true",
+                            help="read files of SRC that are symbolic links to places outside SRC (refused by "
+                                 "default: DST would publish them)")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
 
     def run(self, args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
-        plan = plan_convert(args.src, args.dst, overwrite=args.overwrite, require_surgery=args.require_surgery)
+        plan = plan_convert(args.src, args.dst, overwrite=args.overwrite, require_surgery=args.require_surgery,
+                            follow_external_symlinks=args.follow_external_symlinks)
         try:
             if args.dry_run:
                 print(plan.describe())
                 print("dry run: nothing written")
                 return 0
             for w in plan.warnings:
-                print(f"surgery convert: warning: {w}", file=sys.stderr)
-            from tqdm.auto import tqdm
+                print(f"surgery convert: warning: {_one_line(w)}", file=sys.stderr)
+            if args.quiet or not sys.stderr.isatty():
+                execute(plan, overwrite=args.overwrite, state=interrupts.STATE)
+            else:
+                from tqdm.auto import tqdm
 
-            with tqdm(total=plan.kept_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                      desc="convert", delay=0.5, disable=args.quiet or not sys.stderr.isatty()) as bar:
-                execute(plan, overwrite=args.overwrite, progress=bar.update)
+                with tqdm(total=plan.kept_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                          desc="convert", delay=0.5) as bar:
+                    execute(plan, overwrite=args.overwrite, progress=bar.update, state=interrupts.STATE)
         finally:
             plan.ck.close()
         if not args.quiet:
@@ -81,3 +99,7 @@ class Convert(Subcommand):
             print(f"wrote {plan.dst}: {n} tensors ({fmt_bytes(plan.kept_bytes)}), {what}{cfg}, "
                   f"{len(plan.ck.copies)} files copied, in {time.perf_counter() - t0:.1f} s")
         return 0
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))

@@ -13,7 +13,7 @@ from ._subcommand import Subcommand
 class Inspect(Subcommand):
     name = "inspect"
     help = "show what surgery a checkpoint holds (Mixout layers and p, MSD heads, dropout, sizes)"
-    usage = "surgery inspect SRC [--json] [--require-surgery] [--debug]"
+    usage = "surgery inspect SRC [--json] [--require-surgery] [--follow-external-symlinks] [--debug]"
     description = textwrap.dedent("""\
         Show what surgery a checkpoint holds, without the model class: the change record (from
         config.json or the safetensors header metadata), the Mixout layers and their p, multi-sample
@@ -32,9 +32,11 @@ class Inspect(Subcommand):
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
         parser.add_argument("--require-surgery", action="store_true",
                             help="fail (exit 2) when SRC holds no surgery record and no Mixout targets")
+        parser.add_argument("--follow-external-symlinks", action="store_true",
+                            help="read files of SRC that are symbolic links to places outside SRC")
 
     def run(self, args: argparse.Namespace) -> int:
-        info = inspect(args.src)
+        info = inspect(args.src, follow_external_symlinks=args.follow_external_symlinks)
         if args.require_surgery and not info["surgered"]:
             raise CheckpointError(args.src, "holds no surgery (no change record, no Mixout targets)")
         print(json.dumps(info, indent=2) if args.json else format_inspect(info))
