@@ -239,22 +239,14 @@ def _source(path: Path, tree: SourceTree, max_tensors: int) -> _Source:
 
 
 def _unreferenced_shards(path: Path, index_name: str, shards: list[str]) -> str | None:
-    """A problem with the shard set: a file named like a shard of this index that the index
-    does not reference, or fewer shards than their ``-of-N`` names say."""
-    prefix = index_name[:-len(".index.json")]
-    stem, ext = os.path.splitext(prefix)
-    ns = set()
-    for s in shards:
-        m = SHARD_NAME.fullmatch(s)
-        if m:
-            ns.add(int(m.group(3)))
+    """A file named like a shard of this index (``<stem>-NNNNN-of-MMMMM<ext>``) that the
+    index does not reference: its tensors would silently go missing from DST."""
+    stem, ext = os.path.splitext(index_name[:-len(".index.json")])
+    referenced = set(shards)
     for fn in sorted(os.listdir(path)):
         m = SHARD_NAME.fullmatch(fn)
-        if m and m.group(1) == stem and m.group(4) == ext and fn not in shards:
+        if m and m.group(1) == stem and m.group(4) == ext and fn not in referenced:
             return f"{fn} looks like a shard of this checkpoint but {index_name} does not reference it"
-    if len(ns) == 1 and all(SHARD_NAME.fullmatch(s) for s in shards) and len(shards) != next(iter(ns)):
-        return (f"{index_name} references {len(shards)} shard files but their names say there are "
-                f"{next(iter(ns))}")
     return None
 
 
@@ -326,7 +318,7 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
             raise CheckpointError(path / name, f"{problem}; the index and the shards do not match")
         budget = max_tensors
         for s in shards:
-            ck.sources.append(_source(path / s, tree, budget))
+            ck.sources.append(_source(path / s, tree, max(budget, 0)))
             budget -= len(ck.sources[-1].entries)
         used |= set(shards)
         found: dict[str, str] = {}

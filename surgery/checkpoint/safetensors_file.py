@@ -35,7 +35,8 @@ __all__ = ["TensorInfo", "SafetensorsFile", "Item", "Progress", "read_header", "
 
 METADATA_KEY = "__metadata__"
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
-MAX_TENSORS = 1_000_000  # per file: more is refused as absurd (the largest open models have under 200,000)
+MAX_TENSORS = 500_000  # per checkpoint: more is refused as absurd (the largest open models have under 200,000)
+SAFE_OPEN_MAX = 50_000  # written files of up to this many tensors are also opened with safetensors.safe_open
 CHUNK = 64 * 2**20
 
 # safetensors dtype name -> bits per element
@@ -143,8 +144,7 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
     except OSError as e:
         raise CheckpointError(path, f"cannot read ({e.strerror or e})") from None
     if count_tensors_upper_bound(raw) > max_tensors:
-        raise CheckpointError(path, f"the header lists more than {max_tensors:,} tensors (the largest open models "
-                                    f"have under 200,000 per file); refused as absurd (memory)")
+        raise CheckpointError(path, _too_many(max_tensors))
     try:
         header = parse_json(raw, "the header", max_depth=None, object_pairs_hook=_entry_hook)
     except ValueError as e:
@@ -157,8 +157,7 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
                                      and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise CheckpointError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
     if len(header) > max_tensors:
-        raise CheckpointError(path, f"the header lists {len(header):,} tensors, more than {max_tensors:,}; refused "
-                                    "as absurd (memory)")
+        raise CheckpointError(path, _too_many(max_tensors))
     data_bytes = size - 8 - n
     tensors: dict[str, TensorInfo] = header  # type: ignore[assignment]
     for name, t in header.items():
@@ -189,15 +188,27 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
     return SafetensorsFile(path, tensors, metadata, 8 + n, size)
 
 
+def _too_many(max_tensors: int) -> str:
+    if max_tensors < MAX_TENSORS:
+        return (f"with the other shards, the checkpoint lists more than {MAX_TENSORS:,} tensors (the largest open "
+                "models have under 200,000); refused as absurd (memory grows with the tensor count)")
+    return (f"the header lists more than {max_tensors:,} tensors (the largest open models have under 200,000); "
+            "refused as absurd (memory grows with the tensor count)")
+
+
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
-    parts, got = [], 0
+    """``n`` bytes at ``offset`` (fewer at the end of the file), read into one buffer (no second copy)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
     while got < n:
-        b = os.pread(fd, min(n - got, CHUNK), offset + got)
-        if not b:
+        k = os.preadv(fd, [view[got:got + CHUNK]], offset + got)
+        if k == 0:
             break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts) if len(parts) != 1 else parts[0]
+        got += k
+    view.release()
+    if got < n:
+        del buf[got:]
+    return buf
 
 
 Progress = Callable[[int], None]
@@ -341,7 +352,7 @@ def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: 
     Tensors are laid out widest dtype first (as safetensors does) so every tensor is
     aligned to its element size; the header is padded with spaces to 8 bytes. The file is
     fsync'ed, its header read back and compared byte for byte with what was meant to be
-    written, its size checked, and it is opened with ``safetensors.safe_open``. ``items``
+    written, its size checked, and (up to SAFE_OPEN_MAX tensors) it is opened with ``safetensors.safe_open``. ``items``
     may be any sequence (``convert`` passes one that makes each item on demand); ``mode``:
     the new file's permission bits.
 
@@ -381,6 +392,8 @@ def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: 
     if size != 8 + len(raw) + data_size or back != struct.pack("<Q", len(raw)) + raw:
         raise CheckpointError(path, "written file failed verification (header or size differs from what was written)")
     del back
+    if n_items > SAFE_OPEN_MAX:  # safe_open's own parse costs ~10x the header in memory: skipped past the bound
+        return SafetensorsFile(path, _LazyTensors(order), dict(metadata) if metadata else None, 8 + len(raw), size)
     try:
         from safetensors import safe_open
         with safe_open(str(path), framework="numpy") as f:  # numpy, not torch: no torch import for safetensors
