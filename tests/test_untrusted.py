@@ -1,0 +1,327 @@
+"""`surgery convert` / `inspect` on folders someone else made (issue 9): links leading outside
+SRC, Hugging Face cache snapshots, special files, checkpoints without weights, tampered
+records, file modes, parent folders, error wording, expanded .pt views, start-up imports."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fake_checkpoint import RECORD, debris, make_dir, snapshot, st_bytes, tensors
+from surgery.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_refused(rc, err, *needles):
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+def assert_clean(tmp_path, src, before, dst):
+    assert snapshot(src) == before  # SRC unchanged
+    assert not os.path.lexists(dst)
+    assert debris(tmp_path) == []
+
+
+# ---- item 1: links ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["secret", "/proc/self/environ", "/etc/passwd"])
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "sub/vocab.txt"])
+def test_link_outside_src_is_refused(tmp_path, capsys, name, target):
+    (tmp_path / "secret").write_text("API_KEY=hunter2\n")
+    src = make_dir(tmp_path / "src")
+    link = src / name
+    link.parent.mkdir(exist_ok=True)
+    if link.exists():
+        link.unlink()
+    link.symlink_to(tmp_path / target if target == "secret" else target)
+    before = snapshot(src)
+    for cmd in (["convert", src, tmp_path / "dst"], ["inspect", src]):
+        rc, out, err = run(capsys, *cmd)
+        assert_refused(rc, err, link, "outside the checkpoint", "--follow-external-symlinks")
+        assert "hunter2" not in out + err
+    assert_clean(tmp_path, src, before, tmp_path / "dst")
+
+
+def test_link_to_weights_outside_src_is_refused(tmp_path, capsys):
+    (tmp_path / "elsewhere.safetensors").write_bytes(st_bytes(tensors()))
+    src = make_dir(tmp_path / "src")
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    before = snapshot(src)
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert_refused(rc, err, src / "model.safetensors", "outside the checkpoint")
+    assert_clean(tmp_path, src, before, tmp_path / "dst")
+
+
+def test_opt_in_follows_external_links(tmp_path, capsys):
+    (tmp_path / "shared_tok.json").write_text('{"shared": true}')
+    src = make_dir(tmp_path / "src")
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").symlink_to(tmp_path / "shared_tok.json")
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst", "--follow-external-symlinks")
+    assert rc == 0, err
+    assert not (tmp_path / "dst" / "tokenizer.json").is_symlink()
+    assert (tmp_path / "dst" / "tokenizer.json").read_text() == '{"shared": true}'
+
+
+def test_links_inside_src_are_followed(tmp_path, capsys):
+    src = make_dir(tmp_path / "src", files={"real/tok.json": b"abc"})
+    (src / "tokenizer.json").symlink_to("real/tok.json")
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert rc == 0, err
+    assert (tmp_path / "dst" / "tokenizer.json").read_bytes() == b"abc"
+
+
+def _hf_cache(tmp_path, sharded):
+    """models--org--name/{blobs/<sha>, refs/main, snapshots/<rev>/* -> ../../blobs/<sha>}"""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    staging = make_dir(tmp_path / "staging", sharded=sharded, files={"tokenizer.json": b"{}", "1_Pooling/config.json":
+                                                                     b'{"pooling": "mean"}'})
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    for dirpath, _, files in os.walk(staging):
+        for fn in files:
+            rel = os.path.relpath(os.path.join(dirpath, fn), staging)
+            blob = repo / "blobs" / f"sha{abs(hash(rel))}"
+            os.replace(os.path.join(dirpath, fn), blob)
+            link = snap / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_hugging_face_cache_snapshot_converts(tmp_path, capsys, sharded):
+    snap = _hf_cache(tmp_path, sharded)
+    before = snapshot(snap.parents[1])
+    rc, out, err = run(capsys, "convert", snap, tmp_path / "dst")
+    assert rc == 0, err
+    dst = tmp_path / "dst"
+    assert json.loads((dst / "config.json").read_text())["hidden_dropout_prob"] == 0.1
+    assert (dst / "1_Pooling" / "config.json").read_text() == '{"pooling": "mean"}'
+    assert not any(p.is_symlink() for p in dst.rglob("*"))
+    assert snapshot(snap.parents[1]) == before
+    rc, out, err = run(capsys, "inspect", snap)
+    assert rc == 0, err
+
+
+def test_hf_snapshot_link_leaving_the_repository_is_refused(tmp_path, capsys):
+    snap = _hf_cache(tmp_path, False)
+    (tmp_path / "hub" / "other.txt").write_text("private")
+    (snap / "vocab.txt").symlink_to("../../../other.txt")  # hub/other.txt: outside models--org--tiny
+    rc, out, err = run(capsys, "convert", snap, tmp_path / "dst")
+    assert_refused(rc, err, snap / "vocab.txt", "outside the checkpoint")
+
+
+def test_symlinked_folder_fifo_and_broken_link_are_named_in_warnings(tmp_path, capsys):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.txt").write_text("x")
+    src = make_dir(tmp_path / "src")
+    (src / "linked_dir").symlink_to(tmp_path / "outside")
+    os.mkfifo(src / "pipe.txt")
+    (src / "broken.json").symlink_to(src / "nowhere")
+    before = snapshot(src)
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")  # a FIFO would block if it were opened
+    assert rc == 0, err
+    for needle in ("linked_dir is a symbolic link to a folder", "pipe.txt is a FIFO", "broken.json is a broken"):
+        assert needle in err, err
+    assert sorted(os.listdir(tmp_path / "dst")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert snapshot(src) == before
+    rc, out, err = run(capsys, "inspect", src)
+    assert rc == 0 and "pipe.txt is a FIFO" in out
+
+
+def test_fifo_as_config_is_refused_without_blocking(tmp_path, capsys):
+    src = make_dir(tmp_path / "src")
+    (src / "config.json").unlink()
+    os.mkfifo(src / "config.json")
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert_refused(rc, err, src / "config.json", "FIFO", "not a regular file")
+
+
+# ---- item 2: checkpoints without weights ----------------------------------------------------
+
+def test_empty_weight_map_is_refused(tmp_path, capsys):
+    src = make_dir(tmp_path / "src", sharded=True)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    before = snapshot(src)
+    for cmd in (["convert", src, tmp_path / "dst"], ["inspect", src]):
+        rc, out, err = run(capsys, *cmd)
+        assert_refused(rc, err, "model.safetensors.index.json", "names no tensor")
+    assert_clean(tmp_path, src, before, tmp_path / "dst")
+
+
+def test_unreferenced_shard_is_refused(tmp_path, capsys):
+    src = make_dir(tmp_path / "src", sharded=True)
+    idx = json.loads((src / "model.safetensors.index.json").read_text())
+    idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if v.startswith("model-00001")}
+    (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert_refused(rc, err, "model-00002-of-00002.safetensors looks like a shard", "does not reference it")
+
+
+def test_file_without_tensors_is_refused(tmp_path, capsys):
+    (tmp_path / "empty.safetensors").write_bytes(st_bytes({}))
+    for cmd in (["convert", tmp_path / "empty.safetensors", tmp_path / "o.safetensors"],
+                ["inspect", tmp_path / "empty.safetensors"]):
+        rc, out, err = run(capsys, *cmd)
+        assert_refused(rc, err, "holds no tensor")
+
+
+# ---- item 5: a tampered record ---------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("config", [{"module": "", "path": "hidden_dropout_prob", "old": 0.1}], "config[0].path must be a non-empty list"),
+    ("config", [{"path": ["a", 3], "old": 0.1}], "config[0].path"),
+    ("mixout", 5, "'mixout' must be a list"),
+    ("mixout", [{"p": 0.1}], "mixout[0] has no 'name'"),
+    ("dropout", [{"module": "d", "attr": "p", "old": [0.1]}], "dropout[0].old must be a finite number"),
+])
+def test_tampered_record_is_refused_before_writing(tmp_path, capsys, field, value, needle):
+    src = make_dir(tmp_path / "src", record={**RECORD, field: value})
+    before = snapshot(src)
+    for cmd in (["convert", src, tmp_path / "dst"], ["inspect", src]):
+        rc, out, err = run(capsys, *cmd)
+        assert_refused(rc, err, src / "config.json", "invalid surgery record", needle)
+    assert_clean(tmp_path, src, before, tmp_path / "dst")
+
+
+# ---- item 7: modes, parents, wording ------------------------------------------------------
+
+def test_file_modes_are_kept(tmp_path, capsys):
+    src = make_dir(tmp_path / "src")
+    os.chmod(src / "model.safetensors", 0o600)
+    os.chmod(src / "tokenizer.json", 0o640)
+    os.chmod(src / "config.json", 0o600)
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert rc == 0, err
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "dst" / "model.safetensors") == 0o600
+    assert mode(tmp_path / "dst" / "tokenizer.json") == 0o640
+    assert mode(tmp_path / "dst" / "config.json") == 0o600
+    (tmp_path / "one.safetensors").write_bytes(st_bytes(tensors()))
+    os.chmod(tmp_path / "one.safetensors", 0o600)
+    rc, out, err = run(capsys, "convert", tmp_path / "one.safetensors", tmp_path / "plain.safetensors")
+    assert rc == 0 and mode(tmp_path / "plain.safetensors") == 0o600
+
+
+def test_failed_convert_removes_the_parent_folders_it_created(tmp_path, capsys):
+    src = make_dir(tmp_path / "src")
+    os.chmod(src / "tokenizer.json", 0)  # unreadable: found before anything is written
+    dst = tmp_path / "a" / "b" / "dst"
+    if os.access(src / "tokenizer.json", os.R_OK):  # root reads anything: break the write instead
+        (src / "tokenizer.json").chmod(0o644)
+        (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-4])
+    rc, out, err = run(capsys, "convert", src, dst)
+    assert rc == 2, err
+    assert not (tmp_path / "a").exists() and debris(tmp_path) == []
+
+
+def test_unreadable_source_file_is_a_read_error(tmp_path, capsys):
+    src = make_dir(tmp_path / "src", files={"vocab.txt": b"[PAD]\n"})
+    os.chmod(src / "vocab.txt", 0)
+    if os.access(src / "vocab.txt", os.R_OK):
+        os.chmod(src / "vocab.txt", 0o644)
+        (src / "vocab.txt").unlink()
+        os.mkfifo(src / "vocab.txt")  # root: stand in with another unreadable kind
+        rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+        assert rc == 0 and "vocab.txt is a FIFO" in err
+        return
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert_refused(rc, err, src / "vocab.txt", "cannot read", "ermission denied")
+    assert "write failed" not in err
+
+
+def test_errors_name_dst_not_the_temporary_nor_errno(tmp_path, capsys, monkeypatch):
+    import surgery.checkpoint.conversion as conversion
+    src = make_dir(tmp_path / "src")
+
+    def enospc(*a, **k):
+        raise OSError(28, "No space left on device", str(a[2]))
+
+    monkeypatch.setattr(conversion, "copy_file", enospc)
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert_refused(rc, err, tmp_path / "dst" / "tokenizer.json", "no space left")
+    assert ".surgery-tmp" not in err and "Errno" not in err
+    assert debris(tmp_path) == [] and not (tmp_path / "dst").exists()
+
+
+def test_existing_dst_file_message_has_no_errno(tmp_path, capsys):
+    (tmp_path / "one.safetensors").write_bytes(st_bytes(tensors()))
+    (tmp_path / "taken").mkdir()
+    rc, out, err = run(capsys, "convert", tmp_path / "one.safetensors", tmp_path / "taken" / "x" / "o.safetensors")
+    assert rc == 0, err  # parents are created
+    (tmp_path / "file").write_text("")
+    rc, out, err = run(capsys, "convert", tmp_path / "one.safetensors", tmp_path / "file" / "o.safetensors")
+    assert_refused(rc, err, "not a directory")
+    assert "Errno" not in err
+
+
+def test_header_length_over_the_limit_says_so(tmp_path, capsys):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes((200_000_000).to_bytes(8, "little") + b"{}" + b" " * 6)
+    rc, out, err = run(capsys, "inspect", p)
+    assert_refused(rc, err, "over the 100000000 byte limit")
+    assert "file has" not in err
+
+
+def test_expanded_pt_view_warns_and_past_the_bound_is_refused(tmp_path, capsys):
+    import torch
+    torch.save({"w": torch.zeros(1).expand(1 << 16), "b": torch.ones(3)}, tmp_path / "small.pt")
+    rc, out, err = run(capsys, "convert", tmp_path / "small.pt", tmp_path / "small.safetensors")
+    assert rc == 0 and "expanded view (stride 0)" in err and "x65,536" in err, err
+    torch.save({"w": torch.zeros(1).expand(1 << 29)}, tmp_path / "big.pt")  # 2 GiB written out from 4 bytes
+    rc, out, err = run(capsys, "convert", tmp_path / "big.pt", tmp_path / "big.safetensors")
+    assert_refused(rc, err, "expanded stride-0 views", "refused past 64x")
+    assert not (tmp_path / "big.safetensors").exists() and debris(tmp_path) == []
+
+
+def test_control_characters_in_names_stay_on_one_line(tmp_path, capsys):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(st_bytes({}, raw_header=json.dumps({"a\n\x1b[31mred": {"dtype": ["F32"], "shape": [1],
+                                                                          "data_offsets": [0, 4]}}).encode()))
+    rc, out, err = run(capsys, "inspect", p)
+    assert_refused(rc, err, "is not {dtype")
+    assert "\x1b" not in err
+
+
+# ---- item 8: start-up imports ---------------------------------------------------------------
+
+def test_safetensors_convert_and_inspect_never_import_torch(tmp_path):
+    src = make_dir(tmp_path / "src", sharded=True)
+    code = ("import sys; from surgery.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv in (["convert", str(src), str(tmp_path / "dst")], ["inspect", str(src), "--json"]):
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+
+
+def test_lazy_package_keeps_every_public_name():
+    code = ("import sys, surgery; assert 'torch' not in sys.modules; "
+            "names = [getattr(surgery, n) for n in surgery.__all__]; "
+            "assert callable(surgery.export) and surgery.export.__module__ == 'surgery.exporting'; "
+            "assert surgery.checkpoint.save.__name__ == 'save'; "
+            "from surgery import *; print(len(names))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import surgery
+    assert int(r.stdout) == len(surgery.__all__)
