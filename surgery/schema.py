@@ -25,7 +25,9 @@ _repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 
 def short(v: Any) -> str:
     """A short, one-line, recursion-safe rendering of an untrusted value for an error message."""
     if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
-        return f"an integer of {len(str(abs(v))) if v.bit_length() < 10_000 else 'thousands of'} digits"
+        return "an integer of thousands of digits" if v.bit_length() > 10_000 else f"an integer of {len(str(abs(v)))} digits"
+    if isinstance(v, list) and any(isinstance(x, int) and x.bit_length() > 64 for x in v[:8]):
+        return f"a list holding integers past 2**64 ({len(v)} items)"
     return f"{type(v).__name__} {_repr.repr(v)}"
 
 

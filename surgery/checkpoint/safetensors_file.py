@@ -168,12 +168,13 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
         t.name = name
         need = _nbytes(t.dtype, t.shape)
         if t.end < t.start or need != t.end - t.start:
-            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} ({t.dtype} {list(t.shape)}) "
-                                        f"needs {short(need) if need and need.bit_length() > 64 else need} bytes but "
-                                        f"its data_offsets [{t.start}, {t.end}] span {t.end - t.start}")
+            shape = short(list(t.shape)) if any(d.bit_length() > 64 for d in t.shape) else list(t.shape)
+            needs = "more than 2**64" if need is not None and need.bit_length() > 64 else need
+            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} ({t.dtype} {shape}) "
+                                        f"needs {needs} bytes but its data_offsets span {t.end - t.start}")
         if t.end > data_bytes:
             raise CheckpointError(path, f"truncated or corrupt safetensors file: tensor {name!r} ends at byte "
-                                        f"{t.end} of the data section (offsets point past the end of the file, which "
+                                        f"{t.end if t.end.bit_length() <= 64 else 'past 2**64'} of the data section (offsets point past the end of the file, which "
                                         f"holds {data_bytes} data bytes)")
     pos = 0
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
