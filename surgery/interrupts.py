@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-__all__ = ["STATE", "install", "arm", "disarm", "restore", "test_hook"]
+__all__ = ["STATE", "install", "arm", "disarm", "restore", "ignore", "test_hook"]
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
@@ -80,15 +80,27 @@ def restore() -> None:
     STATE.previous.clear()
 
 
+def ignore() -> None:
+    """Ignore SIGINT/SIGTERM from now on: the command has decided its exit status and only
+    the interpreter's shutdown is left (which would otherwise restore the default action,
+    so a late Ctrl-C would kill a finished, successful run)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def test_hook(name: str) -> None:
     """For the signal tests only: with ``name`` in ``SURGERY_TEST_HOOK`` (comma-separated),
     create the file ``$SURGERY_TEST_HOOK_FILE.<name>`` and wait (up to 20 s) until the test
-    deletes it, so a signal can be sent at a known moment. Does nothing otherwise."""
+    deletes it, so a signal can be sent at a known moment (with ``SURGERY_TEST_HOOK_NOWAIT``
+    set, only create it). Does nothing otherwise."""
     if name not in os.environ.get("SURGERY_TEST_HOOK", "").split(","):
         return
     marker = f"{os.environ['SURGERY_TEST_HOOK_FILE']}.{name}"
     with open(marker, "w") as f:
         f.write(str(os.getpid()))
+    if os.environ.get("SURGERY_TEST_HOOK_NOWAIT"):
+        return
     deadline = time.monotonic() + 20
     while os.path.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.005)

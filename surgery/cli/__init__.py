@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.disarm()
         if installed and argv is not None:  # called in process: give the caller its handlers back
             interrupts.restore()
+        elif installed:  # the program is ending with its exit status decided: a late signal must not change it
+            interrupts.ignore()
         interrupts.STATE.reset()
         _COMMAND[0] = ""
 
