@@ -76,11 +76,11 @@ def _number(v: Any) -> bool:
 
 
 def _str(v: Any) -> bool:
-    return isinstance(v, str)
+    return isinstance(v, str) and v.isprintable()  # no newline or escape sequence reaches a terminal
 
 
 def _path(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(k, str) and k for k in v)
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(k, str) and k and k.isprintable() for k in v)
 
 
 def _is_bool(v: Any) -> bool:
@@ -95,7 +95,8 @@ def _is_k(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**20
 
 
-_DESC = {_number: "a finite number", _str: "a string", _path: "a non-empty list of non-empty strings",
+_DESC = {_number: "a finite number", _str: "a string of printable characters",
+         _path: "a non-empty list of non-empty printable strings",
          _is_bool: "true or false", _is_prob: "a number in [0, 1]", _is_k: "an integer in [1, 1048576]"}
 
 # list field -> {entry field: (check, required)}

@@ -98,6 +98,8 @@ RECORDS = [
     ("rec-version-2", {**R, "version": 2}),
     ("rec-format-other", {**R, "format": "other"}),
     ("rec-string-garbage", "surgery!"),
+    ("rec-name-escape-sequence", {**R, "mixout": [{"name": "enc.0\n\x1b[2J", "p": 0.1}]}),
+    ("rec-path-newline", {**R, "config": [{"path": ["hidden\ndropout"], "old": 0.1}]}),
     ("rec-deep-args", {**R, "args": json.loads('{"a":' * 30 + "1" + "}" * 30)}),
 ]
 

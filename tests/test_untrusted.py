@@ -148,6 +148,24 @@ def test_symlinked_folder_fifo_and_broken_link_are_named_in_warnings(tmp_path, c
     assert rc == 0 and "pipe.txt is a FIFO" in out
 
 
+def test_plain_checkpoint_warnings_and_link_loops(tmp_path, capsys):
+    src = make_dir(tmp_path / "src", record=None)
+    plain = {k: v for k, v in tensors().items() if not k.endswith("mixout_target")}
+    (src / "model.safetensors").write_bytes(st_bytes(plain))
+    (src / "loop_a").symlink_to("loop_b")
+    (src / "loop_b").symlink_to("loop_a")
+    os.mkfifo(src / "pipe\x1b[2J.txt")
+    rc, out, err = run(capsys, "inspect", src)
+    assert rc == 0 and "no surgery" in out, err
+    assert "loop_a is a broken symbolic link" in out and "pipe\\x1b[2J.txt is a FIFO" in out and "\x1b" not in out
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert rc == 0 and "loop_b is a broken symbolic link" in err and "\x1b" not in err, err
+    (src / "config.json").unlink()
+    (src / "config.json").symlink_to("config.json")
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst2")
+    assert_refused(rc, err, src / "config.json", "cannot read")
+
+
 def test_fifo_as_config_is_refused_without_blocking(tmp_path, capsys):
     src = make_dir(tmp_path / "src")
     (src / "config.json").unlink()

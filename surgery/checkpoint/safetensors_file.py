@@ -347,7 +347,7 @@ def _header_bytes(order: Sequence[Item], metadata: dict[str, str] | None) -> tup
 
 
 def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: dict[str, str] | None = None,
-                      progress: Progress | None = None, *, mode: int = 0o644) -> SafetensorsFile:
+                      progress: Progress | None = None, *, mode: int | None = None) -> SafetensorsFile:
     """Write ``items`` as a safetensors file, one tensor at a time, then verify it.
 
     Tensors are laid out widest dtype first (as safetensors does) so every tensor is
@@ -355,7 +355,7 @@ def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: 
     fsync'ed, its header read back and compared byte for byte with what was meant to be
     written, its size checked, and (up to SAFE_OPEN_MAX tensors) it is opened with ``safetensors.safe_open``. ``items``
     may be any sequence (``convert`` passes one that makes each item on demand); ``mode``:
-    the new file's permission bits.
+    the new file's permission bits (default: 0644 less the umask).
 
     Raises:
         CheckpointError: duplicate names, a writer that wrote the wrong number of bytes, or
@@ -374,9 +374,10 @@ def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: 
     del widths
     order = _Reordered(items, order_idx)
     raw, data_size = _header_bytes(order, metadata)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode & 0o7777)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        os.fchmod(fd, mode & 0o7777)  # exactly ``mode``, whatever the umask
+        if mode is not None:
+            os.fchmod(fd, mode & 0o7777)  # exactly ``mode`` (convert keeps SRC's bits), whatever the umask
         _write_all(fd, struct.pack("<Q", len(raw)) + raw, None)
         for it in order:
             before = os.lseek(fd, 0, os.SEEK_CUR)

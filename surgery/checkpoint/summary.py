@@ -49,9 +49,8 @@ def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False) -
 
 
 def format_inspect(info: dict[str, Any]) -> str:
-    """The human-readable form of :func:`inspect`'s dict."""
-    from ..engine import describe
-
+    """The human-readable form of :func:`inspect`'s dict (imports torch only to print a record,
+    through ``surgery.describe``)."""
     t = info["mixout_targets"]
     lines = [f"{info['path']}: {info['layout']}",
              f"  tensors: {info['tensors']} ({fmt_bytes(info['bytes'])}; "
@@ -59,6 +58,7 @@ def format_inspect(info: dict[str, Any]) -> str:
              f"  largest tensor: {info['largest_tensor']['name']} ({fmt_bytes(info['largest_tensor']['bytes'])})"]
     if not info["surgered"]:
         lines.append("  no surgery: no change record and no Mixout targets (a plain checkpoint)")
+        lines += [f"  warning: {_printable(w)}" for w in info["warnings"]]
         return "\n".join(lines)
     lines.append(f"  Mixout targets: {t['count']} ({fmt_bytes(t['bytes'])}); plain after convert: "
                  f"{info['plain']['tensors']} tensors ({fmt_bytes(info['plain']['bytes'])})")
@@ -66,9 +66,15 @@ def format_inspect(info: dict[str, Any]) -> str:
         lines.append("  record: none found (Mixout p, dropout and MSD settings unknown; convert still drops "
                      "the targets)")
     else:
+        from ..engine import describe
+
         lines.append(f"  record ({info['record_source']}):")
         lines += ["  " + ln for ln in describe(info["record"]).splitlines()[1:]]
     for c in info["config_restore"]:
         lines.append(f"  config.json {c['path']}: saved {c['saved']}, original {c['restored']}")
-    lines += [f"  warning: {w}" for w in info["warnings"]]
+    lines += [f"  warning: {_printable(w)}" for w in info["warnings"]]
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
