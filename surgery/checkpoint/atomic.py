@@ -48,8 +48,14 @@ def make_parents(p: Path) -> list[Path]:
     while not os.path.lexists(q) and q != q.parent:
         missing.append(q)
         q = q.parent
-    for d in reversed(missing):
-        os.mkdir(d)
+    done: list[Path] = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            done.insert(0, d)
+    except BaseException:
+        remove_parents(done)
+        raise
     return missing
 
 

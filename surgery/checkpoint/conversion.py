@@ -203,6 +203,8 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
         _write(plan, tmp, progress, state)
         with signals_blocked():
             if signal_pending() or (state is not None and state.interrupted):
+                if state is not None:
+                    state.interrupted = True  # the held-back signal, delivered after the cleanup, is then ignored
                 raise KeyboardInterrupt
             commit(tmp, dst, overwrite)
             if state is not None:
