@@ -47,7 +47,8 @@ __all__ = [
 
 
 # submodules `import surgery` used to load (``surgery.checkpoint.save(...)`` keeps working)
-_SUBMODULES = ("checkpoint", "engine", "dropout", "mixout", "msd", "rdrop", "select", "train", "exporting")
+_SUBMODULES = ("checkpoint", "engine", "dropout", "mixout", "msd", "rdrop", "select", "train", "exporting", "lora",
+               "wrappers")
 
 
 def __getattr__(name: str):

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import NotSurgeredError
-from .wrappers import unwrap
 
 __all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap"]
 
@@ -102,6 +101,14 @@ class Record:
         """State-dict keys of the Mixout targets this record added (LoRA entries add none)."""
         return [f"{m['name']}.{TARGET_SUFFIX}" if m["name"] else TARGET_SUFFIX for m in self.mixout
                 if m.get("kind") != "lora"]
+
+
+def unwrap(model):
+    """:func:`surgery.wrappers.unwrap` (imported on first use: reading a record from disk,
+    as ``surgery convert`` does, must not import torch)."""
+    from .wrappers import unwrap as _unwrap
+
+    return _unwrap(model)
 
 
 def get_record(model, *, required: bool = True) -> Record | None:

@@ -101,7 +101,8 @@ _DESC = {_number: "a finite number", _str: "a string of printable characters",
 
 # list field -> {entry field: (check, required)}
 _ENTRIES: dict[str, dict[str, tuple[Any, bool]]] = {
-    "mixout": {"name": (_str, True), "p": (_is_prob, True), "orig": (_str, False), "transposed": (_is_bool, False)},
+    "mixout": {"name": (_str, True), "p": (_is_prob, True), "orig": (_str, False), "transposed": (_is_bool, False),
+               "kind": (_str, False)},
     "dropout": {"module": (_str, True), "attr": (_str, True), "old": (_number, True), "new": (_number, False)},
     "config": {"path": (_path, True), "old": (_number, True), "new": (_number, False), "module": (_str, False)},
     "msd": {"name": (_str, True), "k": (_is_k, True), "p": (_is_prob, True)},
