@@ -22,13 +22,29 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from .dropout import _is_config, set_path
 from .errors import AlreadySurgeredError, SurgeryError
 from .record import CONFIG_KEY, Record
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+# dropout.py imports torch; restoring a saved config.json (``surgery convert``) must not
+def _is_config(obj: Any) -> bool:
+    from .dropout import _is_config as is_config
+
+    return is_config(obj)
+
+
+def set_path(d: Any, path: list[str], value: Any) -> None:
+    if len(path) == 1 and isinstance(d, dict):  # a config.json dict: dropout.set_path's dict case
+        d[path[0]] = value
+        return
+    from .dropout import set_path as set_path_
+
+    set_path_(d, path, value)
 
 __all__ = ["restore_config", "project", "check_no_record", "plan_copies", "ConfigCopies", "attach", "detach"]
 
