@@ -343,3 +343,27 @@ def test_lazy_package_keeps_every_public_name():
     assert r.returncode == 0, r.stderr
     import surgery
     assert int(r.stdout) == len(surgery.__all__)
+
+
+def test_verification_error_names_dst_and_a_disguised_ctrl_c_is_130(tmp_path, capsys, monkeypatch):
+    import surgery.checkpoint.conversion as conversion
+    from surgery.checkpoint import CheckpointError
+    from surgery.interrupts import STATE
+    src = make_dir(tmp_path / "src")
+
+    def fails(path, *a, **k):
+        raise CheckpointError(path, "written file failed verification")
+
+    monkeypatch.setattr(conversion, "write_safetensors", fails)
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert_refused(rc, err, tmp_path / "dst" / "model.safetensors", "failed verification")
+    assert ".surgery-tmp" not in err
+
+    def interrupted_import(path, *a, **k):  # numpy turned a Ctrl-C during its import into an ImportError
+        STATE.interrupted = True
+        raise ImportError("PyCapsule_Import could not import module 'datetime'")
+
+    monkeypatch.setattr(conversion, "write_safetensors", interrupted_import)
+    rc, out, err = run(capsys, "convert", src, tmp_path / "dst")
+    assert rc == 130 and err.strip().splitlines() == ["surgery convert: interrupted; nothing was written to DST"]
+    assert not (tmp_path / "dst").exists() and debris(tmp_path) == []

@@ -218,6 +218,8 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
         if isinstance(e, OSError):
             name, problem = os_error(e, tmp=tmp, dst=dst)
             raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST") from None
+        if isinstance(e, CheckpointError) and tmp is not None and e.path.startswith(str(tmp)):
+            raise CheckpointError(str(dst) + e.path[len(str(tmp)):], e.problem) from None  # DST's name, not tmp's
         raise
 
 

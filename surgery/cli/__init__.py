@@ -83,8 +83,6 @@ _COMMAND = [""]
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..errors import SurgeryError, SurgeryTypeError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -100,6 +98,18 @@ def _main(argv: list[str] | None) -> int:
             raise KeyboardInterrupt  # a Ctrl-C that some library swallowed
         return rc
     except KeyboardInterrupt:
+        raise
+    except Exception:
+        if interrupts.STATE.interrupted and not interrupts.STATE.committed:
+            raise KeyboardInterrupt from None  # a Ctrl-C that a library turned into another error (an ImportError)
+        return _report(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Print the error being handled as one line; its exit status."""
+    from ..errors import SurgeryError, SurgeryTypeError
+
+    try:
         raise
     except (SurgeryError, SurgeryTypeError) as e:
         if args.debug:
