@@ -48,7 +48,7 @@ __all__ = [
 
 # submodules `import surgery` used to load (``surgery.checkpoint.save(...)`` keeps working)
 _SUBMODULES = ("checkpoint", "engine", "dropout", "mixout", "msd", "rdrop", "select", "train", "exporting", "lora",
-               "wrappers")
+               "wrappers", "configs", "droppath", "noise", "arguments")
 
 
 def __getattr__(name: str):
