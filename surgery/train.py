@@ -346,13 +346,30 @@ def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer=Non
 # ---- transformers Trainer ----------------------------------------------------------------------
 
 def _checkpoint_record(checkpoint: str) -> dict | None:
+    """The record a Trainer checkpoint carries: in ``config.json`` (transformers models) or in the
+    header metadata of ``model.safetensors`` (other modules, see ``SurgeryTrainer._save``)."""
     import json
 
     cfg = os.path.join(checkpoint, "config.json")
-    if not os.path.isfile(cfg):
+    if os.path.isfile(cfg):
+        with open(cfg, encoding="utf-8") as f:
+            return json.load(f).get("surgery")
+    weights = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(weights):
         return None
-    with open(cfg, encoding="utf-8") as f:
-        return json.load(f).get("surgery")
+    from safetensors import safe_open
+
+    from .checkpoint.common import RECORD_METADATA_KEY
+
+    with safe_open(weights, framework="pt") as f:
+        raw = (f.metadata() or {}).get(RECORD_METADATA_KEY)
+    return None if raw is None else Record.from_dict(raw).to_dict()
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
 
 
 def _build_trainer_classes():
@@ -456,10 +473,30 @@ def _build_trainer_classes():
             from .exporting import export
 
             if self.args.should_save:
-                export(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)
+                model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+                # a module that is not a transformers model gets what the Trainer writes for it: model.safetensors
+                export(model, output_dir if _is_pretrained(model) else os.path.join(output_dir, "model.safetensors"))
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _save(self, output_dir=None, state_dict=None):
+            """Periodic checkpoints of a surgered module that is not a transformers model: the Trainer
+            would write a bare state dict, which resume, ``surgery inspect`` and ``surgery convert``
+            could not tell from a plain one; write it with the record in the header metadata instead
+            (:func:`surgery.checkpoint.save`), the rest as the Trainer does."""
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if state_dict is not None or _is_pretrained(model) or get_record(model, required=False) is None \
+                    or not self.args.should_save:
+                return super()._save(output_dir, state_dict=state_dict)
+            from .checkpoint.save import save
+
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            save(model, os.path.join(output_dir, "model.safetensors"))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
         def save_model(self, output_dir=None, _internal_call=False):
             # transformers' push_to_hub saves with _internal_call=True before uploading output_dir:
