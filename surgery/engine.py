@@ -14,12 +14,13 @@ from torch import nn
 
 from . import configs, droppath
 from .arguments import MSD_P_DEFAULT, check_bool, check_count, check_dependent, check_materialised, recorded_pattern
+from .distributed import check_apply, target_bytes as _target_bytes
 from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
 from .errors import AlreadySurgeredError, HeadError, SurgeryError, SurgeryTypeError
 from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
-from .record import ATTR, TARGET_SUFFIX, Record, get_record, unwrap
+from .record import ATTR, Record, get_record, unwrap
 from .select import Pattern, check_msd_head, compile_pattern, find_head
 from .wrappers import check_swappable, find_layers
 
@@ -107,6 +108,7 @@ def apply(
         HeadError: ``msd`` > 0 and no head, an ambiguous head, or ``head`` names no module.
     """
     root = _check_model(model, "apply")
+    check_apply(model)  # fully_shard already applied, DTensor weights, DeepSpeed: refused here
     # ---- validate arguments --------------------------------------------------------
     mixout = check_p(mixout, "mixout")
     if dropout is not None:
@@ -318,13 +320,12 @@ def describe(model_or_record: Any) -> str:
     Raises:
         NotSurgeredError: a model that carries no surgery.
     """
-    target_bytes = None
+    target_bytes = local_bytes = None
     if isinstance(model_or_record, nn.Module):
         root = unwrap(model_or_record)
         rec = get_record(root)
         title = type(root).__name__
-        target_bytes = sum(b.numel() * b.element_size() for n, b in root.named_buffers()
-                           if n.rsplit(".", 1)[-1] == TARGET_SUFFIX)
+        target_bytes, local_bytes = _target_bytes(root)
     else:
         rec = model_or_record if isinstance(model_or_record, Record) else Record.from_dict(model_or_record)
         title = "checkpoint"
@@ -333,6 +334,7 @@ def describe(model_or_record: Any) -> str:
     if rec.mixout:
         ps = sorted({m["p"] for m in rec.mixout})
         extra = f", targets {_mib(target_bytes)}" if target_bytes is not None else ""
+        extra += f" (sharded: {_mib(local_bytes)} on this rank)" if local_bytes is not None else ""
         lines.append(f"  mixout p={'/'.join(map(str, ps))} on {len(rec.mixout)} layers{extra}:")
         lines += [f"    {g}" for g in _group([m["name"] for m in rec.mixout])]
         n_lora = sum(m.get("kind") == "lora" for m in rec.mixout)

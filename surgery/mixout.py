@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import check_layer, layer_ok
 from .record import TARGET_SUFFIX
 
 __all__ = ["MixLinear", "mixout_weight", "check_p", "is_conv1d"]
@@ -96,6 +97,11 @@ def _mix(target: torch.Tensor, weight: torch.Tensor, s: torch.Tensor) -> torch.T
     if s.dtype == weight.dtype:
         return torch.lerp(t, weight, s)
     return torch.addcmul(t, weight - t, s, out=torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """A Mixout target: a Parameter that never gets a gradient (see :class:`MixLinear`)."""
+    return nn.Parameter(t, requires_grad=False)
 
 
 class _MixoutLinear(torch.autograd.Function):
@@ -168,8 +174,14 @@ class MixLinear(nn.Linear):
 
     Build it with :meth:`from_linear`, which shares the original ``weight``/``bias``
     Parameter objects (state_dict keys and optimizer references survive) and adds one
-    persistent buffer ``mixout_target``. :meth:`to_linear` gives back the original module
-    (same object, same class) holding the current Parameters.
+    frozen Parameter ``mixout_target`` (``requires_grad=False``). :meth:`to_linear` gives
+    back the original module (same object, same class) holding the current Parameters.
+
+    The target is a Parameter, not a buffer, so distributed engines treat it like the
+    weight it belongs to: DDP broadcasts it once at construction and never again (it has
+    no gradient and is not a buffer), FSDP2 ``fully_shard`` shards it and all-gathers it
+    with the layer. Optimizers skip it (no gradient, no state); it shows up in
+    ``model.parameters()`` counts (see ``surgery.distributed``).
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -188,7 +200,7 @@ class MixLinear(nn.Linear):
         self.low_memory = low_memory
         if transposed:
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
-        self.register_buffer(TARGET_SUFFIX, self.weight.detach().clone())
+        self.register_parameter(TARGET_SUFFIX, _frozen(self.weight.detach().clone()))
         self.__dict__["_original"] = None  # the module this replaced (not a submodule: keys stay)
 
     @classmethod
@@ -209,7 +221,7 @@ class MixLinear(nn.Linear):
             target = w.detach().to(dtype=target_dtype or w.dtype, copy=True)
         if target.shape != w.shape:
             raise ValueError(f"target shape {tuple(target.shape)} does not match weight shape {tuple(w.shape)}")
-        setattr(new, TARGET_SUFFIX, target.detach())
+        setattr(new, TARGET_SUFFIX, _frozen(target.detach()))
         new.__dict__["_original"] = linear
         new.train(linear.training)
         return new
@@ -249,6 +261,8 @@ class MixLinear(nn.Linear):
                 return out.view(x.shape[:-1] + (self.out_features,))
             return F.linear(x, self.weight, self.bias)
         w, t = self.weight, self.target
+        if not torch.compiler.is_compiling() and not layer_ok(w, t):
+            check_layer(w, t)  # an unfrozen target or an engine surgery cannot see through: one clear error
         if not w.requires_grad:
             self._warn_frozen()
         if self.p < 1.0:  # a target in a smaller dtype is cast inside (low-memory mode keeps it uncast)

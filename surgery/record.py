@@ -24,9 +24,9 @@ non-zero rates of a kind whose option was not given (``describe`` reports it).
 
 A Mixout entry with ``"kind": "lora"`` names the ``lora_A.<adapter>`` layer of a PEFT LoRA
 layer: Mixout on that layer's effective weight toward its frozen base weight, no target
-buffer (see :mod:`surgery.lora`). Every other Mixout layer adds one persistent buffer,
+copy (see :mod:`surgery.lora`). Every other Mixout layer adds one frozen Parameter,
 ``<name>.mixout_target`` (the frozen pretrained weight, same shape/dtype as
-``<name>.weight``), to the state_dict. Nothing
+``<name>.weight``, ``requires_grad=False``), to the state_dict. Nothing
 else changes keys: MSD heads are hooks, dropout changes are attribute values.
 For transformers models the record is also written into the config
 (``config.surgery``), so ``save_pretrained``/Trainer checkpoints carry it. A transformers
@@ -48,7 +48,7 @@ __all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_re
 
 FORMAT = "surgery"
 VERSION = 1
-TARGET_SUFFIX = "mixout_target"  # buffer name of a Mixout target; state_dict key "<layer>.mixout_target"
+TARGET_SUFFIX = "mixout_target"  # name of a Mixout target (frozen Parameter); state_dict key "<layer>.mixout_target"
 CONFIG_KEY = "surgery"  # attribute of a transformers config that carries the record
 ATTR = "_surgery"  # attribute of the model that holds the live Record
 

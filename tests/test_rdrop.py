@@ -29,7 +29,7 @@ def _perturb(model, scale=0.5):
     """Move weights away from the Mixout targets (as training would), so mixing changes outputs."""
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in (p for p in model.parameters() if p.requires_grad):  # not the frozen targets
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 

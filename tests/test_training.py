@@ -130,7 +130,7 @@ def test_compute_loss_in_a_plain_loop():
     after = m.state_dict()
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
     for k in targets(m):
-        assert torch.equal(after[k], before[k])  # targets are buffers: the optimizer never moves them
+        assert torch.equal(after[k], before[k])  # targets are frozen: the optimizer never moves them
     assert_targets_are_pretrained(m)
 
 
@@ -292,7 +292,7 @@ def _ddp_worker(rank, world, tmp):
     _init(rank, world, tmp)
     from torch.nn.parallel import DistributedDataParallel as DDP
     m = surgered()
-    if rank == 1:  # a different start: DDP must broadcast rank 0's parameters and buffers (the targets)
+    if rank == 1:  # a different start: DDP must broadcast rank 0's parameters (the targets too)
         perturb(m, seed=7)
     ddp = DDP(m.train())
     surgery.seed_rank(100)  # each rank draws its own masks from here on
@@ -306,11 +306,12 @@ def _ddp_worker(rank, world, tmp):
         state = torch.get_rng_state()
         with ddp.no_sync():  # local gradients only
             compute_loss(ddp, b, rdrop_alpha=1.0, msd_loss=True).loss.backward()
-        local = [p.grad.clone() for p in ddp.parameters()]
+        trainable = [p for p in ddp.parameters() if p.requires_grad]  # not the frozen targets
+        local = [p.grad.clone() for p in trainable]
         opt.zero_grad()
         torch.set_rng_state(state)  # the same masks again, now with gradient averaging
         compute_loss(ddp, b, rdrop_alpha=1.0, msd_loss=True).loss.backward()
-        for p, g in zip(ddp.parameters(), local):
+        for p, g in zip(trainable, local):
             dist.all_reduce(g)
             grad_err = max(grad_err, (p.grad - g / world).abs().max().item())
         opt.step()
@@ -433,7 +434,7 @@ def test_fsdp2_trains_a_surgered_model_like_one_process():
         compute_loss(ref, batch(n=8), rdrop_alpha=1.0).loss.backward()
         opt.step()
         opt.zero_grad()
-    assert sd.keys() == ref.state_dict().keys()  # the full state dict carries the targets (unsharded buffers)
+    assert sd.keys() == ref.state_dict().keys()  # the full state dict carries the targets
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert_targets_are_pretrained(ref)
@@ -521,7 +522,7 @@ def _inductor_matches_eager():
         torch.manual_seed(5)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        g = {n: p.grad.clone() for n, p in m.named_parameters()}
+        g = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
         m.zero_grad()
         return loss.detach(), g
 

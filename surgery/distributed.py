@@ -1,0 +1,130 @@
+"""Mixout targets under distributed engines: what works, and one clear error for the rest.
+
+A Mixout target (``<layer>.mixout_target``) is a frozen ``nn.Parameter``
+(``requires_grad=False``), not a buffer, so the engines treat it like the weight it belongs to:
+
+* **DDP** broadcasts rank 0's parameters and buffers once, at construction (so a head that each
+  rank initialised differently gets rank 0's weight *and* target), and afterwards only buffers
+  (``broadcast_buffers=True``) and gradients. A target is neither: a training step sends no target
+  bytes, while BatchNorm statistics (real buffers) keep syncing.
+* **FSDP2** (``torch.distributed.fsdp.fully_shard``) shards every parameter of the modules it
+  wraps, frozen ones included, and all-gathers them together before the module's forward (and
+  backward): each rank holds about 1/world of the targets, a layer's full target exists only
+  while that layer computes. A ``target_dtype`` different from the weight's is fine (FSDP2 needs
+  one dtype among *trainable* parameters only and gathers mixed dtypes as bytes).
+
+Supported: one process, DDP (also through the HF Trainer / Accelerate), FSDP2 with
+``fully_shard`` called *after* ``surgery.apply`` (also Accelerate / Trainer ``fsdp_version=2``).
+Refused with :class:`~surgery.errors.SurgeryError` before anything changes (at ``apply``) or at the
+first training forward: FSDP1 (``FullyShardedDataParallel``), DeepSpeed ZeRO-3, tensor-parallel
+(DTensor) weights, ``apply`` after ``fully_shard``, a target somebody unfroze, or a weight whose
+shape no longer matches its target (an engine that partitions parameters in a way surgery cannot
+see through).
+
+Counting parameters: ``sum(p.numel() for p in model.parameters())`` (and transformers'
+``model.num_parameters()``) now include the targets; count trainable ones with
+``p.requires_grad`` (``num_parameters(only_trainable=True)``), which excludes them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+from .record import TARGET_SUFFIX
+
+__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_layer", "layer_ok", "target_bytes", "is_dtensor"]
+
+SUPPORTED_ENGINES = ("one process, DDP (torch.nn.parallel.DistributedDataParallel; the HF Trainer and Accelerate "
+                     "in multi-process mode) and FSDP2 (torch.distributed.fsdp.fully_shard called after "
+                     "surgery.apply; Accelerate/Trainer with fsdp_version=2)")
+
+_ORDER = ("call surgery.apply(model, ...) on the plain model first, then fully_shard(layer) for each layer and "
+          "fully_shard(model): the Mixout targets are then sharded and gathered with their weights")
+
+
+def is_dtensor(x) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (without importing it when nothing did)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
+
+
+def _refuse(what: str, fix: str) -> SurgeryError:
+    return SurgeryError(f"{what}; surgery supports {SUPPORTED_ENGINES}. {fix}")
+
+
+def _fsdp1_type():
+    mod = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    return getattr(mod, "FullyShardedDataParallel", None) if mod is not None else None
+
+
+def _fsdp2_type():
+    mod = sys.modules.get("torch.distributed.fsdp")
+    return getattr(mod, "FSDPModule", None) if mod is not None else None
+
+
+def check_apply(model: nn.Module) -> None:
+    """Refuse, before ``apply`` changes anything, a model already inside an engine surgery cannot
+    work through: FSDP1, FSDP2 already applied, DTensor (tensor-parallel) weights, DeepSpeed.
+
+    ``model`` is what the user passed (a wrapper included); DDP around it is fine.
+    """
+    fsdp1, fsdp2 = _fsdp1_type(), _fsdp2_type()
+    if type(model).__name__ == "DeepSpeedEngine":
+        raise _refuse("the model is a DeepSpeed engine", "DeepSpeed is not supported (see docs/training.md).")
+    for name, m in model.named_modules():
+        where = f"module {name!r}" if name else "the model"
+        if fsdp1 is not None and isinstance(m, fsdp1):
+            raise _refuse(f"{where} is wrapped in FSDP1 (FullyShardedDataParallel)",
+                          "Use FSDP2: " + _ORDER + ".")
+        if fsdp2 is not None and isinstance(m, fsdp2):
+            raise _refuse(f"{where} is already sharded with fully_shard (FSDP2)", "Apply first: " + _ORDER + ".")
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id"):
+            raise _refuse(f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3",
+                          "DeepSpeed is not supported (see docs/training.md).")
+        if is_dtensor(p):
+            raise _refuse(f"parameter {name!r} is a DTensor (sharded or tensor-parallel)",
+                          "Apply to the plain model: " + _ORDER + "; tensor parallelism is not supported.")
+
+
+def layer_ok(weight: torch.Tensor, target: torch.Tensor) -> bool:
+    """The cheap per-forward test: the weight and target Mixout will mix are plain, full, frozen."""
+    return not (target.requires_grad or target.shape != weight.shape or hasattr(weight, "ds_id")
+                or is_dtensor(weight) or is_dtensor(target))
+
+
+def check_layer(weight: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise the one error that explains why ``layer_ok`` failed (called from ``MixLinear.forward``)."""
+    if target.requires_grad:
+        raise SurgeryError(f"a Mixout target ('*.{TARGET_SUFFIX}') requires grad: something unfroze it (e.g. "
+                           "model.requires_grad_(True) or a loop over model.parameters()); targets are the frozen "
+                           "pretrained weights. Set requires_grad back to False for every parameter named "
+                           f"'*.{TARGET_SUFFIX}' (unfreeze by name, skipping them)")
+    if hasattr(weight, "ds_id") or hasattr(target, "ds_id"):
+        raise _refuse("a Mixout layer's weight is managed by DeepSpeed ZeRO", "DeepSpeed is not supported "
+                      "(see docs/training.md).")
+    if is_dtensor(weight) or is_dtensor(target):
+        raise _refuse("a Mixout layer computes with a DTensor weight or target (tensor parallelism, or a layer "
+                      "sharded by an engine that does not gather its targets)",
+                      "Apply to the plain model: " + _ORDER + ".")
+    raise _refuse(f"a Mixout layer's weight has shape {tuple(weight.shape)} but its target "
+                  f"{tuple(target.shape)}: an engine partitioned the weight without gathering the target",
+                  "Wrap the model with one of these engines instead.")
+
+
+def target_bytes(model: nn.Module) -> tuple[int, int | None]:
+    """Bytes of all Mixout targets, and the bytes this rank holds when they are sharded (else None)."""
+    total, local, sharded = 0, 0, False
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] != TARGET_SUFFIX:
+            continue
+        total += p.numel() * p.element_size()
+        if is_dtensor(p):
+            sharded = True
+            p = p.to_local()
+        local += p.numel() * p.element_size()
+    return total, (local if sharded else None)

@@ -1,0 +1,324 @@
+"""Mixout targets under DDP and FSDP2 (2 gloo processes on CPU): synced once, sharded like weights.
+
+The targets are frozen Parameters. These tests guard what that buys at scale, with the storage
+before this change (persistent buffers, reproduced by ``as_buffer_targets``) as the counter-check
+that each measurement can fail:
+
+* DDP sends no target bytes in a training step (only the model's real buffers, e.g. BatchNorm
+  statistics, are broadcast each forward), replicas' targets agree after wrapping even when
+  every rank initialised its head differently, and each rank draws its own masks by default.
+* FSDP2 holds about 1/world of the targets per rank, trains exactly like one process on the full
+  batch (same seed on every rank: same masks), with ``target_dtype``/``low_memory`` too; the full
+  state dict and torch.distributed.checkpoint carry the targets; resuming from DCP equals an
+  uninterrupted run; ``surgery convert`` turns the gathered checkpoint into a plain one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch import nn
+
+import surgery
+import surgery.mixout
+from surgery import SurgeryError, compute_loss
+from test_training import _init, batch, pretrained
+
+TARGET = "mixout_target"
+
+
+def as_buffer_targets(model: nn.Module) -> nn.Module:
+    """Store every Mixout target as a persistent buffer again: the storage before this change."""
+    for m in model.modules():
+        if isinstance(m, surgery.MixLinear):
+            t = m._parameters.pop(TARGET)
+            m.register_buffer(TARGET, t.detach())
+    return model
+
+
+class BNNet(nn.Module):
+    """A body that is the same on every rank, a BatchNorm (real buffers DDP must keep syncing), a head."""
+
+    def __init__(self, rank):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        torch.manual_seed(100 + rank)  # per-rank random head init: DDP must make the heads and their targets agree
+        self.classifier = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.bn(self.body(x))))
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _ddp_worker(rank, world, tmp):
+    _init(rank, world, tmp)
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sent, reduced = [], []
+    real = dist._broadcast_coalesced
+
+    def counting(group, tensors, *a, **k):  # DDP's construction sync and its per-forward buffer sync
+        sent.append(_nbytes(tensors))
+        return real(group, tensors, *a, **k)
+
+    dist._broadcast_coalesced = counting
+
+    def counting_allreduce(state, bucket):  # the gradient buckets
+        reduced.append(_nbytes([bucket.buffer()]))
+        return allreduce_hook(state, bucket)
+
+    out = {}
+    for storage in ("parameter", "buffer"):
+        torch.manual_seed(0)
+        model = surgery.apply(BNNet(rank), mixout=0.3)
+        if storage == "buffer":
+            as_buffer_targets(model)
+        targets = [t for n, t in model.state_dict().items() if n.endswith(TARGET)]
+        sent.clear()
+        ddp = DDP(model.train())
+        ddp.register_comm_hook(None, counting_allreduce)
+        at_wrap = sum(sent)
+        # after wrapping every rank holds rank 0's head and rank 0's head target
+        mine = torch.cat([t.reshape(-1) for t in targets] + [model.classifier.weight.detach().reshape(-1)])
+        all_ = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(all_, mine)
+        head_target_is_head = torch.equal(model.classifier.mixout_target, model.classifier.weight)
+        bn_seen = []
+        model.bn.register_forward_pre_hook(lambda m, a: bn_seen.append(m.running_mean.clone()))
+        drawn, real_scale = [], surgery.mixout._scale
+        surgery.mixout._scale = lambda p, n, like: drawn.append(real_scale(p, n, like)) or drawn[-1]
+        surgery.seed_rank(7)  # the default policy: every rank draws its own masks
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+        sent.clear()
+        reduced.clear()
+        steps = 3
+        for i in range(steps):
+            g = torch.Generator().manual_seed(10 * i + rank)  # each rank its own data
+            x, y = torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        surgery.mixout._scale = real_scale
+        masks = [torch.empty_like(drawn[0]) for _ in range(world)]
+        dist.all_gather(masks, drawn[0])
+        bn = torch.cat(bn_seen[-1:])  # running stats as the last forward saw them, after DDP's buffer sync
+        bns = [torch.empty_like(bn) for _ in range(world)]
+        dist.all_gather(bns, bn)
+        out[storage] = {
+            "at_wrap": at_wrap, "per_step": sum(sent) / steps, "grad_per_step": sum(reduced) / steps,
+            "targets": _nbytes(targets), "bn_buffers": _nbytes(model.bn.buffers()),
+            "params": _nbytes(p for n, p in model.named_parameters() if not n.endswith(TARGET)),
+            "trainable": _nbytes(p for p in model.parameters() if p.requires_grad),
+            "replicas_agree": all(torch.equal(all_[0], a) for a in all_),
+            "head_target_is_head": head_target_is_head,
+            "bn_synced": all(torch.equal(bns[0], b) for b in bns),
+            "masks_differ": not torch.equal(masks[0], masks[1]),
+            "optimizer_states": len(opt.state),
+            "n_trainable": sum(1 for p in model.parameters() if p.requires_grad),
+        }
+    with open(os.path.join(tmp, f"ddp{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_syncs_targets_once_and_never_again():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, tmp), nprocs=2, join=True)
+        res = [json.load(open(os.path.join(tmp, f"ddp{r}.json"))) for r in range(2)]
+    for r in res:
+        now, before = r["parameter"], r["buffer"]
+        # guards: a training step broadcasts the real buffers (BatchNorm statistics) and nothing else; the
+        # buffer storage of before sent every target each step, which is what this measurement must catch
+        assert now["per_step"] == now["bn_buffers"] > 0
+        assert before["per_step"] == before["bn_buffers"] + before["targets"]
+        # the gradient all-reduce carries the trainable parameters only, never a target
+        assert now["grad_per_step"] == now["trainable"] == now["params"]
+        # at construction DDP syncs everything once: parameters, targets and buffers
+        assert now["at_wrap"] == now["params"] + now["targets"] + now["bn_buffers"]
+        assert now["replicas_agree"] and now["head_target_is_head"]  # rank 0's head and its target everywhere
+        assert now["bn_synced"]  # BatchNorm statistics still follow rank 0 at every forward
+        assert now["masks_differ"]  # seed_rank: each rank draws its own Mixout masks
+        assert now["optimizer_states"] == now["n_trainable"]  # AdamW keeps no state for the frozen targets
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------------
+
+VARIANTS = {"default": {}, "bf16_low_memory": {"target_dtype": torch.bfloat16, "low_memory": True}}
+
+
+def _model(variant):
+    return surgery.apply(pretrained(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), mixout=0.3,
+                         **VARIANTS[variant])
+
+
+def _train(model, opt, steps, rank=None):
+    full = batch(n=8)
+    b = full if rank is None else {k: v[4 * rank:4 * rank + 4] for k, v in full.items()}
+    for _ in range(steps):
+        compute_loss(model.train(), b, rdrop_alpha=1.0).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _fsdp_worker(rank, world, tmp):
+    _init(rank, world, tmp)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    from surgery.distributed import target_bytes
+
+    def sharded(variant):
+        m = _model(variant)
+        for layer in m.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(m)
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    out = {}
+    for variant in VARIANTS:
+        m, opt = sharded(variant)
+        total, local = target_bytes(m)
+        locals_ = [None] * world
+        dist.all_gather_object(locals_, local)
+        torch.manual_seed(5)  # the same seed on every rank: the same masks as one process on the full batch
+        _train(m, opt, 2, rank)
+        ckpt = os.path.join(tmp, f"dcp-{variant}")
+        dcp.save({"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}, checkpoint_id=ckpt)
+        rng = torch.get_rng_state()
+        _train(m, opt, 2, rank)
+        uninterrupted = get_model_state_dict(m, options=full)
+        states = len(opt.state)
+        # resume in a fresh model: the pretrained model, the same surgery, the same sharding, then load
+        m2, opt2 = sharded(variant)
+        sd = {"model": get_model_state_dict(m2), "optim": get_optimizer_state_dict(m2, opt2)}
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_model_state_dict(m2, sd["model"])
+        set_optimizer_state_dict(m2, opt2, sd["optim"])
+        torch.set_rng_state(rng)
+        _train(m2, opt2, 2, rank)
+        resumed = get_model_state_dict(m2, options=full)
+        saved_keys = list(dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata)
+        if rank == 0:
+            torch.save(uninterrupted, os.path.join(tmp, f"{variant}.pt"))
+            out[variant] = {
+                "total": total, "locals": locals_, "optimizer_states": states,
+                "trainable": sum(1 for p in m.parameters() if p.requires_grad),
+                "resumed_equal": uninterrupted.keys() == resumed.keys()
+                and all(torch.equal(uninterrupted[k], resumed[k]) for k in resumed),
+                "dcp_targets": sum(1 for k in saved_keys if k.startswith("model.") and k.endswith(TARGET)),
+                "describe": surgery.describe(m),
+            }
+    if rank == 0:
+        with open(os.path.join(tmp, "fsdp.json"), "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_targets_trains_like_one_process_and_resumes_from_dcp():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_fsdp_worker, args=(2, tmp), nprocs=2, join=True)
+        res = json.load(open(os.path.join(tmp, "fsdp.json")))
+        gathered = {v: torch.load(os.path.join(tmp, f"{v}.pt")) for v in VARIANTS}
+        # `surgery convert` turns the gathered full state dict into a plain checkpoint
+        src, dst = os.path.join(tmp, "default.pt"), os.path.join(tmp, "plain.safetensors")
+        p = subprocess.run([sys.executable, "-m", "surgery", "convert", src, dst], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                               os.path.abspath(surgery.__file__)))})
+        assert p.returncode == 0, p.stderr
+        plain = load_file(dst)
+    for variant, r in res.items():
+        # guards: each rank holds its shard of the targets (about 1/world), not a full copy
+        assert sum(r["locals"]) == r["total"] > 0
+        assert max(r["locals"]) <= 0.6 * r["total"]
+        assert "sharded:" in r["describe"]
+        assert r["optimizer_states"] == r["trainable"]  # no optimizer state for the frozen targets
+        assert r["dcp_targets"] == 14  # the DCP checkpoint carries every target (14 Mixout layers)
+        assert r["resumed_equal"]  # resume from DCP == uninterrupted, bitwise
+        ref = _model(variant)
+        opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        torch.manual_seed(5)
+        _train(ref, opt, 4)
+        sd = gathered[variant]
+        assert sd.keys() == ref.state_dict().keys()  # the full state dict carries the targets
+        for k, v in ref.state_dict().items():
+            assert sd[k].dtype == v.dtype, k
+            torch.testing.assert_close(sd[k], v, rtol=1e-4, atol=1e-6, msg=k)
+            if k.endswith(TARGET):  # targets never move
+                assert torch.equal(sd[k], v), k
+    ref = gathered["default"]
+    assert plain.keys() == {k for k in ref if not k.endswith(TARGET)}
+    assert all(torch.equal(plain[k], ref[k]) for k in plain)
+
+
+# ---- engines surgery refuses -----------------------------------------------------------------------------
+
+def _apply_after_fully_shard_worker(rank, world, tmp):
+    _init(rank, world, tmp)
+    from torch.distributed.fsdp import fully_shard
+    m = pretrained()
+    for layer in m.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(m)
+    before = {k: v.full_tensor() for k, v in m.state_dict().items()}
+    msg = ""
+    try:
+        surgery.apply(m, mixout=0.3)
+    except SurgeryError as e:
+        msg = str(e)
+    unchanged = m.state_dict().keys() == before.keys() and not surgery.is_surgered(m)
+    if rank == 0:
+        with open(os.path.join(tmp, "after.json"), "w") as f:
+            json.dump({"msg": msg, "unchanged": unchanged}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_apply_after_fully_shard_is_refused_with_the_order_to_use():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_apply_after_fully_shard_worker, args=(2, tmp), nprocs=2, join=True)
+        r = json.load(open(os.path.join(tmp, "after.json")))
+    assert "already sharded with fully_shard" in r["msg"] and "then fully_shard(layer)" in r["msg"]
+    assert r["unchanged"]
+
+
+def test_an_unfrozen_target_is_one_clear_error():
+    m = surgery.apply(pretrained(), mixout=0.3).train()
+    m.requires_grad_(True)  # a common "unfreeze everything" that also unfreezes the targets
+    with pytest.raises(SurgeryError, match=r"mixout_target.*requires grad"):
+        m(**{k: v for k, v in batch().items() if k != "labels"})
+    for n, p in m.named_parameters():
+        p.requires_grad_(not n.endswith(TARGET))
+    m(**{k: v for k, v in batch().items() if k != "labels"})
+
+
+def test_targets_are_frozen_parameters_and_counted_as_such():
+    m = pretrained()
+    n_before = m.num_parameters()
+    surgery.apply(m, mixout=0.3)
+    targets = {n: p for n, p in m.named_parameters() if n.endswith(TARGET)}
+    assert len(targets) == 14 and not any(p.requires_grad for p in targets.values())
+    assert not any(n.endswith(TARGET) for n, _ in m.named_buffers())
+    assert m.num_parameters() == n_before + sum(p.numel() for p in targets.values())  # documented
+    assert m.num_parameters(only_trainable=True) == n_before
