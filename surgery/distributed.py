@@ -36,7 +36,8 @@ from torch import nn
 from .errors import SurgeryError
 from .record import TARGET_SUFFIX
 
-__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_layer", "layer_ok", "target_bytes", "is_dtensor"]
+__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_layer", "layer_ok", "target_bytes", "is_dtensor", "refuse_deepspeed",
+           "export_sharded"]
 
 SUPPORTED_ENGINES = ("one process, DDP (torch.nn.parallel.DistributedDataParallel; the HF Trainer and Accelerate "
                      "in multi-process mode) and FSDP2 (torch.distributed.fsdp.fully_shard called after "
@@ -66,6 +67,16 @@ def _fsdp2_type():
     return getattr(mod, "FSDPModule", None) if mod is not None else None
 
 
+_DEEPSPEED = ("DeepSpeed is not supported: it could not be run on this project's test machines, and ZeRO-3 would "
+              "partition the weights without surgery being able to check that the targets follow (see "
+              "docs/training.md, Distributed). Train with FSDP2 (fsdp_version=2) or DDP instead.")
+
+
+def refuse_deepspeed():
+    """Raise the DeepSpeed error (the Trainer/Accelerate was configured with a DeepSpeed engine)."""
+    raise _refuse("the Trainer is configured with DeepSpeed", _DEEPSPEED)
+
+
 def check_apply(model: nn.Module) -> None:
     """Refuse, before ``apply`` changes anything, a model already inside an engine surgery cannot
     work through: FSDP1, FSDP2 already applied, DTensor (tensor-parallel) weights, DeepSpeed.
@@ -74,7 +85,7 @@ def check_apply(model: nn.Module) -> None:
     """
     fsdp1, fsdp2 = _fsdp1_type(), _fsdp2_type()
     if type(model).__name__ == "DeepSpeedEngine":
-        raise _refuse("the model is a DeepSpeed engine", "DeepSpeed is not supported (see docs/training.md).")
+        raise _refuse("the model is a DeepSpeed engine", _DEEPSPEED)
     for name, m in model.named_modules():
         where = f"module {name!r}" if name else "the model"
         if fsdp1 is not None and isinstance(m, fsdp1):
@@ -84,8 +95,7 @@ def check_apply(model: nn.Module) -> None:
             raise _refuse(f"{where} is already sharded with fully_shard (FSDP2)", "Apply first: " + _ORDER + ".")
     for name, p in model.named_parameters():
         if hasattr(p, "ds_id"):
-            raise _refuse(f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3",
-                          "DeepSpeed is not supported (see docs/training.md).")
+            raise _refuse(f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3", _DEEPSPEED)
         if is_dtensor(p):
             raise _refuse(f"parameter {name!r} is a DTensor (sharded or tensor-parallel)",
                           "Apply to the plain model: " + _ORDER + "; tensor parallelism is not supported.")
@@ -105,8 +115,7 @@ def check_layer(weight: torch.Tensor, target: torch.Tensor) -> None:
                            "pretrained weights. Set requires_grad back to False for every parameter named "
                            f"'*.{TARGET_SUFFIX}' (unfreeze by name, skipping them)")
     if hasattr(weight, "ds_id") or hasattr(target, "ds_id"):
-        raise _refuse("a Mixout layer's weight is managed by DeepSpeed ZeRO", "DeepSpeed is not supported "
-                      "(see docs/training.md).")
+        raise _refuse("a Mixout layer's weight is managed by DeepSpeed ZeRO", _DEEPSPEED)
     if is_dtensor(weight) or is_dtensor(target):
         raise _refuse("a Mixout layer computes with a DTensor weight or target (tensor parallelism, or a layer "
                       "sharded by an engine that does not gather its targets)",
@@ -128,3 +137,15 @@ def target_bytes(model: nn.Module) -> tuple[int, int | None]:
             p = p.to_local()
         local += p.numel() * p.element_size()
     return total, (local if sharded else None)
+
+
+
+def export_sharded(model: nn.Module, path, *, should_save: bool = True, **kwargs):
+    """``surgery.export`` for an FSDP2 (``fully_shard``) model: every rank calls it (the full state dict
+    is gathered, a collective), the rank with ``should_save`` writes the plain checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .exporting import export
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return export(model, path, state_dict=sd, **kwargs) if should_save else None

@@ -36,9 +36,9 @@ def _is_pretrained(model: nn.Module) -> bool:
     return tf is not None and isinstance(model, tf.PreTrainedModel)
 
 
-def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict without Mixout targets (the model's own tensors, no copies)."""
-    return {k: v for k, v in model.state_dict().items() if not is_target_key(k)}
+def _plain_state_dict(model: nn.Module, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state_dict (or ``sd``) without Mixout targets (the model's own tensors, no copies)."""
+    return {k: v for k, v in (model.state_dict() if sd is None else sd).items() if not is_target_key(k)}
 
 
 def _untie(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,15 +79,17 @@ def _plain_config(model: nn.Module):
     restore_config(cfg, get_record(model, required=False))
     if hasattr(model, "dtype"):
         cfg.dtype = str(model.dtype).split(".")[1]  # as save_pretrained does
-    cfg.architectures = [type(model).__name__]
+    cls = type(model)
+    cfg.architectures = [cls.__mro__[2].__name__ if cls.__name__.startswith("FSDP") and len(cls.__mro__) > 2
+                         and cls.__mro__[1].__name__ == "FSDPModule" else cls.__name__]  # not FSDP2's subclass
     return cfg
 
 
-def _export_pretrained(model, path: Path, max_shard_size, progress: Progress | None) -> Path:
+def _export_pretrained(model, path: Path, max_shard_size, progress: Progress | None, state_dict=None) -> Path:
     if path.exists() and not path.is_dir():
         raise SurgeryError(f"{path} is a file; export of a transformers model writes a directory that from_pretrained "
                            "loads: give a directory path")
-    sd = _untie(_plain_state_dict(model), model)
+    sd = _untie(_plain_state_dict(model, state_dict), model)
     files: dict[str, list[str]] = {SAFE_NAME: list(sd)}
     index = None
     if max_shard_size is not None:
@@ -127,11 +129,11 @@ def _export_pretrained(model, path: Path, max_shard_size, progress: Progress | N
     return path
 
 
-def _export_module(model: nn.Module, path: Path, progress: Progress | None) -> Path:
+def _export_module(model: nn.Module, path: Path, progress: Progress | None, state_dict=None) -> Path:
     if path.suffix != ".safetensors" or path.is_dir():
         raise SurgeryError(f"export of a plain nn.Module ({type(model).__name__}) writes one .safetensors file; "
                            f"give a file path ending in .safetensors (got {str(path)!r})")
-    sd = _plain_state_dict(model)
+    sd = _plain_state_dict(model, state_dict)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     try:
@@ -143,7 +145,7 @@ def _export_module(model: nn.Module, path: Path, progress: Progress | None) -> P
 
 
 def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None,
-           progress: Progress | None = None) -> Path:
+           progress: Progress | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the plain weights of a (surgered) model as safetensors, leaving the model as it is.
 
     The result is what ``surgery.revert(model)`` followed by a save would write: Mixout
@@ -162,6 +164,8 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
         max_shard_size: transformers models only: shard the weights (``"5GB"`` or bytes)
             and write ``model.safetensors.index.json``; default one file.
         progress: called with the number of bytes written, as they are written.
+        state_dict: write these tensors instead of ``model.state_dict()`` (e.g. the full state dict
+            gathered from an FSDP2 model: ``surgery.distributed.export_sharded`` does that).
 
     Returns:
         ``path`` as a ``Path``.
@@ -178,7 +182,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
     path = Path(path)
     try:
         if _is_pretrained(root):
-            return _export_pretrained(root, path, max_shard_size, progress)
-        return _export_module(root, path, progress)
+            return _export_pretrained(root, path, max_shard_size, progress, state_dict)
+        return _export_module(root, path, progress, state_dict)
     except OSError as e:
         raise CheckpointError(e.filename or path, f"write failed ({e.strerror or e})") from None

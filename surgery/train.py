@@ -426,6 +426,9 @@ def _build_trainer_classes():
                                        "surgery.apply(model, msd=K) first")
             self._pushing = False
             super().__init__(*args, **kwargs)
+            if self.is_deepspeed_enabled and get_record(self.model, required=False) is not None:
+                from .distributed import refuse_deepspeed
+                refuse_deepspeed()
             if self.rdrop_alpha > 0 or self.msd_loss:
                 # compute_loss returns a per-batch mean, never normalised by num_items_in_batch, so every
                 # transformers version must divide it by the accumulation steps: < 4.46 accelerate does;
@@ -467,15 +470,20 @@ def _build_trainer_classes():
         def _plain_output(self) -> bool:
             """Whether saves the user asks for and hub uploads get the plain model."""
             return self.plain_save and get_record(self.model, required=False) is not None \
-                and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+                and not self.is_deepspeed_enabled
 
         def _write_plain(self, output_dir: str) -> None:
+            from .distributed import export_sharded
             from .exporting import export
 
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            # a module that is not a transformers model gets what the Trainer writes for it: model.safetensors
+            path = output_dir if _is_pretrained(model) else os.path.join(output_dir, "model.safetensors")
+            if self.is_fsdp_enabled:  # every rank gathers the full state dict, the saving rank exports it
+                export_sharded(self.model, path, should_save=self.args.should_save)
+            elif self.args.should_save:
+                export(model, path)
             if self.args.should_save:
-                model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-                # a module that is not a transformers model gets what the Trainer writes for it: model.safetensors
-                export(model, output_dir if _is_pretrained(model) else os.path.join(output_dir, "model.safetensors"))
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
