@@ -288,9 +288,17 @@ def _apply_after_fully_shard_worker(rank, world, tmp):
     except SurgeryError as e:
         msg = str(e)
     unchanged = m.state_dict().keys() == before.keys() and not surgery.is_surgered(m)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    f1 = FullyShardedDataParallel(pretrained(), device_id=torch.device("cpu"), use_orig_params=True)
+    msg1 = ""
+    try:
+        surgery.apply(f1, mixout=0.3)
+    except SurgeryError as e:
+        msg1 = str(e)
     if rank == 0:
         with open(os.path.join(tmp, "after.json"), "w") as f:
-            json.dump({"msg": msg, "unchanged": unchanged}, f)
+            json.dump({"msg": msg, "unchanged": unchanged, "fsdp1": msg1, "fsdp1_unchanged": not surgery.is_surgered(f1)},
+                      f)
     dist.destroy_process_group()
 
 
@@ -301,6 +309,46 @@ def test_apply_after_fully_shard_is_refused_with_the_order_to_use():
         r = json.load(open(os.path.join(tmp, "after.json")))
     assert "already sharded with fully_shard" in r["msg"] and "then fully_shard(layer)" in r["msg"]
     assert r["unchanged"]
+    assert "wrapped in FSDP1" in r["fsdp1"] and "FSDP2" in r["fsdp1"] and r["fsdp1_unchanged"]
+
+
+class DeepSpeedEngine(nn.Module):
+    """Stands in for deepspeed's engine class (DeepSpeed does not run here): surgery recognises it by name."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def _zero3_param(model):
+    """Mark a parameter the way ZeRO-3 does (it adds ``ds_id``); DeepSpeed itself does not run here."""
+    next(iter(model.parameters())).ds_id = 0
+    return model
+
+
+@pytest.mark.parametrize("wrap, match", [
+    (lambda m: DeepSpeedEngine(m), "DeepSpeed engine"),
+    (_zero3_param, "partitioned by DeepSpeed ZeRO-3"),
+])
+def test_deepspeed_is_refused_before_anything_changes(wrap, match):
+    m = wrap(pretrained())
+    keys = list(m.state_dict())
+    with pytest.raises(SurgeryError, match=match) as e:
+        surgery.apply(m, mixout=0.3)
+    assert "FSDP2" in str(e.value) and "DDP" in str(e.value)
+    assert list(m.state_dict()) == keys and not surgery.is_surgered(m)
+
+
+def test_an_engine_that_partitions_the_weight_after_apply_is_one_clear_error():
+    m = surgery.apply(pretrained(), mixout=0.3).train()
+    layer = m.classifier
+    layer.weight = nn.Parameter(torch.empty(0))  # what ZeRO-3-like partitioning leaves on a rank
+    with pytest.raises(SurgeryError, match=r"partitioned the weight without gathering the target.*supports"):
+        layer(torch.randn(2, 16))
+    layer.weight = nn.Parameter(torch.zeros(3, 16))
+    layer.weight.ds_id = 0
+    with pytest.raises(SurgeryError, match="DeepSpeed"):
+        layer(torch.randn(2, 16))
 
 
 def test_an_unfrozen_target_is_one_clear_error():
