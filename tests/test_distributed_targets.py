@@ -401,7 +401,6 @@ if mode == "trainer":
                                      "state_dict_type": "FULL_STATE_DICT"}})
     tr = surgery.SurgeryTrainer(model=m, args=args, train_dataset=dataset(), rdrop_alpha=1.0, msd_loss=True)
     tr.train()
-    enabled = tr.is_fsdp_enabled
     total, local = target_bytes(m)
     tr.save_model(os.path.join(out, "final"))
 else:
@@ -416,13 +415,14 @@ else:
         acc.backward(surgery.compute_loss(model.train(), b, rdrop_alpha=1.0, msd_loss=True).loss)
         opt.step()
         opt.zero_grad()
-    enabled = acc.is_fsdp2
     total, local = target_bytes(m)
-    sd = acc.get_state_dict(model)  # collective: the full state dict on the main process
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
     if acc.is_main_process:
         torch.save(sd, os.path.join(out, "full.pt"))
+from torch.distributed.fsdp import FSDPModule
 with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
-    json.dump({{"fsdp2": bool(enabled), "total": total, "local": local}}, f)
+    json.dump({{"fsdp2": isinstance(m, FSDPModule), "total": total, "local": local}}, f)
 import torch.distributed as dist
 if dist.is_initialized():
     dist.barrier()
