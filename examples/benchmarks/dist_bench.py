@@ -12,8 +12,9 @@ its own batch with SGD. Per engine and variant it reports, per rank:
 * bytes sent by broadcasts per training step (DDP re-broadcasts buffers at every forward; counted by
   wrapping ``torch.distributed._broadcast_coalesced``, which DDP uses for that), and at wrap time;
 * Mixout target bytes this rank holds (FSDP2 shards parameters, not buffers);
-* peak RSS growth of the rank during the variant (build, wrap, steps; sampled every 5 ms);
-* step time, median over steps and rounds, and its ratio to plain (variants rotate within each round).
+* peak resident memory of the rank (``ru_maxrss``; every run is a fresh pair of processes) above its
+  memory after importing torch and transformers;
+* step time, median over steps (and rounds), and its ratio to plain (runs alternate ABC, CBA, ...).
 
 ``--buffer-targets`` is the variant ``mixout-buffer``: after ``surgery.apply`` every target is
 re-registered as a persistent buffer, which is how surgery stored them before.
@@ -22,13 +23,11 @@ re-registered as a persistent buffer, which is how surgery stored them before.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -74,73 +73,50 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakRSS:
-    """Peak resident memory growth over the block, sampled by a thread."""
-
-    def __enter__(self):
-        self.start = self.peak = rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss())
-        self.growth = self.peak - self.start
-
-
 def run_variant(engine: str, variant: str, args, rank: int, sent: list) -> dict:
     from surgery.distributed import target_bytes
 
-    gc.collect()
-    with PeakRSS() as mem:
-        model = build(variant, args).train()
-        total = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n.endswith(TARGET))
-        n_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(TARGET))
+    model = build(variant, args).train()
+    total = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n.endswith(TARGET))
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(TARGET))
+    sent.clear()
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped = DDP(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    at_wrap = sum(sent)
+    held = target_bytes(model)[1] if variant == "mixout" else None
+    if held is None:
+        held = total  # a buffer (or an unsharded copy) is whole on every rank
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(rank)
+    b = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g),
+         "labels": torch.randint(0, 2, (args.batch,), generator=g)}
+    times, per_step = [], []
+    for i in range(args.warmup + args.steps):
         sent.clear()
-        if engine == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            wrapped = DDP(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-            for layer in model.bert.encoder.layer:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        at_wrap = sum(sent)
-        held = target_bytes(model)[1] if variant == "mixout" else None
-        if held is None:
-            held = total if variant != "plain" else 0  # a buffer (or an unsharded copy) is whole on every rank
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        g = torch.Generator().manual_seed(rank)
-        b = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g),
-             "labels": torch.randint(0, 2, (args.batch,), generator=g)}
-        times, per_step = [], []
-        for i in range(args.warmup + args.steps):
-            sent.clear()
-            t0 = time.perf_counter()
-            wrapped(**b).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            if i >= args.warmup:
-                times.append(dt)
-                per_step.append(sum(sent))
-        del wrapped, model, opt
-        gc.collect()
+        t0 = time.perf_counter()
+        wrapped(**b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(dt)
+            per_step.append(sum(sent))
     return {"params": n_params, "targets": total, "held": held, "at_wrap": at_wrap,
-            "per_step": statistics.median(per_step), "times": times, "rss": mem.growth}
+            "per_step": statistics.median(per_step), "times": times}
 
 
-def worker(rank: int, world: int, tmp: str, args):
+def worker(rank: int, world: int, tmp: str, args, engine: str, variant: str, tag: str):
+    import resource
+
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "rdv"), rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, f"rdv-{tag}"), rank=rank,
+                            world_size=world)
     sent: list[int] = []
     real = dist._broadcast_coalesced
 
@@ -149,19 +125,12 @@ def worker(rank: int, world: int, tmp: str, args):
         return real(group, tensors, *a, **k)
 
     dist._broadcast_coalesced = counting
-    res: dict = {}
-    warm = argparse.Namespace(**{**vars(args), "quick": True, "steps": 1, "warmup": 0})
-    for engine in args.engines:
-        for v in VARIANTS:  # load every code path once (imports, first allocations) before measuring
-            run_variant(engine, v, warm, rank, sent)
-        for r in range(args.rounds):
-            order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # rotate: no variant always first
-            for v in order:
-                dist.barrier()
-                out = run_variant(engine, v, args, rank, sent)
-                res.setdefault(engine, {}).setdefault(v, []).append(out)
-    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
+    import transformers  # noqa: F401  (imported before the baseline: not part of the variant's memory)
+    base = rss()
+    out = run_variant(engine, variant, args, rank, sent)
+    out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # Linux: KiB
+    with open(os.path.join(tmp, f"{tag}-rank{rank}.json"), "w") as f:
+        json.dump(out, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -173,7 +142,7 @@ def mib(n) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
@@ -182,14 +151,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a tiny BERT instead of the BERT-base shape")
     args = ap.parse_args(argv)
     print(machine_line(), f"| 2 gloo ranks x {args.threads} thread(s), batch {args.batch}x{args.seq} per rank")
+    res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(2, tmp, args), nprocs=2, join=True)
-        ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(2)]
+        for engine in args.engines:
+            for r in range(args.rounds):  # one fresh pair of processes per run; the order alternates per round
+                for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+                    tag = f"{engine}-{v}-{r}"
+                    mp.spawn(worker, args=(2, tmp, args, engine, v, tag), nprocs=2, join=True)
+                    for rank in range(2):
+                        res.setdefault(engine, {}).setdefault(v, []).append(
+                            json.load(open(os.path.join(tmp, f"{tag}-rank{rank}.json"))))
     for engine in args.engines:
         rows = []
         base = None
         for v in VARIANTS:
-            runs = [run for rk in ranks for run in rk[engine][v]]
+            runs = res[engine][v]
             t = statistics.median([x for run in runs for x in run["times"]])
             base = t if v == "plain" else base
             r0 = runs[0]
@@ -197,11 +173,11 @@ def main(argv=None):
                          mib(max(run["held"] for run in runs)),
                          mib(statistics.median(run["per_step"] for run in runs)),
                          mib(statistics.median(run["at_wrap"] for run in runs)),
-                         mib(statistics.median(run["rss"] for run in runs)),
+                         mib(max(run["peak"] for run in runs)),
                          f"{t * 1000:.0f} ms", f"{t / base:.3f}x"])
         print(f"\n{engine}:")
         print(table(rows, ["variant", "params", "targets (all)", "targets held per rank", "broadcast per step",
-                           "broadcast at wrap", "peak RSS growth per rank", "step (median)", "step / plain"]))
+                           "broadcast at wrap", "peak RSS per rank (over imports)", "step (median)", "step / plain"]))
 
 
 if __name__ == "__main__":
