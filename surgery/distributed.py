@@ -36,7 +36,7 @@ from torch import nn
 from .errors import SurgeryError
 from .record import TARGET_SUFFIX
 
-__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_layer", "layer_ok", "target_bytes", "is_dtensor", "refuse_deepspeed",
+__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_revert", "check_layer", "layer_ok", "target_bytes", "is_dtensor", "refuse_deepspeed",
            "export_sharded"]
 
 SUPPORTED_ENGINES = ("one process, DDP (torch.nn.parallel.DistributedDataParallel; the HF Trainer and Accelerate "
@@ -57,11 +57,6 @@ def _refuse(what: str, fix: str) -> SurgeryError:
     return SurgeryError(f"{what}; surgery supports {SUPPORTED_ENGINES}. {fix}")
 
 
-def _fsdp1_type():
-    mod = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
-    return getattr(mod, "FullyShardedDataParallel", None) if mod is not None else None
-
-
 def _fsdp2_type():
     mod = sys.modules.get("torch.distributed.fsdp")
     return getattr(mod, "FSDPModule", None) if mod is not None else None
@@ -79,19 +74,17 @@ def refuse_deepspeed():
 
 def check_apply(model: nn.Module) -> None:
     """Refuse, before ``apply`` changes anything, a model already inside an engine surgery cannot
-    work through: FSDP1, FSDP2 already applied, DTensor (tensor-parallel) weights, DeepSpeed.
+    work through: FSDP2 already applied, DTensor (tensor-parallel) weights, DeepSpeed. (FSDP1 is
+    refused by ``wrappers.check_swappable``.)
 
     ``model`` is what the user passed (a wrapper included); DDP around it is fine.
     """
-    fsdp1, fsdp2 = _fsdp1_type(), _fsdp2_type()
+    fsdp2 = _fsdp2_type()
     if type(model).__name__ == "DeepSpeedEngine":
         raise _refuse("the model is a DeepSpeed engine", _DEEPSPEED)
     for name, m in model.named_modules():
-        where = f"module {name!r}" if name else "the model"
-        if fsdp1 is not None and isinstance(m, fsdp1):
-            raise _refuse(f"{where} is wrapped in FSDP1 (FullyShardedDataParallel)",
-                          "Use FSDP2: " + _ORDER + ".")
         if fsdp2 is not None and isinstance(m, fsdp2):
+            where = f"module {name!r}" if name else "the model"
             raise _refuse(f"{where} is already sharded with fully_shard (FSDP2)", "Apply first: " + _ORDER + ".")
     for name, p in model.named_parameters():
         if hasattr(p, "ds_id"):
@@ -99,6 +92,18 @@ def check_apply(model: nn.Module) -> None:
         if is_dtensor(p):
             raise _refuse(f"parameter {name!r} is a DTensor (sharded or tensor-parallel)",
                           "Apply to the plain model: " + _ORDER + "; tensor parallelism is not supported.")
+
+
+def check_revert(model: nn.Module) -> None:
+    """Refuse ``revert`` of a model sharded with ``fully_shard``: FSDP2 keeps gathering into the Mixout
+    layer objects, so swapping them back would leave the plain layers holding shards."""
+    fsdp2 = _fsdp2_type()
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
+        raise SurgeryError("cannot revert a model sharded with fully_shard (FSDP2): its layers hold shards that FSDP2 "
+                           "gathers into the Mixout layers. Export instead: call "
+                           "surgery.distributed.export_sharded(model, path, should_save=rank == 0) on every rank, or "
+                           "save get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) and run "
+                           "`surgery convert` on it")
 
 
 def layer_ok(weight: torch.Tensor, target: torch.Tensor) -> bool:

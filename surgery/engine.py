@@ -14,7 +14,7 @@ from torch import nn
 
 from . import configs, droppath
 from .arguments import MSD_P_DEFAULT, check_bool, check_count, check_dependent, check_materialised, recorded_pattern
-from .distributed import check_apply, target_bytes as _target_bytes
+from .distributed import check_apply, check_revert, target_bytes as _target_bytes
 from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
 from .errors import AlreadySurgeredError, HeadError, SurgeryError, SurgeryTypeError
 from .lora import LoraMixout, lora_role, tuner_layers
@@ -248,6 +248,7 @@ def revert(model: nn.Module) -> nn.Module:
             wrapper it was recorded in, is found and restored).
     """
     root = _check_model(model, "revert")
+    check_revert(model)  # FSDP2 gathers into the Mixout layers: export instead
     rec = get_record(root)
     layers = {}
     for m in rec.mixout:  # at its name, inside a PEFT wrapper put there, or where an unwrapped wrapper was

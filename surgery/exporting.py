@@ -80,8 +80,9 @@ def _plain_config(model: nn.Module):
     if hasattr(model, "dtype"):
         cfg.dtype = str(model.dtype).split(".")[1]  # as save_pretrained does
     cls = type(model)
-    cfg.architectures = [cls.__mro__[2].__name__ if cls.__name__.startswith("FSDP") and len(cls.__mro__) > 2
-                         and cls.__mro__[1].__name__ == "FSDPModule" else cls.__name__]  # not FSDP2's subclass
+    if len(cls.__mro__) > 2 and cls.__mro__[1].__name__ == "FSDPModule":  # fully_shard's FSDP<Class>(FSDPModule, <Class>)
+        cls = cls.__mro__[2]
+    cfg.architectures = [cls.__name__]
     return cfg
 
 

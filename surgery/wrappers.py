@@ -71,8 +71,8 @@ def check_swappable(model: nn.Module, action: str) -> None:
 
     FSDP1 (``FullyShardedDataParallel``) re-points the wrapped modules' weights at views of
     its flat Parameter and records the module objects it did that for; a layer swapped in
-    afterwards would not get them. FSDP2's ``fully_shard`` keeps ordinary Parameters and is
-    not affected.
+    afterwards would not get them. FSDP2 (``fully_shard`` after ``apply``) is checked in
+    ``surgery.distributed``.
 
     Raises:
         SurgeryError: ``model`` is or contains an FSDP1 module.
@@ -83,7 +83,7 @@ def check_swappable(model: nn.Module, action: str) -> None:
                "revert the model before wrapping it, or run `surgery convert` on a full (gathered) checkpoint")
         raise SurgeryError(f"cannot {action} inside FullyShardedDataParallel (FSDP1): it flattened the Parameters when "
                            f"it wrapped the model, so swapped layers would not hold them; {fix} "
-                           "(FSDP2's fully_shard keeps Parameters and works either way)")
+                           "(or use FSDP2: surgery.apply first, then fully_shard; see docs/training.md)")
 
 
 def peft_tuner_layer_type():

@@ -288,28 +288,28 @@ def _apply_after_fully_shard_worker(rank, world, tmp):
     except SurgeryError as e:
         msg = str(e)
     unchanged = m.state_dict().keys() == before.keys() and not surgery.is_surgered(m)
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    f1 = FullyShardedDataParallel(pretrained(), device_id=torch.device("cpu"), use_orig_params=True)
-    msg1 = ""
+    s = surgery.apply(pretrained(), mixout=0.3)
+    fully_shard(s)
+    msg_revert = ""
     try:
-        surgery.apply(f1, mixout=0.3)
+        surgery.revert(s)
     except SurgeryError as e:
-        msg1 = str(e)
+        msg_revert = str(e)
     if rank == 0:
         with open(os.path.join(tmp, "after.json"), "w") as f:
-            json.dump({"msg": msg, "unchanged": unchanged, "fsdp1": msg1, "fsdp1_unchanged": not surgery.is_surgered(f1)},
-                      f)
+            json.dump({"msg": msg, "unchanged": unchanged, "revert": msg_revert, "still": surgery.is_surgered(s)}, f)
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_apply_after_fully_shard_is_refused_with_the_order_to_use():
+def test_apply_and_revert_after_fully_shard_are_refused_with_what_to_do():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_apply_after_fully_shard_worker, args=(2, tmp), nprocs=2, join=True)
         r = json.load(open(os.path.join(tmp, "after.json")))
     assert "already sharded with fully_shard" in r["msg"] and "then fully_shard(layer)" in r["msg"]
     assert r["unchanged"]
-    assert "wrapped in FSDP1" in r["fsdp1"] and "FSDP2" in r["fsdp1"] and r["fsdp1_unchanged"]
+    assert "cannot revert a model sharded with fully_shard" in r["revert"] and "export_sharded" in r["revert"]
+    assert r["still"]
 
 
 class DeepSpeedEngine(nn.Module):

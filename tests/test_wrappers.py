@@ -117,9 +117,9 @@ def test_record_survives_ddp_unwrapping(gloo_group):
     assert not surgery.is_surgered(ddp)
 
 
-def _fsdp1(model):
+def _fsdp1(model, **kw):
     from torch.distributed.fsdp import FullyShardedDataParallel
-    return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **kw)
 
 
 @pytest.mark.slow
@@ -131,12 +131,16 @@ def test_fsdp1_is_refused_after_wrapping_and_works_when_applied_first(gloo_group
         surgery.apply(wrapped, mixout=0.1)
     assert str(e.value) == (
         "cannot apply inside FullyShardedDataParallel (FSDP1): it flattened the Parameters when it wrapped the model, "
-        "so swapped layers would not hold them; apply surgery to the plain model, then wrap it (FSDP2's fully_shard "
-        "keeps Parameters and works either way)")
+        "so swapped layers would not hold them; apply surgery to the plain model, then wrap it (or use FSDP2: "
+        "surgery.apply first, then fully_shard; see docs/training.md)")
     assert [(n, type(m)) for n, m in wrapped.named_modules()] == classes and not surgery.is_surgered(wrapped)
 
     model = surgery.apply(build("bert"), mixout=0.1, dropout=0.0)
-    wrapped = _fsdp1(model)
+    # the Mixout targets are frozen Parameters: FSDP1 flattens them with the trainable weights only with
+    # use_orig_params=True; without it torch refuses mixed requires_grad (documented in docs/training.md)
+    with pytest.raises(ValueError, match="uniform `requires_grad`"):
+        _fsdp1(model)
+    wrapped = _fsdp1(model, use_orig_params=True)
     assert surgery.get_record(wrapped) is surgery.get_record(model)
     wrapped.train()
     wrapped(**batch("bert")).loss.backward()
@@ -144,5 +148,5 @@ def test_fsdp1_is_refused_after_wrapping_and_works_when_applied_first(gloo_group
         surgery.revert(wrapped)
     assert str(e.value).startswith("cannot revert inside FullyShardedDataParallel (FSDP1)") and \
         str(e.value).endswith("revert the model before wrapping it, or run `surgery convert` on a full (gathered) "
-                              "checkpoint (FSDP2's fully_shard keeps Parameters and works either way)")
+                              "checkpoint (or use FSDP2: surgery.apply first, then fully_shard; see docs/training.md)")
     assert surgery.is_surgered(wrapped)
