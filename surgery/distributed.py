@@ -15,11 +15,12 @@ A Mixout target (``<layer>.mixout_target``) is a frozen ``nn.Parameter``
 
 Supported: one process, DDP (also through the HF Trainer / Accelerate), FSDP2 with
 ``fully_shard`` called *after* ``surgery.apply`` (also Accelerate / Trainer ``fsdp_version=2``).
-Refused with :class:`~surgery.errors.SurgeryError` before anything changes (at ``apply``) or at the
-first training forward: FSDP1 (``FullyShardedDataParallel``), DeepSpeed ZeRO-3, tensor-parallel
-(DTensor) weights, ``apply`` after ``fully_shard``, a target somebody unfroze, or a weight whose
-shape no longer matches its target (an engine that partitions parameters in a way surgery cannot
-see through).
+Refused with :class:`~surgery.errors.SurgeryError` before anything changes (at ``apply``/``revert``)
+or at the first training forward: FSDP1 (``FullyShardedDataParallel``; with its default
+``use_orig_params=False`` torch itself refuses to flatten the frozen target with the trainable
+weight), DeepSpeed ZeRO-3, tensor-parallel (DTensor) weights, ``apply``/``revert`` after
+``fully_shard``, a target somebody unfroze, or a weight whose shape no longer matches its target
+(an engine that partitions parameters in a way surgery cannot see through).
 
 Counting parameters: ``sum(p.numel() for p in model.parameters())`` (and transformers'
 ``model.num_parameters()``) now include the targets; count trainable ones with
@@ -114,6 +115,10 @@ def layer_ok(weight: torch.Tensor, target: torch.Tensor) -> bool:
 
 def check_layer(weight: torch.Tensor, target: torch.Tensor) -> None:
     """Raise the one error that explains why ``layer_ok`` failed (called from ``MixLinear.forward``)."""
+    if target.requires_grad and not isinstance(target, nn.Parameter):
+        raise _refuse("a Mixout layer computes with a target that is a view requiring grad, not its frozen Parameter: "
+                      "FSDP1 (FullyShardedDataParallel, use_orig_params=True) or another engine flattened it together "
+                      "with the trainable weights", "Use FSDP2: " + _ORDER + ".")
     if target.requires_grad:
         raise SurgeryError(f"a Mixout target ('*.{TARGET_SUFFIX}') requires grad: something unfroze it (e.g. "
                            "model.requires_grad_(True) or a loop over model.parameters()); targets are the frozen "

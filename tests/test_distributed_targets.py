@@ -83,9 +83,10 @@ def _ddp_worker(rank, world, tmp):
         return allreduce_hook(state, bucket)
 
     out = {}
-    for storage in ("parameter", "buffer"):
+    for storage in ("parameter", "buffer", "bf16_low_memory"):
         torch.manual_seed(0)
-        model = surgery.apply(BNNet(rank), mixout=0.3)
+        extra = dict(target_dtype=torch.bfloat16, low_memory=True) if storage == "bf16_low_memory" else {}
+        model = surgery.apply(BNNet(rank), mixout=0.3, **extra)
         if storage == "buffer":
             as_buffer_targets(model)
         targets = [t for n, t in model.state_dict().items() if n.endswith(TARGET)]
@@ -97,7 +98,8 @@ def _ddp_worker(rank, world, tmp):
         mine = torch.cat([t.reshape(-1) for t in targets] + [model.classifier.weight.detach().reshape(-1)])
         all_ = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(all_, mine)
-        head_target_is_head = torch.equal(model.classifier.mixout_target, model.classifier.weight)
+        head_t = model.classifier.mixout_target
+        head_target_is_head = torch.equal(head_t, model.classifier.weight.detach().to(head_t.dtype))
         bn_seen = []
         model.bn.register_forward_pre_hook(lambda m, a: bn_seen.append(m.running_mean.clone()))
         drawn, real_scale = [], surgery.mixout._scale
@@ -142,7 +144,11 @@ def test_ddp_syncs_targets_once_and_never_again():
         mp.spawn(_ddp_worker, args=(2, tmp), nprocs=2, join=True)
         res = [json.load(open(os.path.join(tmp, f"ddp{r}.json"))) for r in range(2)]
     for r in res:
-        now, before = r["parameter"], r["buffer"]
+        now, before, low = r["parameter"], r["buffer"], r["bf16_low_memory"]
+        # target_dtype and low_memory under DDP: bf16 targets (half the bytes) are synced once and never sent again
+        assert low["per_step"] == low["bn_buffers"] and low["targets"] * 2 == now["targets"]
+        assert low["replicas_agree"] and low["head_target_is_head"] and low["bn_synced"]
+        assert low["at_wrap"] == low["params"] + low["targets"] + low["bn_buffers"]
         # guards: a training step broadcasts the real buffers (BatchNorm statistics) and nothing else; the
         # buffer storage of before sent every target each step, which is what this measurement must catch
         assert now["per_step"] == now["bn_buffers"] > 0
