@@ -19,8 +19,9 @@ Refused with :class:`~surgery.errors.SurgeryError` before anything changes (at `
 or at the first training forward: FSDP1 (``FullyShardedDataParallel``; with its default
 ``use_orig_params=False`` torch itself refuses to flatten the frozen target with the trainable
 weight), DeepSpeed ZeRO-3, tensor-parallel (DTensor) weights, ``apply``/``revert`` after
-``fully_shard``, a target somebody unfroze, or a weight whose shape no longer matches its target
-(an engine that partitions parameters in a way surgery cannot see through).
+``fully_shard``, or a weight whose shape no longer matches its target (an engine that partitions
+parameters in a way surgery cannot see through). A target that code unfroze (``requires_grad_(True)``
+on everything) is frozen again at the next training forward.
 
 Counting parameters: ``sum(p.numel() for p in model.parameters())`` (and transformers'
 ``model.num_parameters()``) now include the targets; count trainable ones with
@@ -114,16 +115,18 @@ def layer_ok(weight: torch.Tensor, target: torch.Tensor) -> bool:
 
 
 def check_layer(weight: torch.Tensor, target: torch.Tensor) -> None:
-    """Raise the one error that explains why ``layer_ok`` failed (called from ``MixLinear.forward``)."""
+    """Why ``layer_ok`` failed (called from ``MixLinear.forward``): re-freeze a target that code unfroze, or
+    raise the one error that explains the engine problem."""
     if target.requires_grad and not isinstance(target, nn.Parameter):
         raise _refuse("a Mixout layer computes with a target that is a view requiring grad, not its frozen Parameter: "
                       "FSDP1 (FullyShardedDataParallel, use_orig_params=True) or another engine flattened it together "
                       "with the trainable weights", "Use FSDP2: " + _ORDER + ".")
-    if target.requires_grad:
-        raise SurgeryError(f"a Mixout target ('*.{TARGET_SUFFIX}') requires grad: something unfroze it (e.g. "
-                           "model.requires_grad_(True) or a loop over model.parameters()); targets are the frozen "
-                           "pretrained weights. Set requires_grad back to False for every parameter named "
-                           f"'*.{TARGET_SUFFIX}' (unfreeze by name, skipping them)")
+    if target.requires_grad and target.is_leaf:
+        # code that unfreezes every parameter (model.requires_grad_(True), PEFT's modules_to_save copy of a head)
+        # unfroze the target too: a target never trains, so freeze it again (no gradient was taken from it)
+        target.requires_grad_(False)
+        if layer_ok(weight, target):
+            return
     if hasattr(weight, "ds_id") or hasattr(target, "ds_id"):
         raise _refuse("a Mixout layer's weight is managed by DeepSpeed ZeRO", _DEEPSPEED)
     if is_dtensor(weight) or is_dtensor(target):

@@ -357,14 +357,17 @@ def test_an_engine_that_partitions_the_weight_after_apply_is_one_clear_error():
         layer(torch.randn(2, 16))
 
 
-def test_an_unfrozen_target_is_one_clear_error():
-    m = surgery.apply(pretrained(), mixout=0.3).train()
-    m.requires_grad_(True)  # a common "unfreeze everything" that also unfreezes the targets
-    with pytest.raises(SurgeryError, match=r"mixout_target.*requires grad"):
-        m(**{k: v for k, v in batch().items() if k != "labels"})
-    for n, p in m.named_parameters():
-        p.requires_grad_(not n.endswith(TARGET))
-    m(**{k: v for k, v in batch().items() if k != "labels"})
+@pytest.mark.parametrize("p", [0.3, 1.0])
+def test_an_unfrozen_target_is_frozen_again_and_never_trained(p):
+    m = surgery.apply(pretrained(), mixout=p).train()
+    before = {k: v.clone() for k, v in m.state_dict().items() if k.endswith(TARGET)}
+    m.requires_grad_(True)  # "unfreeze everything" (PEFT's modules_to_save does it to its copy of the head too)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(**batch()).loss.backward()
+    opt.step()
+    targets = {n: t for n, t in m.named_parameters() if n.endswith(TARGET)}
+    assert targets and not any(t.requires_grad or t.grad is not None for t in targets.values())
+    assert all(torch.equal(t, before[n]) for n, t in targets.items())
 
 
 def test_targets_are_frozen_parameters_and_counted_as_such():
