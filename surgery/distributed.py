@@ -38,8 +38,8 @@ from torch import nn
 from .errors import SurgeryError
 from .record import TARGET_SUFFIX
 
-__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_revert", "check_layer", "layer_ok", "target_bytes", "is_dtensor", "refuse_deepspeed",
-           "export_sharded"]
+__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_revert", "check_layer", "layer_ok", "target_bytes", "is_dtensor",
+           "refuse_deepspeed", "export_sharded"]
 
 SUPPORTED_ENGINES = ("one process, DDP (torch.nn.parallel.DistributedDataParallel; the HF Trainer and Accelerate "
                      "in multi-process mode) and FSDP2 (torch.distributed.fsdp.fully_shard called after "

@@ -80,7 +80,7 @@ def _plain_config(model: nn.Module):
     if hasattr(model, "dtype"):
         cfg.dtype = str(model.dtype).split(".")[1]  # as save_pretrained does
     cls = type(model)
-    if len(cls.__mro__) > 2 and cls.__mro__[1].__name__ == "FSDPModule":  # fully_shard's FSDP<Class>(FSDPModule, <Class>)
+    if len(cls.__mro__) > 2 and cls.__mro__[1].__name__ == "FSDPModule":  # fully_shard's FSDP<X>(FSDPModule, X)
         cls = cls.__mro__[2]
     cfg.architectures = [cls.__name__]
     return cfg

@@ -197,7 +197,8 @@ def _fsdp_worker(rank, world, tmp):
         for layer in m.bert.encoder.layer:
             fully_shard(layer)
         fully_shard(m)
-        return m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)  # state to resume; AdamW amplifies round-off of ~0 gradients (key biases)
+        # momentum: optimizer state to resume (AdamW would amplify the round-off of the ~0 key-bias gradients)
+        return m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     out = {}
