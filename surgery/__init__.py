@@ -34,7 +34,7 @@ _LAZY = {
     "rdrop_forward": "rdrop", "rdrop_loss": "rdrop", "rdrop_strategy": "rdrop",
     "TrainingLoss": "train", "check_same_surgery": "train", "compute_loss": "train", "load_training_state": "train",
     "rank": "train", "save_training_state": "train", "seed_rank": "train", "SurgeryTrainer": "train",
-    "RankSeedCallback": "train", "train_noise": "noise",
+    "RankSeedCallback": "train", "train_noise": "noise", "param_groups": "layer_msd",
 }
 
 __all__ = [
@@ -42,13 +42,13 @@ __all__ = [
     "SurgeryError", "SurgeryTypeError", "PatternError", "HeadError", "NotSurgeredError", "AlreadySurgeredError",
     "rdrop_loss", "rdrop_forward", "rdrop_strategy", "msd_loss", "msd_sample_loss", "compute_loss", "TrainingLoss",
     "seed_rank", "rank", "save_training_state", "load_training_state", "check_same_surgery",
-    "SurgeryTrainer", "RankSeedCallback", "train_noise",
+    "SurgeryTrainer", "RankSeedCallback", "train_noise", "param_groups",
 ]
 
 
 # submodules `import surgery` used to load (``surgery.checkpoint.save(...)`` keeps working)
 _SUBMODULES = ("checkpoint", "engine", "dropout", "mixout", "msd", "rdrop", "select", "train", "exporting", "lora",
-               "wrappers", "configs", "droppath", "noise", "arguments")
+               "wrappers", "configs", "droppath", "noise", "arguments", "layer_msd")
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ from .arguments import MSD_P_DEFAULT, check_bool, check_count, check_dependent, 
 from .distributed import check_apply, check_revert, target_bytes as _target_bytes
 from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
 from .errors import AlreadySurgeredError, HeadError, SurgeryError, SurgeryTypeError
+from .layer_msd import check_layer_args, check_revert, describe_line, install_layers, plan_layers
 from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
@@ -61,6 +62,9 @@ def apply(
     mixout_tied: bool = False,
     target_dtype: torch.dtype | None = None,
     low_memory: bool = False,
+    msd_layers: bool = False,
+    msd_layer_p: float = 0.2,
+    msd_pool: str = "first",
 ) -> nn.Module:
     """Apply Mixout, dropout control and multi-sample dropout to ``model`` in place.
 
@@ -95,6 +99,12 @@ def apply(
             memory; they are cast to the weight's dtype in forward. Default: the weight's.
         low_memory: Mixout layers recompute the mixed weight in backward instead of
             keeping it (one weight-sized tensor less per layer alive during backward).
+        msd_layers: the MSD head reads a learned, softmax-weighted mix of the summary token
+            of every hidden state of the backbone instead of its usual input (the Kaggle
+            head, see :mod:`surgery.layer_msd`); the head must be an ``nn.Linear``.
+        msd_layer_p: dropout probability of each layer's summary vector (``msd_layers``).
+        msd_pool: the summary token: ``"first"`` (position 0) or ``"last"`` (the last
+            non-padding token of ``attention_mask``, for decoder-only backbones).
 
     Returns:
         ``model``, the same object.
@@ -120,6 +130,7 @@ def apply(
         msd_p = check_p(msd_p, "msd_p")
     for flag, value in (("mixout_head", mixout_head), ("mixout_tied", mixout_tied), ("low_memory", low_memory)):
         check_bool(value, flag)
+    msd_layer_p, msd_pool = check_layer_args(msd, msd_layers, msd_layer_p, msd_pool)
     if target_dtype is not None and not (isinstance(target_dtype, torch.dtype) and target_dtype.is_floating_point):
         raise SurgeryTypeError(f"target_dtype must be a floating torch.dtype such as torch.bfloat16, got {target_dtype!r}")
     if get_record(root, required=False) is not None:
@@ -148,11 +159,13 @@ def apply(
             raise HeadError(f"mixout_head=False leaves the task head a plain layer, but {e}") from None
     if msd > 0:
         check_msd_head(root.get_submodule(head_name), head_name)
+    layered = plan_layers(root, head_name, head is not None, msd_layer_p, msd_pool) if msd_layers else None
+    head_name = layered.head if layered else head_name
     rec = Record(args=dict(mixout=mixout, dropout=dropout, drop_path=drop_path, msd=msd, msd_p=msd_p, head=head_name,
                            include=recorded_pattern(include), exclude=recorded_pattern(exclude),
                            mixout_head=mixout_head, mixout_tied=mixout_tied,
                            target_dtype=str(target_dtype).replace("torch.", "") if target_dtype else None,
-                           low_memory=low_memory))
+                           low_memory=low_memory, **(layered.args if layered else {})))
 
     swaps: list[tuple[str, nn.Module]] = []
     if mixout > 0.0:
@@ -224,7 +237,9 @@ def apply(
     for ch in config_changes:
         set_path(root.get_submodule(ch["module"]).config, ch["path"], ch["new"])
     rec.dropout, rec.config = dropout_changes, config_changes
-    if msd > 0:
+    if msd > 0 and layered:
+        install_layers(root, layered, msd, msd_p, rec)
+    elif msd > 0:
         state = MultiSampleDropout(msd, msd_p)
         rec.handles += [state] + state.install(root.get_submodule(head_name))
         rec.msd.append({"name": head_name, "k": msd, "p": msd_p})
@@ -233,9 +248,12 @@ def apply(
     return model
 
 
-def revert(model: nn.Module) -> nn.Module:
+def revert(model: nn.Module, *, drop_layer_weights: bool = False) -> nn.Module:
     """Undo ``apply``: original module classes holding the current (trained) Parameters,
     original dropout values and config, no leftover buffers, hooks or attributes.
+
+    A layer-weighted MSD head (``msd_layers=True``) changes what the model computes in a way
+    plain modules cannot hold: revert refuses it unless ``drop_layer_weights=True``.
 
     Returns:
         ``model``, the same object.
@@ -245,11 +263,13 @@ def revert(model: nn.Module) -> nn.Module:
         NotSurgeredError: the model carries no surgery.
         SurgeryError: a recorded Mixout layer is missing or was replaced since ``apply``
             (one inside a PEFT wrapper put there since, or that took the place of the PEFT
-            wrapper it was recorded in, is found and restored).
+            wrapper it was recorded in, is found and restored); a layer-weighted MSD head
+            without ``drop_layer_weights=True``.
     """
     root = _check_model(model, "revert")
     check_revert(model)  # FSDP2 gathers into the Mixout layers: export instead
     rec = get_record(root)
+    check_revert(rec, drop_layer_weights)
     layers = {}
     for m in rec.mixout:  # at its name, inside a PEFT wrapper put there, or where an unwrapped wrapper was
         found, here = find_layers(root, m["name"], (MixLinear, LoraMixout))
@@ -354,6 +374,9 @@ def describe(model_or_record: Any) -> str:
         lines.append(f"  dropout -> {rec.args['dropout']}: the model has no dropout")
     lines += droppath.describe_lines(rec)
     for h in rec.msd:
+        if h.get("layers"):
+            lines += describe_line(h)
+            continue
         lines.append(f"  multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}")
     by_reason: dict[str, list[str]] = {}  # one line per reason and layer pattern, not per layer
     for s in rec.skipped:

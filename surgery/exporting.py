@@ -24,6 +24,7 @@ from .checkpoint.common import CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointErr
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
 from .configs import restore_config
 from .errors import SurgeryError, SurgeryTypeError
+from .layer_msd import refuse_export
 from .record import get_record, unwrap
 
 __all__ = ["export"]
@@ -174,12 +175,14 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
     Raises:
         SurgeryTypeError: ``model`` is not an ``nn.Module``.
         SurgeryError: ``path`` of the wrong kind (a file for a transformers model, no
-            ``.safetensors`` suffix for another module).
+            ``.safetensors`` suffix for another module); a model with a layer-weighted MSD
+            head (``msd_layers=True``), which a plain checkpoint cannot hold.
         CheckpointError: a tensor safetensors cannot store, or a failed write.
     """
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = unwrap(model)
+    refuse_export(get_record(root, required=False))  # a layer-weighted MSD head: a plain checkpoint can't hold it
     path = Path(path)
     try:
         if _is_pretrained(root):

@@ -395,7 +395,8 @@ def _build_trainer_classes():
             rdrop_strategy: ``"auto"`` / ``"concat"`` / ``"separate"``.
             plain_save: a ``save_model()`` *you* call writes a plain checkpoint with
                 :func:`surgery.export` (no Mixout targets, no ``surgery`` record, original
-                dropout values; loads with plain ``from_pretrained``). The periodic
+                dropout values; loads with plain ``from_pretrained``). A model with a
+                layer-weighted MSD head has no plain form: it is saved surgered. The periodic
                 checkpoints (``checkpoint-N``) always keep the surgered form, which resume needs.
             seed_per_rank: add :class:`RankSeedCallback`.
 
@@ -469,8 +470,10 @@ def _build_trainer_classes():
 
         def _plain_output(self) -> bool:
             """Whether saves the user asks for and hub uploads get the plain model."""
-            return self.plain_save and get_record(self.model, required=False) is not None \
-                and not self.is_deepspeed_enabled
+            from .layer_msd import is_layered
+
+            rec = get_record(self.model, required=False)  # a layer-weighted MSD head has no plain form
+            return self.plain_save and rec is not None and not is_layered(rec) and not self.is_deepspeed_enabled
 
         def _write_plain(self, output_dir: str) -> None:
             from .distributed import export_sharded

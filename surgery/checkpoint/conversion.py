@@ -36,6 +36,24 @@ def restore_config(config: dict[str, Any], record: Record | None = None) -> tupl
     return out, configs.restore_config(out, record)
 
 
+def _refuse_layered(src: Path, record: Record | None, ck: Checkpoint) -> None:
+    """A layer-weighted MSD head (its record entry, or its weights without a record) has no plain form.
+    (Torch-free: the check reads the record and the tensor names only; surgery/layer_msd.py explains.)"""
+    key = "layer_pool.layer_weights"
+    heads = [h for h in (record.msd if record is not None else []) if isinstance(h, dict) and h.get("layers")]
+    if heads:
+        raise CheckpointError(src, f"surgery convert writes a plain checkpoint, which cannot hold the layer-weighted "
+                                   f"MSD head (learned layer weights {key!r} and head {heads[0].get('name')!r} reading "
+                                   "their weighted summary token): plain transformers would load it without the layer "
+                                   "weights and compute something else. Keep the surgered checkpoint and load it by "
+                                   "rebuilding: the pretrained model, surgery.apply(...) with the same arguments, "
+                                   "model.load_state_dict(...)")
+    if any(k == key or k.endswith("." + key) for s in ck.sources for k in s.entries):
+        raise CheckpointError(src, f"holds {key!r}, the learned layer weights of a layer-weighted MSD head, which a "
+                                   "plain checkpoint cannot hold (plain transformers would drop them); keep the "
+                                   "surgered checkpoint and load it into a surgered pretrained model")
+
+
 @dataclass
 class Plan:
     """What :func:`convert` does (``--dry-run`` prints :meth:`describe`)."""
@@ -127,6 +145,7 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
             raise CheckpointError(dst, "DST must be a .safetensors file for a file SRC"
                                   + (" (.bin/.pt input is written as safetensors)" if ck.fmt == "pickle" else ""))
         record, where = ck.record()
+        _refuse_layered(src, record, ck)
         warnings = list(ck.warnings)
         files = []
         for s in ck.sources:
