@@ -12,7 +12,10 @@ change the cost). Three groups, each timed interleaved (see common.py):
    against the plain head, next to a Python-loop version (K dropout+head calls);
 3. R-Drop with ``surgery.compute_loss(rdrop_alpha=1)`` (its ``auto`` strategy: one forward
    on ``[x; x]`` for this model) and with ``strategy="separate"`` (two forwards), against
-   two plain passes with the loss written by hand, and a one-pass plain step.
+   two plain passes with the loss written by hand, and a one-pass plain step;
+4. the layer-weighted MSD head (``apply(msd=5, msd_p=0.5, msd_layers=True)``, the QUEST
+   2nd-place head) against the plain MSD head with the same K and p, next to the seed's
+   code (``CustomBert``: a per-layer dropout loop and a loop over the K samples).
 """
 
 from __future__ import annotations
@@ -64,6 +67,28 @@ def msd_loop_loss(k, p):
     return loss
 
 
+def seed_layers_loss(k, p, layer_p):
+    """The seed's CustomBert head written as it is there: hidden states of all layers, a dropout call per
+    layer on its CLS vector, softmax-weighted sum, K dropout + classifier calls in a loop; mean of the K
+    per-sample losses (the paper's form, as surgery's)."""
+    def loss(model, b):
+        hs = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+        cls = torch.stack([F.dropout(h[:, 0], layer_p, True) for h in hs], dim=2)
+        pooled = (torch.softmax(model.seed_layer_weights, dim=0) * cls).sum(-1)
+        losses = [F.mse_loss(model.classifier(F.dropout(pooled, p, True)).squeeze(-1), b["labels"]) for _ in range(k)]
+        return torch.stack(losses).mean()
+    return loss
+
+
+def seed_model(base):
+    m = copy.deepcopy(base)
+    w = torch.full((m.config.num_hidden_layers + 1,), -3.0)
+    w[-1] = 0.0
+    m.seed_layer_weights = torch.nn.Parameter(w)
+    m.bert.pooler.requires_grad_(False)  # unused, as with surgery's head
+    return m
+
+
 def rdrop_loss(model, b):
     return surgery.compute_loss(model, b, rdrop_alpha=1.0).loss
 
@@ -95,7 +120,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--p", type=float, default=0.1, help="Mixout p")
-    ap.add_argument("--groups", nargs="+", default=["mixout", "msd", "rdrop"], choices=["mixout", "msd", "rdrop"])
+    ap.add_argument("--groups", nargs="+", default=["mixout", "msd", "rdrop", "layers"],
+                    choices=["mixout", "msd", "rdrop", "layers"])
     ap.add_argument("--model", default=None)
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -142,6 +168,18 @@ def main(argv=None):
                                                                                                  rdrop_separate_loss),
                            "one plain pass (no R-Drop)": make_step(one, batch, plain_loss)}, rounds=args.rounds)
         report("3. R-Drop: the helper against two plain passes", res, "two plain passes")
+        del one, helper, two, sep
+
+    if "layers" in args.groups:
+        plain = copy.deepcopy(base)
+        msd = surgery.apply(copy.deepcopy(base), msd=5, msd_p=0.5)
+        layers = surgery.apply(copy.deepcopy(base), msd=5, msd_p=0.5, msd_layers=True, msd_layer_p=0.2)
+        seed = seed_model(base)
+        res = interleaved({"surgery MSD K=5 p=0.5 (plain head)": make_step(msd, batch, msd_loss),
+                           "surgery layer-weighted MSD K=5 (msd_layers=True)": make_step(layers, batch, msd_loss),
+                           "seed's CustomBert head (Python loops)": make_step(seed, batch, seed_layers_loss(5, 0.5, 0.2)),
+                           "plain head": make_step(plain, batch, plain_loss)}, rounds=args.rounds)
+        report("4. Layer-weighted MSD head against the plain MSD head", res, "surgery MSD K=5 p=0.5 (plain head)")
 
 
 if __name__ == "__main__":
