@@ -186,6 +186,9 @@ def apply(
             role = lora_role(tuners, name, m)  # PEFT LoRA adapters: see surgery/lora.py
             if role == "part":
                 continue
+            if layered and f"{name}.weight" in layered.frozen:
+                rec.skipped.append({"name": name, "reason": "bypassed by the layer-weighted MSD head, frozen"})
+                continue
             if role is None and not m.weight.requires_grad:
                 rec.skipped.append({"name": name, "reason": "weight frozen, requires_grad=False: Mixout would not "
                                     "change it"})

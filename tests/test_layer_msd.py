@@ -197,12 +197,15 @@ def test_custom_module_passing_the_mask_positionally_pools_with_it():
 
 # ---- alongside the other options, losses, Trainer --------------------------------------------------------
 
+@pytest.mark.filterwarnings("error")  # no warning about Mixout on a frozen layer: bypassed layers get no Mixout
 def test_with_mixout_dropout_rdrop_and_the_losses():
     model = surgery.apply(zoo.build("roberta"), mixout=0.1, dropout=0.0, **LAYERED).train()
     text = surgery.describe(model)
     assert "mixout p=0.1" in text and "dropout -> 0.0" in text
     assert "layer-weighted multi-sample dropout: head 'classifier.out_proj', K=5 samples, p=0.5" in text
     assert "bypassed, frozen while installed: classifier.dense" in text
+    assert "left alone: classifier.dense (bypassed by the layer-weighted MSD head, frozen)" in text
+    assert type(model.classifier.dense) is nn.Linear and isinstance(model.classifier.out_proj, surgery.MixLinear)
     batch, labels = inputs("roberta", model)
     full = dict(batch, labels=labels)
     torch.manual_seed(3)
