@@ -12,9 +12,11 @@ The head Kaggle NLP solutions ship (Google QUEST Q&A Labeling, 2nd place, ``Cust
 * the result passes ``K`` times through dropout ``msd_p`` (0.5 there) into one ``nn.Linear``,
   and the ``K`` outputs are averaged (the paper's loss form: :func:`surgery.msd_loss`).
 
-Nothing is looped in Python: the ``L + 1`` summary vectors are one stacked ``(B, H, L + 1)``
-tensor with one dropout mask, the weighted sum is one product and one sum, and the ``K``
-samples go through the head in one call (as for the plain MSD head).
+No dropout, weighting or head call runs per layer or per sample: the ``L + 1`` summary
+vectors are gathered into one ``(B, H, L + 1)`` tensor (one ``torch.stack`` of ``L + 1``
+views, the only per-layer Python work), which gets one dropout mask; the weighted sum is one
+product and one sum; the ``K`` samples go through the head in one call (as for the plain
+MSD head).
 
 It is installed with hooks plus one new module, ``layer_pool`` (its parameter
 ``layer_pool.layer_weights``), on the model root: a pre-hook on the backbone asks for the
