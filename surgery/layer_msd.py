@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,30 +104,37 @@ def _strip_hidden_states(out):
 class LayerMSD(MultiSampleDropout):
     """Hooks of the layer-weighted MSD head. It is a :class:`MultiSampleDropout`, so
     :func:`surgery.msd_samples`, :func:`surgery.msd_loss` and ``compute_loss(msd_loss=True)``
-    see its ``K`` per-sample outputs."""
+    see its ``K`` per-sample outputs. What one forward passes from hook to hook (the pooled
+    vector, the mask, whether the head's K samples were stacked) is kept per thread, as the
+    plain head keeps its calls."""
 
     def __init__(self, k: int, p: float, pool: LayerPool, n: int, mask_pos: int | None, backbone_name: str,
                  head_name: str):
         super().__init__(k, p)
         self.pool, self.n, self.mask_pos = pool, n, mask_pos
         self.backbone_name, self.head_name = backbone_name, head_name
-        self._pooled: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        self._want = False
-        self._seq: tuple = ()
+
+    def __getstate__(self):  # copies (deepcopy of the model) start with no call in flight
+        return {k: v for k, v in vars(self).items() if k != "_local"}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._local = threading.local()
 
     # ---- backbone ----------------------------------------------------------------------
     def backbone_pre(self, module, args, kwargs):
-        self._pooled = None
+        local = self._local
+        local.pooled = None
         want = kwargs.get("output_hidden_states")
-        self._want = bool(want if want is not None else getattr(module.config, "output_hidden_states", False))
+        local.want = bool(want if want is not None else getattr(module.config, "output_hidden_states", False))
         mask = kwargs.get("attention_mask")
         if mask is None and self.mask_pos is not None and len(args) > self.mask_pos:
             mask = args[self.mask_pos]
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        local.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         return args, dict(kwargs, output_hidden_states=True)
 
     def backbone_post(self, module, args, kwargs, out):
+        local = self._local
         hs = out.get("hidden_states") if hasattr(out, "keys") else None
         if hs is None:
             raise SurgeryError(
@@ -136,34 +144,37 @@ class LayerMSD(MultiSampleDropout):
         if len(hs) != self.n:
             raise SurgeryError(f"backbone {self.backbone_name!r} returned {len(hs)} hidden states, the layer weights "
                                f"have {self.n} (num_hidden_layers + 1); was the model changed after apply?")
-        self._pooled = self.pool(hs, self._mask)
-        self._mask = None
-        return None if self._want else _strip_hidden_states(out)
+        local.pooled = self.pool(hs, getattr(local, "mask", None))
+        local.mask = None
+        return None if getattr(local, "want", False) else _strip_hidden_states(out)
 
     # ---- head ----------------------------------------------------------------------------
     def pre(self, module, args, kwargs):
-        pooled, self._pooled = self._pooled, None
-        self._expanded = False
+        local = self._local
+        pooled, local.pooled = getattr(local, "pooled", None), None
+        local.expanded = False
         if pooled is None:
             raise SurgeryError(f"the head {self.head_name!r} ran without a forward of the backbone "
                                f"{self.backbone_name!r} before it; the layer-weighted MSD head reads that forward's "
                                "hidden states")
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-        self._seq = tuple(x.shape[1:-1]) if isinstance(x, torch.Tensor) and x.dim() > 2 else ()
+        local.seq = tuple(x.shape[1:-1]) if isinstance(x, torch.Tensor) and x.dim() > 2 else ()
         if module.training:
             pooled = _msd._stack(pooled, self.k, self.p, None)
-            self._expanded = True
+            local.expanded = True
         if args:
             return (pooled,) + tuple(args[1:]), kwargs
         key = next(n for n, v in kwargs.items() if isinstance(v, torch.Tensor))
         return args, dict(kwargs, **{key: pooled})
 
     def post(self, module, args, kwargs, out):
-        seq, self._seq = self._seq, ()
-        if self._expanded:
-            self._expanded = False
-            if self._collect is not None:  # per-sample outputs (K, B, C), before any expansion over tokens
-                self._collect.append(_msd._split(out, self.k, lambda o: o))
+        local = self._local
+        seq, local.seq = getattr(local, "seq", ()), ()
+        if getattr(local, "expanded", False):
+            local.expanded = False
+            collect = getattr(local, "collect", None)
+            if collect is not None:  # per-sample outputs (K, B, C), before any expansion over tokens
+                collect.append(_msd._split(out, self.k, lambda o: o))
             out = _msd._split(out, self.k, lambda o: o.mean(0))
         if seq:  # a head run on every token (GPT-2 / Llama `score`): every token gets the pooled logits (a view)
             out = out.reshape((out.shape[0],) + (1,) * len(seq) + (out.shape[-1],)).expand(

@@ -568,3 +568,17 @@ def test_compare_regularizers_runs_the_new_row_alone():
     assert "1.100 ± 0.141" in table and "n/a (no baseline run)" in table
     with pytest.raises(SystemExit):
         cr.parse_args(["--layers-p", "1.5"])
+
+
+def test_a_deepcopy_of_the_surgered_model_computes_the_same():
+    import copy
+
+    model = surgery.apply(zoo.build("bert"), **LAYERED)
+    randomize_layer_weights(model)
+    clone = copy.deepcopy(model)
+    batch, labels = inputs("bert", model)
+    assert torch.equal(clone(**batch).logits, model(**batch).logits)
+    assert clone.layer_pool is not model.layer_pool
+    with surgery.msd_samples(clone.train()) as got:
+        clone(**batch)
+    assert len(got) == 1 and got[0].shape == (K, 3, 3)  # the copy's hooks read the copy's layer pool
