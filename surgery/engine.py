@@ -12,12 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import configs, droppath
+from . import configs, distributed, droppath, layer_msd
 from .arguments import MSD_P_DEFAULT, check_bool, check_count, check_dependent, check_materialised, recorded_pattern
-from .distributed import check_apply, check_revert, target_bytes as _target_bytes
 from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
 from .errors import AlreadySurgeredError, HeadError, SurgeryError, SurgeryTypeError
-from .layer_msd import check_layer_args, check_revert, describe_line, install_layers, plan_layers
 from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
 from .msd import MultiSampleDropout
@@ -118,7 +116,7 @@ def apply(
         HeadError: ``msd`` > 0 and no head, an ambiguous head, or ``head`` names no module.
     """
     root = _check_model(model, "apply")
-    check_apply(model)  # fully_shard already applied, DTensor weights, DeepSpeed: refused here
+    distributed.check_apply(model)  # fully_shard already applied, DTensor weights, DeepSpeed: refused here
     # ---- validate arguments --------------------------------------------------------
     mixout = check_p(mixout, "mixout")
     if dropout is not None:
@@ -130,7 +128,7 @@ def apply(
         msd_p = check_p(msd_p, "msd_p")
     for flag, value in (("mixout_head", mixout_head), ("mixout_tied", mixout_tied), ("low_memory", low_memory)):
         check_bool(value, flag)
-    msd_layer_p, msd_pool = check_layer_args(msd, msd_layers, msd_layer_p, msd_pool)
+    msd_layer_p, msd_pool = layer_msd.check_layer_args(msd, msd_layers, msd_layer_p, msd_pool)
     if target_dtype is not None and not (isinstance(target_dtype, torch.dtype) and target_dtype.is_floating_point):
         raise SurgeryTypeError(f"target_dtype must be a floating torch.dtype such as torch.bfloat16, got {target_dtype!r}")
     if get_record(root, required=False) is not None:
@@ -159,7 +157,7 @@ def apply(
             raise HeadError(f"mixout_head=False leaves the task head a plain layer, but {e}") from None
     if msd > 0:
         check_msd_head(root.get_submodule(head_name), head_name)
-    layered = plan_layers(root, head_name, head is not None, msd_layer_p, msd_pool) if msd_layers else None
+    layered = layer_msd.plan_layers(root, head_name, head is not None, msd_layer_p, msd_pool) if msd_layers else None
     head_name = layered.head if layered else head_name
     rec = Record(args=dict(mixout=mixout, dropout=dropout, drop_path=drop_path, msd=msd, msd_p=msd_p, head=head_name,
                            include=recorded_pattern(include), exclude=recorded_pattern(exclude),
@@ -241,7 +239,7 @@ def apply(
         set_path(root.get_submodule(ch["module"]).config, ch["path"], ch["new"])
     rec.dropout, rec.config = dropout_changes, config_changes
     if msd > 0 and layered:
-        install_layers(root, layered, msd, msd_p, rec)
+        layer_msd.install_layers(root, layered, msd, msd_p, rec)
     elif msd > 0:
         state = MultiSampleDropout(msd, msd_p)
         rec.handles += [state] + state.install(root.get_submodule(head_name))
@@ -270,9 +268,9 @@ def revert(model: nn.Module, *, drop_layer_weights: bool = False) -> nn.Module:
             without ``drop_layer_weights=True``.
     """
     root = _check_model(model, "revert")
-    check_revert(model)  # FSDP2 gathers into the Mixout layers: export instead
+    distributed.check_revert(model)  # FSDP2 gathers into the Mixout layers: export instead
     rec = get_record(root)
-    check_revert(rec, drop_layer_weights)
+    layer_msd.check_revert(rec, drop_layer_weights)
     layers = {}
     for m in rec.mixout:  # at its name, inside a PEFT wrapper put there, or where an unwrapped wrapper was
         found, here = find_layers(root, m["name"], (MixLinear, LoraMixout))
@@ -349,7 +347,7 @@ def describe(model_or_record: Any) -> str:
         root = unwrap(model_or_record)
         rec = get_record(root)
         title = type(root).__name__
-        target_bytes, local_bytes = _target_bytes(root)
+        target_bytes, local_bytes = distributed.target_bytes(root)
     else:
         rec = model_or_record if isinstance(model_or_record, Record) else Record.from_dict(model_or_record)
         title = "checkpoint"
@@ -378,7 +376,7 @@ def describe(model_or_record: Any) -> str:
     lines += droppath.describe_lines(rec)
     for h in rec.msd:
         if h.get("layers"):
-            lines += describe_line(h)
+            lines += layer_msd.describe_line(h)
             continue
         lines.append(f"  multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}")
     by_reason: dict[str, list[str]] = {}  # one line per reason and layer pattern, not per layer
