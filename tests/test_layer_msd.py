@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 import surgery
 import surgery.msd
 import zoo
+from test_training import _init
 
 ENCODERS = ["bert", "roberta", "xlm-roberta", "deberta-v2", "electra", "albert"]
 K, P, LAYER_P = 5, 0.5, 0.2  # the seed's head
@@ -314,8 +315,7 @@ def test_torch_compile_matches_eager():
 # ---- DDP ---------------------------------------------------------------------------------------------------
 
 def _ddp_worker(rank, world, tmp):
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "rendezvous"), rank=rank,
-                            world_size=world)
+    _init(rank, world, tmp)
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = surgery.apply(zoo.build("bert"), **LAYERED)
     ddp = DDP(model.train())  # default find_unused_parameters=False: the bypassed pooler is frozen, not unused

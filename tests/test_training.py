@@ -4,6 +4,7 @@ CPU/gloo, Accelerate, gradient checkpointing, torch.compile, bf16 and CPU autoca
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -284,8 +285,9 @@ def test_plain_loop_resume_is_bitwise(tmp_path):
 # ---- distributed: DDP and FSDP2 on CPU with gloo -------------------------------------------------------
 
 def _init(rank, world, tmp):
+    # a collective that waits past the timeout raises (and mp.spawn with it) instead of hanging the suite
     dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "rendezvous"), rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=180))
 
 
 def _ddp_worker(rank, world, tmp):
