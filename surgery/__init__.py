@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 # public name -> the submodule that defines it (imported on first access)
 _LAZY = {
-    "apply": "engine", "describe": "engine", "is_surgered": "engine", "revert": "engine",
+    "apply": "engine", "describe": "describing", "is_surgered": "engine", "revert": "engine",
     "export": "exporting", "MixLinear": "mixout",
     "msd_loss": "msd", "msd_sample_loss": "msd", "msd_samples": "msd",
     "rdrop_forward": "rdrop", "rdrop_loss": "rdrop", "rdrop_strategy": "rdrop",

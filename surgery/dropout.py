@@ -34,6 +34,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from .record import DROP_PATH, DROPOUT  # the two kinds of probability (record vocabulary)
+
 __all__ = ["DROPOUT_NAME", "DROP_PATH_NAME", "prob_kind", "find_probs", "config_probs", "find_dropout",
            "config_dropout", "find_configs", "set_path", "get_path"]
 
@@ -41,7 +43,6 @@ DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|drop_?rate$|(?:^|_)drop$", r
 DROP_PATH_NAME = re.compile(r"layer_?drop|drop_?path|path_?drop|stochastic_depth|drop_connect", re.IGNORECASE)
 _DROP_PATH_CLASS = re.compile(r"DropPath|StochasticDepth", re.IGNORECASE)
 _PROB_NAME = re.compile(r"^p$|prob|rate|drop", re.IGNORECASE)  # a DropPath module's rate: drop_prob, p, ...
-DROPOUT, DROP_PATH = "dropout", "drop_path"  # the two kinds of probability
 
 
 def _is_prob(v: Any) -> bool:

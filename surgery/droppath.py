@@ -31,11 +31,10 @@ from torch import nn
 from .dropout import DROP_PATH, DROPOUT, config_probs, find_configs, find_probs
 from .errors import SurgeryError
 
-__all__ = ["plan", "layerdrop_rates", "left_on", "describe_lines"]
+__all__ = ["plan", "layerdrop_rates", "left_on"]
 
 LAYERDROP_NAME = re.compile(r"layer_?drop", re.IGNORECASE)  # rates read in forward (a whole layer per forward)
 _OPTION = {DROPOUT: "dropout", DROP_PATH: "drop_path"}
-_LABEL = {DROPOUT: "dropout", DROP_PATH: "drop-path"}
 
 
 def _find(root: nn.Module, kind: str) -> tuple[list[tuple[str, str, float]], list[tuple[str, list[str], float]]]:
@@ -94,32 +93,3 @@ def left_on(root: nn.Module, **options: float | None) -> list[dict[str, Any]]:
             out.append({"kind": kind, "values": sorted({v for _, v in on_attrs} | set(on_cfgs)),
                         "modules": len({n for n, _ in on_attrs}), "config": len(on_cfgs)})
     return out
-
-
-def _values(values: list[float]) -> str:
-    values = sorted(set(values))
-    return ", ".join(f"{v:g}" for v in values) if len(values) <= 3 else f"{values[0]:g}..{values[-1]:g}"
-
-
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}{'' if n == 1 else 's'}"
-
-
-def describe_lines(rec) -> list[str]:
-    """``describe``'s lines for stochastic depth and for train-mode randomness left on."""
-    lines = []
-    changed = [c for c in rec.dropout if c.get("kind") == DROP_PATH]
-    fields = [c for c in rec.config if c.get("kind") == DROP_PATH]
-    if rec.args.get("drop_path") is not None:
-        if changed or fields:
-            lines.append(f"  drop-path -> {rec.args['drop_path']}: {_count(len(changed), 'module attribute')}, "
-                         f"{_count(len(fields), 'config field')} "
-                         f"(were {_values([c['old'] for c in changed + fields])})")
-        else:
-            lines.append(f"  drop-path -> {rec.args['drop_path']}: the model has no stochastic depth")
-    for on in rec.left_on:
-        where = [_count(on["modules"], "module")] if on["modules"] else []
-        where += [_count(on["config"], "config field")] if on["config"] else []
-        lines.append(f"  left on in training: {_LABEL[on['kind']]} {_values(on['values'])} on {', '.join(where)}: "
-                     f"pass {_OPTION[on['kind']]}=0.0 to turn it off")
-    return lines

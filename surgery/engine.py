@@ -14,7 +14,8 @@ from torch import nn
 
 from . import configs, distributed, droppath, layer_msd
 from .arguments import MSD_P_DEFAULT, check_bool, check_count, check_dependent, check_materialised, recorded_pattern
-from .dropout import DROP_PATH, DROPOUT, find_configs, set_path
+from .dropout import DROP_PATH, DROPOUT, set_path
+from .describing import describe
 from .errors import AlreadySurgeredError, HeadError, SurgeryError, SurgeryTypeError
 from .lora import LoraMixout, lora_role, tuner_layers
 from .mixout import MixLinear, check_p, is_conv1d
@@ -296,99 +297,3 @@ def revert(model: nn.Module, *, drop_layer_weights: bool = False) -> nn.Module:
     configs.detach(root)
     del vars(root)[ATTR]
     return model
-
-
-# ---- describe ------------------------------------------------------------------------
-
-def _ranges(values: list[int]) -> str:
-    values = sorted(set(values))
-    out, start = [], values[0]
-    for a, b in zip(values, values[1:] + [None]):
-        if b != a + 1:
-            out.append(str(start) if start == a else f"{start}-{a}")
-            start = b
-    return out[0] if len(out) == 1 and "-" not in out[0] else "{" + ",".join(out) + "}"
-
-
-def _group(names: list[str]) -> list[str]:
-    """``a.0.q, a.1.q, a.2.q`` -> ``a.{0-2}.q (x3)``: one line per layer pattern."""
-    groups: dict[tuple, list[list[int]]] = {}
-    for n in names:
-        parts = n.split(".")
-        key = tuple("#" if p.isdigit() else p for p in parts)
-        groups.setdefault(key, []).append([int(p) for p in parts if p.isdigit()])
-    lines = []
-    for key, idx in groups.items():
-        parts, slot = [], 0
-        for p in key:
-            if p == "#":
-                parts.append(_ranges([i[slot] for i in idx]))
-                slot += 1
-            else:
-                parts.append(p)
-        lines.append(".".join(parts) + (f"  (x{len(idx)})" if len(idx) > 1 else ""))
-    return lines
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def describe(model_or_record: Any) -> str:
-    """A few human-readable lines: what surgery changed, layer pattern by layer pattern.
-
-    Accepts a surgered model, a :class:`Record` or a record dict (as stored on disk).
-
-    Raises:
-        NotSurgeredError: a model that carries no surgery.
-    """
-    target_bytes = local_bytes = None
-    if isinstance(model_or_record, nn.Module):
-        root = unwrap(model_or_record)
-        rec = get_record(root)
-        title = type(root).__name__
-        target_bytes, local_bytes = distributed.target_bytes(root)
-    else:
-        rec = model_or_record if isinstance(model_or_record, Record) else Record.from_dict(model_or_record)
-        title = "checkpoint"
-    lines = [f"{title}: surgery (record v{rec.version})"
-             + (f", the part inside module {rec.scope!r} of the model it was applied to" if rec.scope else "")]
-    if rec.mixout:
-        ps = sorted({m["p"] for m in rec.mixout})
-        extra = f", targets {_mib(target_bytes)}" if target_bytes is not None else ""
-        extra += f" (sharded: {_mib(local_bytes)} on this rank)" if local_bytes is not None else ""
-        lines.append(f"  mixout p={'/'.join(map(str, ps))} on {len(rec.mixout)} layers{extra}:")
-        lines += [f"    {g}" for g in _group([m["name"] for m in rec.mixout])]
-        n_lora = sum(m.get("kind") == "lora" for m in rec.mixout)
-        if n_lora:
-            lines.append(f"  LoRA: {n_lora} lora_A layers mix their layer's W0 + s*B@A toward the frozen base weight "
-                         "W0 (no target copy)")
-    drop = [c for c in rec.dropout if c.get("kind", DROPOUT) == DROPOUT]
-    fields = [c for c in rec.config if c.get("kind", DROPOUT) == DROPOUT]
-    if drop or fields:
-        new = rec.args.get("dropout")
-        olds = sorted({c["old"] for c in drop + fields})
-        mods = sum(1 for c in drop if c["attr"] == "p")
-        lines.append(f"  dropout -> {new}: {mods} dropout modules, {len(drop) - mods} attributes, "
-                     f"{len(fields)} config fields (were {', '.join(map(str, olds))})")
-    elif rec.args.get("dropout") is not None:
-        lines.append(f"  dropout -> {rec.args['dropout']}: the model has no dropout")
-    lines += droppath.describe_lines(rec)
-    for h in rec.msd:
-        if h.get("layers"):
-            lines += layer_msd.describe_line(h)
-            continue
-        lines.append(f"  multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}")
-    by_reason: dict[str, list[str]] = {}  # one line per reason and layer pattern, not per layer
-    for s in rec.skipped:
-        by_reason.setdefault(s["reason"], []).append(s["name"])
-    for reason, names in by_reason.items():
-        groups = _group(names)
-        if len(groups) == 1:
-            lines.append(f"  left alone: {groups[0]} ({reason})")
-        else:
-            lines.append(f"  left alone ({reason}):")
-            lines += [f"    {g}" for g in groups]
-    if len(lines) == 1:
-        lines.append("  nothing changed")
-    return "\n".join(lines)

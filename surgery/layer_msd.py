@@ -51,7 +51,7 @@ from .mixout import check_p
 from .msd import MultiSampleDropout
 
 __all__ = ["LayerPool", "LayerMSD", "POOLS", "POOL_NAME", "plan_layers", "install_layers", "is_layered",
-           "check_revert", "refuse_export", "describe_line", "param_groups"]
+           "check_revert", "refuse_export", "param_groups"]
 
 POOLS = ("first", "last")
 POOL_NAME = "layer_pool"  # child module of the model root holding the layer weights
@@ -377,19 +377,6 @@ def refuse_export(rec, what: str = "surgery.export") -> None:
             "surgered form (model.save_pretrained(DIR), a Trainer checkpoint, or surgery.checkpoint.save(model, "
             "FILE)) and load it by rebuilding: the pretrained model, surgery.apply(...) with the same arguments, "
             "model.load_state_dict(...)")
-
-
-def describe_line(h: dict) -> list[str]:
-    L = h["layers"]
-    where = "position 0" if L["pool"] == "first" else "the last non-padding token"
-    lines = [f"  layer-weighted multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}, on "
-             f"softmax({L['param']}) over the {L['n']} hidden states of {L['backbone']!r} at {where} "
-             f"(dropout p={L['p']} per layer)"]
-    if L["frozen"]:
-        from .engine import _group  # one line per layer pattern, as describe prints the rest
-        lines.append("    bypassed, frozen while installed: " + ", ".join(_group(sorted({n.rsplit(".", 1)[0]
-                                                                                          for n in L["frozen"]}))))
-    return lines
 
 
 # ---- optimiser help -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ VERSION = 1
 TARGET_SUFFIX = "mixout_target"  # name of a Mixout target (frozen Parameter); state_dict key "<layer>.mixout_target"
 CONFIG_KEY = "surgery"  # attribute of a transformers config that carries the record
 ATTR = "_surgery"  # attribute of the model that holds the live Record
+DROPOUT, DROP_PATH = "dropout", "drop_path"  # the two kinds of probability ("kind" of dropout/config entries)
 
 
 @dataclass

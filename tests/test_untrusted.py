@@ -327,7 +327,7 @@ def test_safetensors_convert_and_inspect_never_import_torch(tmp_path):
     code = ("import sys; from surgery.cli import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for argv in (["convert", str(src), str(tmp_path / "dst")], ["inspect", str(src), "--json"]):
+    for argv in (["convert", str(src), str(tmp_path / "dst")], ["inspect", str(src), "--json"], ["inspect", str(src)]):
         r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr
 

@@ -49,7 +49,7 @@ def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False) -
 
 
 def format_inspect(info: dict[str, Any]) -> str:
-    """The human-readable form of :func:`inspect`'s dict (imports torch only to print a record,
+    """The human-readable form of :func:`inspect`'s dict (torch-free, the record too,
     through ``surgery.describe``)."""
     t = info["mixout_targets"]
     lines = [f"{info['path']}: {info['layout']}",
@@ -66,7 +66,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         lines.append("  record: none found (Mixout p, dropout and MSD settings unknown; convert still drops "
                      "the targets)")
     else:
-        from ..engine import describe
+        from ..describing import describe
 
         lines.append(f"  record ({info['record_source']}):")
         lines += ["  " + ln for ln in describe(info["record"]).splitlines()[1:]]

@@ -1,0 +1,159 @@
+"""``describe``: what surgery changed, in a few lines, read from the change record alone.
+
+It imports no torch for a record (``surgery inspect`` prints one without loading torch); for
+a live model, torch is already loaded and the targets' sizes are measured on the model.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .record import DROP_PATH, DROPOUT, Record
+
+__all__ = ["describe", "group_names"]
+
+_LABEL = {DROPOUT: "dropout", DROP_PATH: "drop-path"}  # a record's "kind" is also the name of apply's option
+
+
+def _ranges(values: list[int]) -> str:
+    values = sorted(set(values))
+    out, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return out[0] if len(out) == 1 and "-" not in out[0] else "{" + ",".join(out) + "}"
+
+
+def group_names(names: list[str]) -> list[str]:
+    """``a.0.q, a.1.q, a.2.q`` -> ``a.{0-2}.q (x3)``: one line per layer pattern."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for n in names:
+        parts = n.split(".")
+        key = tuple("#" if p.isdigit() else p for p in parts)
+        groups.setdefault(key, []).append([int(p) for p in parts if p.isdigit()])
+    lines = []
+    for key, idx in groups.items():
+        parts, slot = [], 0
+        for p in key:
+            if p == "#":
+                parts.append(_ranges([i[slot] for i in idx]))
+                slot += 1
+            else:
+                parts.append(p)
+        lines.append(".".join(parts) + (f"  (x{len(idx)})" if len(idx) > 1 else ""))
+    return lines
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _values(values: list[float]) -> str:
+    values = sorted(set(values))
+    return ", ".join(f"{v:g}" for v in values) if len(values) <= 3 else f"{values[0]:g}..{values[-1]:g}"
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _drop_path_lines(rec: Record) -> list[str]:
+    """Stochastic depth, and train-mode randomness left on."""
+    lines = []
+    changed = [c for c in rec.dropout if c.get("kind") == DROP_PATH]
+    fields = [c for c in rec.config if c.get("kind") == DROP_PATH]
+    if rec.args.get("drop_path") is not None:
+        if changed or fields:
+            lines.append(f"  drop-path -> {rec.args['drop_path']}: {_count(len(changed), 'module attribute')}, "
+                         f"{_count(len(fields), 'config field')} "
+                         f"(were {_values([c['old'] for c in changed + fields])})")
+        else:
+            lines.append(f"  drop-path -> {rec.args['drop_path']}: the model has no stochastic depth")
+    for on in rec.left_on:
+        where = [_count(on["modules"], "module")] if on["modules"] else []
+        where += [_count(on["config"], "config field")] if on["config"] else []
+        lines.append(f"  left on in training: {_LABEL[on['kind']]} {_values(on['values'])} on {', '.join(where)}: "
+                     f"pass {on['kind']}=0.0 to turn it off")
+    return lines
+
+
+def _layer_msd_lines(h: dict) -> list[str]:
+    L = h["layers"]
+    where = "position 0" if L["pool"] == "first" else "the last non-padding token"
+    lines = [f"  layer-weighted multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}, on "
+             f"softmax({L['param']}) over the {L['n']} hidden states of {L['backbone']!r} at {where} "
+             f"(dropout p={L['p']} per layer)"]
+    if L["frozen"]:
+        lines.append("    bypassed, frozen while installed: "
+                     + ", ".join(group_names(sorted({n.rsplit(".", 1)[0] for n in L["frozen"]}))))
+    return lines
+
+
+def _is_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # a module cannot exist without torch loaded
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def describe(model_or_record: Any) -> str:
+    """A few human-readable lines: what surgery changed, layer pattern by layer pattern.
+
+    Accepts a surgered model, a :class:`Record` or a record dict (as stored on disk).
+
+    Raises:
+        NotSurgeredError: a model that carries no surgery.
+    """
+    target_bytes = local_bytes = None
+    if _is_module(model_or_record):
+        from .distributed import target_bytes as measure
+        from .record import get_record, unwrap
+
+        root = unwrap(model_or_record)
+        rec = get_record(root)
+        title = type(root).__name__
+        target_bytes, local_bytes = measure(root)
+    else:
+        rec = model_or_record if isinstance(model_or_record, Record) else Record.from_dict(model_or_record)
+        title = "checkpoint"
+    lines = [f"{title}: surgery (record v{rec.version})"
+             + (f", the part inside module {rec.scope!r} of the model it was applied to" if rec.scope else "")]
+    if rec.mixout:
+        ps = sorted({m["p"] for m in rec.mixout})
+        extra = f", targets {_mib(target_bytes)}" if target_bytes is not None else ""
+        extra += f" (sharded: {_mib(local_bytes)} on this rank)" if local_bytes is not None else ""
+        lines.append(f"  mixout p={'/'.join(map(str, ps))} on {len(rec.mixout)} layers{extra}:")
+        lines += [f"    {g}" for g in group_names([m["name"] for m in rec.mixout])]
+        n_lora = sum(m.get("kind") == "lora" for m in rec.mixout)
+        if n_lora:
+            lines.append(f"  LoRA: {n_lora} lora_A layers mix their layer's W0 + s*B@A toward the frozen base weight "
+                         "W0 (no target copy)")
+    drop = [c for c in rec.dropout if c.get("kind", DROPOUT) == DROPOUT]
+    fields = [c for c in rec.config if c.get("kind", DROPOUT) == DROPOUT]
+    if drop or fields:
+        new = rec.args.get("dropout")
+        olds = sorted({c["old"] for c in drop + fields})
+        mods = sum(1 for c in drop if c["attr"] == "p")
+        lines.append(f"  dropout -> {new}: {mods} dropout modules, {len(drop) - mods} attributes, "
+                     f"{len(fields)} config fields (were {', '.join(map(str, olds))})")
+    elif rec.args.get("dropout") is not None:
+        lines.append(f"  dropout -> {rec.args['dropout']}: the model has no dropout")
+    lines += _drop_path_lines(rec)
+    for h in rec.msd:
+        if h.get("layers"):
+            lines += _layer_msd_lines(h)
+            continue
+        lines.append(f"  multi-sample dropout: head {h['name']!r}, K={h['k']} samples, p={h['p']}")
+    by_reason: dict[str, list[str]] = {}  # one line per reason and layer pattern, not per layer
+    for s in rec.skipped:
+        by_reason.setdefault(s["reason"], []).append(s["name"])
+    for reason, names in by_reason.items():
+        groups = group_names(names)
+        if len(groups) == 1:
+            lines.append(f"  left alone: {groups[0]} ({reason})")
+        else:
+            lines.append(f"  left alone ({reason}):")
+            lines += [f"    {g}" for g in groups]
+    if len(lines) == 1:
+        lines.append("  nothing changed")
+    return "\n".join(lines)
