@@ -248,7 +248,7 @@ def run_convert(src: Path, dst: Path) -> str:
     """``surgery convert SRC DST`` as a user runs it (the console script, else ``python -m surgery``)."""
     exe = shutil.which("surgery")
     cmd = [exe] if exe else [sys.executable, "-m", "surgery"]
-    res = subprocess.run(cmd + ["convert", str(src), str(dst)], capture_output=True, text=True)
+    res = subprocess.run(cmd + ["convert", str(src), str(dst)], capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         raise SystemExit(f"`surgery convert` failed ({res.returncode}):\n{res.stdout}{res.stderr}")
     return (res.stdout + res.stderr).strip()

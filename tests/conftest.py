@@ -9,14 +9,26 @@ lives in ``zoo.py``.
 
 from __future__ import annotations
 
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import surgery
 
-__all__ = ["tiny_bert_config", "tiny_bert", "snapshot", "assert_untouched"]
+__all__ = ["tiny_bert_config", "tiny_bert", "snapshot", "assert_untouched", "run_python", "spawn", "init_gloo",
+           "finish_worker", "ROOT"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_bert_config(*, layers: int = 1, num_labels: int = 3, **cfg):
@@ -81,3 +93,51 @@ def _untouched_fixture():
         snap = snapshot(model)
         return lambda: assert_untouched(model, snap)
     return take
+
+
+# ---- processes: every one the suite starts has a wall-clock limit ------------------------------------
+
+def run_python(args, timeout=300, env=None):
+    """Run ``python *args`` from the project root in its own process group; on timeout the whole group
+    (torchrun's workers too) is killed. Returns ``(returncode, the last 3000 characters of stderr)``."""
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env=env)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+        return -1, f"timed out after {timeout} s\n{err[-3000:]}"
+    return p.returncode, err[-3000:]
+
+
+def spawn(fn, args=(), nprocs: int = 2, timeout: float = 240) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` under a wall-clock limit: past ``timeout`` seconds
+    every worker is killed and the test fails (a stall in rendezvous, a collective or a destructor
+    cannot hang the suite). A worker's exception fails the test as with ``mp.spawn``."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__}: {nprocs} workers still running after {timeout} s; killed")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+
+
+def init_gloo(rank: int, world: int, tmp: str) -> None:
+    """A gloo process group for a spawned test worker; a collective that waits past 180 s raises."""
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "rendezvous"), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=180))
+
+
+def finish_worker() -> None:
+    """End a spawned worker once its results are written: wait for the other ranks, then leave without
+    running destructors (torch's gloo group can deadlock tearing down a DDP reducer at exit)."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -131,7 +131,7 @@ def test_finetune_trains_reverts_exports_converts_and_reloads(tmp_path):
 ])
 def test_finetune_rejects_bad_input_with_one_clear_line(tmp_path, flags, code, message):
     res = subprocess.run([sys.executable, "examples/finetune.py", "--out", str(tmp_path / "o")] + flags,
-                         capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT)
+                         capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, timeout=300)
     assert res.returncode == code and message in res.stderr
     assert "Traceback" not in res.stderr
 
