@@ -22,33 +22,36 @@ import importlib  # noqa: E402
 
 from .errors import (AlreadySurgeredError, HeadError, NotSurgeredError, PatternError, SurgeryError,  # noqa: E402
                      SurgeryTypeError)
-from .record import Record, get_record  # noqa: E402
+from .record import Record, get_record  # noqa: E402,F401 - Record: older code imports it from here
 
 __version__ = "0.1.0"
 
-# public name -> the submodule that defines it (imported on first access)
-_LAZY = {
-    "apply": "engine", "describe": "describing", "is_surgered": "engine", "revert": "engine",
-    "export": "exporting", "MixLinear": "mixout",
-    "msd_loss": "msd", "msd_sample_loss": "msd", "msd_samples": "msd",
-    "rdrop_forward": "rdrop", "rdrop_loss": "rdrop", "rdrop_strategy": "rdrop",
-    "TrainingLoss": "train", "check_same_surgery": "train", "compute_loss": "train", "load_training_state": "train",
-    "rank": "train", "save_training_state": "train", "seed_rank": "train", "SurgeryTrainer": "train",
-    "RankSeedCallback": "train", "train_noise": "noise", "param_groups": "layer_msd",
-}
-
 __all__ = [
-    "apply", "revert", "describe", "export", "is_surgered", "MixLinear", "msd_samples", "Record", "get_record",
+    "apply", "revert", "describe", "is_surgered", "get_record", "export",
+    "compute_loss", "SurgeryTrainer", "train_noise",
     "SurgeryError", "SurgeryTypeError", "PatternError", "HeadError", "NotSurgeredError", "AlreadySurgeredError",
-    "rdrop_loss", "rdrop_forward", "rdrop_strategy", "msd_loss", "msd_sample_loss", "compute_loss", "TrainingLoss",
-    "seed_rank", "rank", "save_training_state", "load_training_state", "check_same_surgery",
-    "SurgeryTrainer", "RankSeedCallback", "train_noise", "param_groups",
 ]
 
+# public name -> the submodule that defines it (imported on first access). The names below the
+# first line are reachable here too (older code imports them from the top) but live in their modules.
+_LAZY = {
+    "apply": "engine", "revert": "engine", "is_surgered": "engine", "describe": "describing",
+    "export": "exporting", "compute_loss": "training.compute", "SurgeryTrainer": "training.trainer",
+    "train_noise": "noise",
+    # reachable from the top for older code; documented in their modules
+    "MixLinear": "layers.mixout", "msd_samples": "layers.msd",
+    "msd_loss": "training.compute", "TrainingLoss": "training.compute",
+    "msd_sample_loss": "training.losses", "rdrop_loss": "training.losses",
+    "rdrop_forward": "training.rdrop", "rdrop_strategy": "training.rdrop",
+    "SurgeryTrainerMixin": "training.trainer", "RankSeedCallback": "training.trainer",
+    "trainer_class": "training.trainer",
+    "seed_rank": "training.state", "rank": "training.state", "save_training_state": "training.state",
+    "load_training_state": "training.state", "check_same_surgery": "training.state",
+    "param_groups": "training.groups",
+}
 
-# submodules `import surgery` used to load (``surgery.checkpoint.save(...)`` keeps working)
-_SUBMODULES = ("checkpoint", "engine", "dropout", "mixout", "msd", "rdrop", "select", "train", "exporting", "lora",
-               "wrappers", "configs", "droppath", "noise", "arguments", "layer_msd")
+_SUBMODULES = ("checkpoint", "cli", "configs", "describing", "distributed", "engine", "exporting", "layers", "noise",
+               "regularizers", "training", "view")
 
 
 def __getattr__(name: str):

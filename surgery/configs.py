@@ -21,32 +21,53 @@ owner, sharing inside an owner kept), so a config object two models were built f
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import AlreadySurgeredError, SurgeryError
+from .patterns import relative
 from .record import CONFIG_KEY, Record
 
 if TYPE_CHECKING:
     from torch import nn
 
 
-# dropout.py imports torch; restoring a saved config.json (``surgery convert``) must not
-def _is_config(obj: Any) -> bool:
-    from .dropout import _is_config as is_config
+def is_config(obj: Any) -> bool:
+    """A transformers ``PretrainedConfig`` (never imports transformers: none exists before it is loaded)."""
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(obj, tf.PretrainedConfig)
 
-    return is_config(obj)
+
+def get_path(d: Any, path: list[str]) -> Any:
+    for k in path:
+        d = d[k] if isinstance(d, dict) else getattr(d, k)
+    return d
 
 
 def set_path(d: Any, path: list[str], value: Any) -> None:
-    if len(path) == 1 and isinstance(d, dict):  # a config.json dict: dropout.set_path's dict case
-        d[path[0]] = value
-        return
-    from .dropout import set_path as set_path_
+    parent = get_path(d, path[:-1])
+    if isinstance(parent, dict):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
 
-    set_path_(d, path, value)
 
-__all__ = ["restore_config", "project", "check_no_record", "plan_copies", "ConfigCopies", "attach", "detach"]
+def nested(cfg: Any) -> list[tuple[list[str], Any]]:
+    """``(path, config)`` of ``cfg`` (path ``[]``) and every config nested in it, each once."""
+    out, seen, todo = [], set(), [([], cfg)]
+    while todo:  # depth first, in attribute order
+        path, c = todo.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append((path, c))
+        todo += reversed([(path + [k], v) for k, v in list(vars(c).items()) if is_config(v)])
+    return out
+
+
+__all__ = ["is_config", "get_path", "set_path", "nested", "restore_config", "project", "check_no_record", "plan_copies",
+           "ConfigCopies", "attach", "detach"]
 
 
 def _record(config: Any) -> Record | None:
@@ -100,13 +121,6 @@ def restore_config(config: Any, record: Record | dict | None = None, module: str
 
 # ---- the record of a sub-model ------------------------------------------------------------
 
-def _rel(name: str, prefix: str) -> str | None:
-    """``name`` relative to module ``prefix`` (``""`` for ``prefix`` itself), None when outside it."""
-    if not prefix or name == prefix:
-        return name if not prefix else ""
-    return name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
-
-
 def project(record: Record, prefix: str) -> Record:
     """The part of ``record`` that concerns the sub-model at ``prefix``, names relative to it.
 
@@ -119,7 +133,7 @@ def project(record: Record, prefix: str) -> Record:
     def inside(entries, key):
         out = []
         for e in entries:
-            rel = _rel(e[key], prefix)
+            rel = relative(e[key], prefix)
             if rel is not None:
                 out.append({**e, key: rel})
         return out
@@ -134,23 +148,15 @@ def _join(a: str, b: str) -> str:
 
 
 # ---- which configs a model owns -----------------------------------------------------------
+# ``held`` is what the one walk of apply found: ``(module name, module, attribute, config)`` for every
+# config a module holds directly, in module order (``surgery.view.View.held``).
 
-def _held(mod: nn.Module) -> list[tuple[str, Any]]:
-    """``(attribute, config)`` of every config a module holds directly."""
-    return [(k, v) for k, v in vars(mod).items() if _is_config(v)]
+Held = "list[tuple[str, nn.Module, str, Any]]"
 
 
 def _reachable(cfg: Any) -> dict[int, Any]:
     """``cfg`` and every config nested in it, by id."""
-    out: dict[int, Any] = {}
-    todo = [cfg]
-    while todo:
-        c = todo.pop()
-        if id(c) in out:
-            continue
-        out[id(c)] = c
-        todo += [v for v in vars(c).values() if _is_config(v)]
-    return out
+    return {id(c): c for _, c in nested(cfg)}
 
 
 @dataclass
@@ -162,42 +168,40 @@ class _Owner:
     tops: list = field(default_factory=list)  # (module, attribute) of its own config(s), where the record goes
 
 
-def _owners(root: nn.Module) -> list[_Owner]:
+def _owners(held: Held) -> list[_Owner]:
     """Group the configs a model holds by owner: the shallowest module holding a config that no
     enclosing owner's config contains (sub-configs and configs shared with the owner stay with it)."""
     owners: list[_Owner] = []
-    for name, mod in root.named_modules():
-        held = _held(mod)
-        for attr, cfg in held:
-            ids = set(_reachable(cfg))
-            own = next((o for o in reversed(owners) if _rel(name, o.prefix) is not None and ids & o.ids), None)
-            if own is None:
-                own = _Owner(name)
-                owners.append(own)
-            if own.prefix == name and not any(o is not cfg and id(cfg) in _reachable(o) for _, o in held):
-                own.tops.append((mod, attr))
-            own.ids |= ids
-            own.items.append((mod, attr, cfg))
+    for name, mod, attr, cfg in held:
+        ids = set(_reachable(cfg))
+        own = next((o for o in reversed(owners) if relative(name, o.prefix) is not None and ids & o.ids), None)
+        if own is None:
+            own = _Owner(name)
+            owners.append(own)
+        siblings = [c for n, m, _, c in held if m is mod and c is not cfg]
+        if own.prefix == name and not any(id(cfg) in _reachable(o) for o in siblings):
+            own.tops.append((mod, attr))
+        own.ids |= ids
+        own.items.append((mod, attr, cfg))
     return owners
 
 
-def check_no_record(root: nn.Module) -> None:
+def check_no_record(held: Held) -> None:
     """Refuse a model any of whose configs carries a surgery record.
 
     Raises:
         AlreadySurgeredError: naming the module, with the fix.
     """
-    for name, mod in root.named_modules():
-        for attr, cfg in _held(mod):
-            if getattr(cfg, CONFIG_KEY, None) is None:
-                continue
-            where = "this model" if not name else f"its module {name!r} ({type(mod).__name__})"
-            raise AlreadySurgeredError(
-                f"{where} was loaded from a checkpoint saved with surgery applied (its config has a "
-                f"'{CONFIG_KEY}' record), or is part of a model that carries surgery now, so its weights are "
-                "fine-tuned, not pretrained. To resume training, load the pretrained model, surgery.apply(...) it "
-                "and load the checkpoint's state_dict; to deploy, run `surgery convert SRC DST` and load DST"
-            )
+    for name, mod, _, cfg in held:
+        if getattr(cfg, CONFIG_KEY, None) is None:
+            continue
+        where = "this model" if not name else f"its module {name!r} ({type(mod).__name__})"
+        raise AlreadySurgeredError(
+            f"{where} was loaded from a checkpoint saved with surgery applied (its config has a "
+            f"'{CONFIG_KEY}' record), or is part of a model that carries surgery now, so its weights are "
+            "fine-tuned, not pretrained. To resume training, load the pretrained model, surgery.apply(...) it "
+            "and load the checkpoint's state_dict; to deploy, run `surgery convert SRC DST` and load DST"
+        )
 
 
 @dataclass
@@ -213,20 +217,21 @@ class ConfigCopies:
             vars(mod)[attr] = new
 
 
-def plan_copies(root: nn.Module) -> ConfigCopies:
-    """Copy every config ``root`` holds, one deep copy per owner (sharing inside an owner kept).
+def plan_copies(held: Held, title: str) -> ConfigCopies:
+    """Copy every config in ``held`` (of the model ``title``), one deep copy per owner (sharing
+    inside an owner kept).
 
     Raises:
         SurgeryError: a config that cannot be deep-copied.
     """
-    owners, swaps = _owners(root), []
+    owners, swaps = _owners(held), []
     for own in owners:
         for mod, attr, cfg in own.items:
             try:
                 swaps.append((mod, attr, copy.deepcopy(cfg, own.memo)))
             except Exception as e:  # noqa: BLE001 - any failure of a user config's __deepcopy__
                 raise SurgeryError(
-                    f"cannot copy the config {type(cfg).__name__} of module {own.prefix or type(root).__name__!r} "
+                    f"cannot copy the config {type(cfg).__name__} of module {own.prefix or title!r} "
                     f"({type(e).__name__}: {e}); apply gives the model its own copy of each config so that a config "
                     "object shared with another model is never changed: make the config deep-copyable") from None
     return ConfigCopies(owners, swaps)
@@ -240,11 +245,10 @@ def attach(copies: ConfigCopies, record: Record) -> None:
             setattr(vars(mod)[attr], CONFIG_KEY, copy.deepcopy(d))
 
 
-def detach(root: nn.Module) -> None:
-    """Remove every record ``attach`` wrote (after ``apply`` no config held a record)."""
-    for _, mod in root.named_modules():
-        for _, cfg in _held(mod):
-            for c in _reachable(cfg).values():
-                if CONFIG_KEY in vars(c):
-                    delattr(c, CONFIG_KEY)
+def detach(held: Held) -> None:
+    """Remove every record ``attach`` wrote into the configs ``held`` (before ``apply`` none held one)."""
+    for _, _, _, cfg in held:
+        for c in _reachable(cfg).values():
+            if CONFIG_KEY in vars(c):
+                delattr(c, CONFIG_KEY)
 

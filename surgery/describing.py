@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .record import DROP_PATH, DROPOUT, Record
+from .record import DROP_PATH, DROPOUT, TARGET_SUFFIX, Record, get_record, unwrap
 
-__all__ = ["describe", "group_names"]
+__all__ = ["describe", "group_names", "target_bytes"]
 
 _LABEL = {DROPOUT: "dropout", DROP_PATH: "drop-path"}  # a record's "kind" is also the name of apply's option
 
@@ -91,6 +91,22 @@ def _layer_msd_lines(h: dict) -> list[str]:
     return lines
 
 
+def target_bytes(model) -> tuple[int, int | None]:
+    """Bytes of all Mixout targets of a live model, and the bytes this rank holds when they are
+    sharded (FSDP2 ``DTensor`` targets), else None."""
+    tensor_mod = sys.modules.get("torch.distributed.tensor")
+    total, local, sharded = 0, 0, False
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] != TARGET_SUFFIX:
+            continue
+        total += p.numel() * p.element_size()
+        if tensor_mod is not None and isinstance(p, tensor_mod.DTensor):
+            sharded = True
+            p = p.to_local()
+        local += p.numel() * p.element_size()
+    return total, (local if sharded else None)
+
+
 def _is_module(obj: Any) -> bool:
     torch = sys.modules.get("torch")  # a module cannot exist without torch loaded
     return torch is not None and isinstance(obj, torch.nn.Module)
@@ -104,15 +120,12 @@ def describe(model_or_record: Any) -> str:
     Raises:
         NotSurgeredError: a model that carries no surgery.
     """
-    target_bytes = local_bytes = None
+    total_bytes = local_bytes = None
     if _is_module(model_or_record):
-        from .distributed import target_bytes as measure
-        from .record import get_record, unwrap
-
         root = unwrap(model_or_record)
         rec = get_record(root)
         title = type(root).__name__
-        target_bytes, local_bytes = measure(root)
+        total_bytes, local_bytes = target_bytes(root)
     else:
         rec = model_or_record if isinstance(model_or_record, Record) else Record.from_dict(model_or_record)
         title = "checkpoint"
@@ -120,7 +133,7 @@ def describe(model_or_record: Any) -> str:
              + (f", the part inside module {rec.scope!r} of the model it was applied to" if rec.scope else "")]
     if rec.mixout:
         ps = sorted({m["p"] for m in rec.mixout})
-        extra = f", targets {_mib(target_bytes)}" if target_bytes is not None else ""
+        extra = f", targets {_mib(total_bytes)}" if total_bytes is not None else ""
         extra += f" (sharded: {_mib(local_bytes)} on this rank)" if local_bytes is not None else ""
         lines.append(f"  mixout p={'/'.join(map(str, ps))} on {len(rec.mixout)} layers{extra}:")
         lines += [f"    {g}" for g in group_names([m["name"] for m in rec.mixout])]

@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
-from .record import TARGET_SUFFIX
+from .layers.mixout import TARGET_CHECKS
 
-__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_revert", "check_layer", "layer_ok", "target_bytes", "is_dtensor",
-           "refuse_deepspeed", "export_sharded"]
+__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_revert", "check_target", "is_dtensor", "refuse_deepspeed"]
 
 SUPPORTED_ENGINES = ("one process, DDP (torch.nn.parallel.DistributedDataParallel; the HF Trainer and Accelerate "
                      "in multi-process mode) and FSDP2 (torch.distributed.fsdp.fully_shard called after "
@@ -74,21 +73,23 @@ def refuse_deepspeed():
     raise _refuse("the Trainer is configured with DeepSpeed", _DEEPSPEED)
 
 
-def check_apply(model: nn.Module) -> None:
+def check_apply(model: nn.Module, view) -> None:
     """Refuse, before ``apply`` changes anything, a model already inside an engine surgery cannot
     work through: FSDP2 already applied, DTensor (tensor-parallel) weights, DeepSpeed. (FSDP1 is
     refused by ``wrappers.check_swappable``.)
 
-    ``model`` is what the user passed (a wrapper included); DDP around it is fine.
+    ``model`` is what the user passed (a wrapper included; DDP around it is fine), ``view`` the
+    walk of the model inside it.
     """
     fsdp2 = _fsdp2_type()
     if type(model).__name__ == "DeepSpeedEngine":
         raise _refuse("the model is a DeepSpeed engine", _DEEPSPEED)
-    for name, m in model.named_modules():
+    for m in [model, *view.modules.values()]:
         if fsdp2 is not None and isinstance(m, fsdp2):
+            name = next(iter(view.names.get(id(m), [])), None)
             where = f"module {name!r}" if name else "the model"
             raise _refuse(f"{where} is already sharded with fully_shard (FSDP2)", "Apply first: " + _ORDER + ".")
-    for name, p in model.named_parameters():
+    for name, p in view.params.items():
         if hasattr(p, "ds_id"):
             raise _refuse(f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3", _DEEPSPEED)
         if is_dtensor(p):
@@ -96,37 +97,33 @@ def check_apply(model: nn.Module) -> None:
                           "Apply to the plain model: " + _ORDER + "; tensor parallelism is not supported.")
 
 
-def check_revert(model: nn.Module) -> None:
+def check_revert(view) -> None:
     """Refuse ``revert`` of a model sharded with ``fully_shard``: FSDP2 keeps gathering into the Mixout
     layer objects, so swapping them back would leave the plain layers holding shards."""
     fsdp2 = _fsdp2_type()
-    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in view.modules.values()):
         raise SurgeryError("cannot revert a model sharded with fully_shard (FSDP2): its layers hold shards that FSDP2 "
                            "gathers into the Mixout layers. Export instead: call "
-                           "surgery.distributed.export_sharded(model, path, should_save=rank == 0) on every rank, or "
+                           "surgery.exporting.export_sharded(model, path, should_save=rank == 0) on every rank, or "
                            "save get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) and run "
                            "`surgery convert` on it")
 
 
-def layer_ok(weight: torch.Tensor, target: torch.Tensor) -> bool:
+def _plain(weight: torch.Tensor, target: torch.Tensor) -> bool:
     """The cheap per-forward test: the weight and target Mixout will mix are plain, full, frozen."""
     return not (target.requires_grad or target.shape != weight.shape or hasattr(weight, "ds_id")
                 or is_dtensor(weight) or is_dtensor(target))
 
 
-def check_layer(weight: torch.Tensor, target: torch.Tensor) -> None:
-    """Why ``layer_ok`` failed (called from ``MixLinear.forward``): re-freeze a target that code unfroze, or
-    raise the one error that explains the engine problem."""
-    if target.requires_grad and not isinstance(target, nn.Parameter):
+def check_target(weight: torch.Tensor, target: torch.Tensor) -> None:
+    """Registered in ``MixLinear``'s per-forward checks: one clear error for an engine that partitioned
+    or flattened a Mixout layer's weight or target in a way surgery cannot see through."""
+    if _plain(weight, target):
+        return
+    if target.requires_grad:
         raise _refuse("a Mixout layer computes with a target that is a view requiring grad, not its frozen Parameter: "
                       "FSDP1 (FullyShardedDataParallel, use_orig_params=True) or another engine flattened it together "
                       "with the trainable weights", "Use FSDP2: " + _ORDER + ".")
-    if target.requires_grad and target.is_leaf:
-        # code that unfreezes every parameter (model.requires_grad_(True), PEFT's modules_to_save copy of a head)
-        # unfroze the target too: a target never trains, so freeze it again (no gradient was taken from it)
-        target.requires_grad_(False)
-        if layer_ok(weight, target):
-            return
     if hasattr(weight, "ds_id") or hasattr(target, "ds_id"):
         raise _refuse("a Mixout layer's weight is managed by DeepSpeed ZeRO", _DEEPSPEED)
     if is_dtensor(weight) or is_dtensor(target):
@@ -138,27 +135,4 @@ def check_layer(weight: torch.Tensor, target: torch.Tensor) -> None:
                   "Wrap the model with one of these engines instead.")
 
 
-def target_bytes(model: nn.Module) -> tuple[int, int | None]:
-    """Bytes of all Mixout targets, and the bytes this rank holds when they are sharded (else None)."""
-    total, local, sharded = 0, 0, False
-    for name, p in model.named_parameters():
-        if name.rsplit(".", 1)[-1] != TARGET_SUFFIX:
-            continue
-        total += p.numel() * p.element_size()
-        if is_dtensor(p):
-            sharded = True
-            p = p.to_local()
-        local += p.numel() * p.element_size()
-    return total, (local if sharded else None)
-
-
-
-def export_sharded(model: nn.Module, path, *, should_save: bool = True, **kwargs):
-    """``surgery.export`` for an FSDP2 (``fully_shard``) model: every rank calls it (the full state dict
-    is gathered, a collective), the rank with ``should_save`` writes the plain checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from .exporting import export
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return export(model, path, state_dict=sd, **kwargs) if should_save else None
+TARGET_CHECKS.append(check_target)

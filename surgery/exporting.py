@@ -24,10 +24,9 @@ from .checkpoint.common import CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointErr
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
 from .configs import restore_config
 from .errors import SurgeryError, SurgeryTypeError
-from .layer_msd import refuse_export
-from .record import get_record, unwrap
+from .record import get_record, no_plain_form, unwrap
 
-__all__ = ["export"]
+__all__ = ["export", "export_sharded"]
 
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
@@ -167,7 +166,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
             and write ``model.safetensors.index.json``; default one file.
         progress: called with the number of bytes written, as they are written.
         state_dict: write these tensors instead of ``model.state_dict()`` (e.g. the full state dict
-            gathered from an FSDP2 model: ``surgery.distributed.export_sharded`` does that).
+            gathered from an FSDP2 model: :func:`export_sharded` does that).
 
     Returns:
         ``path`` as a ``Path``.
@@ -182,7 +181,9 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = unwrap(model)
-    refuse_export(get_record(root, required=False))  # a layer-weighted MSD head: a plain checkpoint can't hold it
+    why = no_plain_form(get_record(root, required=False), "surgery.export")
+    if why:
+        raise SurgeryError(why)
     path = Path(path)
     try:
         if _is_pretrained(root):
@@ -190,3 +191,12 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
         return _export_module(root, path, progress, state_dict)
     except OSError as e:
         raise CheckpointError(e.filename or path, f"write failed ({e.strerror or e})") from None
+
+
+def export_sharded(model: nn.Module, path: str | os.PathLike, *, should_save: bool = True, **kwargs) -> Path | None:
+    """:func:`export` for an FSDP2 (``fully_shard``) model: every rank calls it (the full state dict
+    is gathered, a collective), the rank with ``should_save`` writes the plain checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return export(model, path, state_dict=sd, **kwargs) if should_save else None

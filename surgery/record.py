@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import NotSurgeredError
+from .schema import check_record, parse_json
 
-__all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap"]
+__all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap", "no_plain_form"]
 
 FORMAT = "surgery"
 VERSION = 1
@@ -82,8 +83,6 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: Any) -> "Record":
-        from .schema import check_record, parse_json
-
         if isinstance(d, str):
             d = parse_json(d, "surgery record (the checkpoint metadata is corrupt)")
         if not isinstance(d, dict) or d.get("format") != FORMAT:
@@ -104,9 +103,34 @@ class Record:
                 if m.get("kind") != "lora"]
 
 
+def no_plain_form(rec: "Record | None", action: str) -> str | None:
+    """Why ``action`` (``"revert"``, ``"surgery.export"``, ``"surgery convert"``) cannot give a plain
+    model or checkpoint for this record, or None when it can.
+
+    A layer-weighted MSD head (``apply(msd_layers=True)``) learns layer weights and makes the head
+    read their weighted summary token: a plain transformers class holds neither, so the plain form
+    would compute something else. Every reader of a record asks this one function.
+    """
+    heads = [h for h in (rec.msd if rec is not None else []) if isinstance(h, dict) and h.get("layers")]
+    if not heads:
+        return None
+    h = heads[0]
+    what = (f"the layer-weighted MSD head (learned layer weights {h['layers'].get('param')!r} and head "
+            f"{h.get('name')!r} reading their weighted summary token instead of what it read before)")
+    rebuild = ("keep the surgered form (model.save_pretrained(DIR), a Trainer checkpoint, or "
+               "surgery.checkpoint.save(model, FILE)) and load it by rebuilding: the pretrained model, "
+               "surgery.apply(...) with the same arguments, model.load_state_dict(...)")
+    if action == "revert":
+        return (f"cannot revert: the model has {what}; the plain model computes something else, so revert would "
+                f"silently change its predictions. To deploy it, {rebuild}. To undo the surgery anyway (e.g. before "
+                "training), call surgery.revert(model, drop_layer_weights=True)")
+    return (f"{action} writes a plain checkpoint, which cannot hold {what}: plain transformers would load it "
+            f"without the layer weights and compute something else. Instead, {rebuild}")
+
+
 def unwrap(model):
-    """:func:`surgery.wrappers.unwrap` (imported on first use: reading a record from disk,
-    as ``surgery convert`` does, must not import torch)."""
+    """:func:`surgery.wrappers.unwrap` (imported on first use, for start-up time: reading a record
+    from disk, as ``surgery convert`` does, must not import torch)."""
     from .wrappers import unwrap as _unwrap
 
     return _unwrap(model)

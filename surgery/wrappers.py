@@ -25,8 +25,9 @@ import sys
 from torch import nn
 
 from .errors import SurgeryError
+from .patterns import ancestors
 
-__all__ = ["unwrap", "model_wrappers", "is_layer_wrapper", "peft_tuner_layer_type", "find_layers", "check_swappable"]
+__all__ = ["unwrap", "chain", "model_wrappers", "is_layer_wrapper", "peft_tuner_layer_type", "find_layers", "check_swappable"]
 
 
 def _cls(module: str, name: str):
@@ -51,22 +52,24 @@ def model_wrappers() -> list[tuple[type, str]]:
     return out
 
 
+def chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, the model inside it, ... down to the model inside every model wrapper."""
+    wrappers = model_wrappers()
+    out = [model]
+    while True:
+        inner = next((getattr(model, attr) for cls, attr in wrappers if isinstance(model, cls)), None)
+        if not isinstance(inner, nn.Module) or any(inner is m for m in out):
+            return out
+        out.append(inner)
+        model = inner
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside every model wrapper around ``model`` (``model`` itself when unwrapped)."""
-    wrappers = model_wrappers()
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        for cls, attr in wrappers:
-            if isinstance(model, cls):
-                inner = getattr(model, attr)
-                if isinstance(inner, nn.Module):
-                    model = inner
-                break
-    return model
+    return chain(model)[-1]
 
 
-def check_swappable(model: nn.Module, action: str) -> None:
+def check_swappable(modules, action: str) -> None:
     """Refuse to swap layers under FSDP1, which flattens the Parameters at wrap time.
 
     FSDP1 (``FullyShardedDataParallel``) re-points the wrapped modules' weights at views of
@@ -74,11 +77,13 @@ def check_swappable(model: nn.Module, action: str) -> None:
     afterwards would not get them. FSDP2 (``fully_shard`` after ``apply``) is checked in
     ``surgery.distributed``.
 
+    ``modules``: the wrappers around the model and every module of it.
+
     Raises:
-        SurgeryError: ``model`` is or contains an FSDP1 module.
+        SurgeryError: one of ``modules`` is an FSDP1 module.
     """
     fsdp1 = _cls("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
-    if isinstance(fsdp1, type) and any(isinstance(m, fsdp1) for m in model.modules()):
+    if isinstance(fsdp1, type) and any(isinstance(m, fsdp1) for m in modules):
         fix = ("apply surgery to the plain model, then wrap it" if action == "apply" else
                "revert the model before wrapping it, or run `surgery convert` on a full (gathered) checkpoint")
         raise SurgeryError(f"cannot {action} inside FullyShardedDataParallel (FSDP1): it flattened the Parameters when "
@@ -122,9 +127,7 @@ def find_layers(root: nn.Module, name: str, classes) -> tuple[list[tuple[str, nn
         if is_layer_wrapper(here):
             return [(f"{name}.{n}", m) for n, m in here.named_modules() if isinstance(m, classes)], here
         return [], here
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        up_name = ".".join(parts[:i])
+    for up_name in ancestors(name)[1:]:
         try:
             up = root.get_submodule(up_name)
         except AttributeError:

@@ -17,7 +17,7 @@ from zoo import HIDDEN, ZOO
 
 import surgery
 from surgery.checkpoint import convert
-from surgery.mixout import MixLinear
+from surgery.layers.mixout import MixLinear
 from surgery.record import TARGET_SUFFIX
 
 BACKBONES = ["bert", "gpt2", "t5", "x-clip"]  # plain, Conv1D (transposed), encoder-decoder, nested sub-configs

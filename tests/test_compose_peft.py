@@ -22,7 +22,7 @@ from zoo import batch, build
 
 import surgery
 from surgery import MixLinear, SurgeryError
-from surgery.lora import LoraMixout
+from surgery.layers.mixout import LoraMixout
 
 SELF = "bert.encoder.layer.{}.attention.self.{}"
 LORA_A = [SELF.format(i, f"{n}.lora_A.default") for i in (0, 1) for n in ("query", "value")]

@@ -11,7 +11,7 @@ from conftest import tiny_bert
 from torch import nn
 
 import surgery
-from surgery.msd import msd_forward
+from surgery.layers.msd import msd_forward
 
 
 class Head(nn.Module):

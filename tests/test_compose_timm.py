@@ -13,7 +13,8 @@ from torch import nn
 
 import pytest
 import surgery
-from surgery.dropout import DROP_PATH, DROPOUT, find_probs
+from surgery.record import DROP_PATH, DROPOUT
+from surgery.regularizers.rates import find_probs
 from surgery import train_noise
 
 

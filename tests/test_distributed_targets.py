@@ -24,14 +24,14 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
 import surgery
-import surgery.mixout
+import surgery.layers.mixout
 from surgery import SurgeryError, compute_loss
-from test_training import _init, batch, pretrained
+from test_training import batch, pretrained
+from conftest import finish_worker, init_gloo, run_python, spawn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "benchmarks"))
 from dist_bench import as_buffer_targets  # noqa: E402  (the storage before this change, as the benchmark reproduces it)
@@ -59,7 +59,7 @@ def _nbytes(tensors) -> int:
 
 
 def _ddp_worker(rank, world, tmp):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -96,8 +96,8 @@ def _ddp_worker(rank, world, tmp):
         head_target_is_head = torch.equal(head_t, model.classifier.weight.detach().to(head_t.dtype))
         bn_seen = []
         model.bn.register_forward_pre_hook(lambda m, a: bn_seen.append(m.running_mean.clone()))
-        drawn, real_scale = [], surgery.mixout._scale
-        surgery.mixout._scale = lambda p, n, like: drawn.append(real_scale(p, n, like)) or drawn[-1]
+        drawn, real_scale = [], surgery.layers.mixout._scale
+        surgery.layers.mixout._scale = lambda p, n, like: drawn.append(real_scale(p, n, like)) or drawn[-1]
         surgery.seed_rank(7)  # the default policy: every rank draws its own masks
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
         sent.clear()
@@ -109,7 +109,7 @@ def _ddp_worker(rank, world, tmp):
             torch.nn.functional.cross_entropy(ddp(x), y).backward()
             opt.step()
             opt.zero_grad()
-        surgery.mixout._scale = real_scale
+        surgery.layers.mixout._scale = real_scale
         masks = [torch.empty_like(drawn[0]) for _ in range(world)]
         dist.all_gather(masks, drawn[0])
         bn = torch.cat(bn_seen[-1:])  # running stats as the last forward saw them, after DDP's buffer sync
@@ -129,13 +129,13 @@ def _ddp_worker(rank, world, tmp):
         }
     with open(os.path.join(tmp, f"ddp{rank}.json"), "w") as f:
         json.dump(out, f)
-    dist.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.slow
 def test_ddp_syncs_targets_once_and_never_again():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, tmp), nprocs=2, join=True)
+        spawn(_ddp_worker, args=(2, tmp), nprocs=2)
         res = [json.load(open(os.path.join(tmp, f"ddp{r}.json"))) for r in range(2)]
     for r in res:
         now, before, low = r["parameter"], r["buffer"], r["bf16_low_memory"]
@@ -177,14 +177,14 @@ def _train(model, opt, steps, rank=None):
 
 
 def _fsdp_worker(rank, world, tmp):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
     from torch.distributed.fsdp import fully_shard
 
-    from surgery.distributed import target_bytes
+    from surgery.describing import target_bytes
 
     def sharded(variant):
         m = _model(variant)
@@ -233,13 +233,13 @@ def _fsdp_worker(rank, world, tmp):
         with open(os.path.join(tmp, "fsdp.json"), "w") as f:
             json.dump(out, f)
     dist.barrier()
-    dist.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.slow
 def test_fsdp2_shards_targets_trains_like_one_process_and_resumes_from_dcp():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_fsdp_worker, args=(2, tmp), nprocs=2, join=True)
+        spawn(_fsdp_worker, args=(2, tmp), nprocs=2)
         res = json.load(open(os.path.join(tmp, "fsdp.json")))
         gathered = {v: torch.load(os.path.join(tmp, f"{v}.pt")) for v in VARIANTS}
         # `surgery convert` turns the gathered full state dict into a plain checkpoint
@@ -276,7 +276,7 @@ def test_fsdp2_shards_targets_trains_like_one_process_and_resumes_from_dcp():
 # ---- engines surgery refuses -----------------------------------------------------------------------------
 
 def _apply_after_fully_shard_worker(rank, world, tmp):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     from torch.distributed.fsdp import fully_shard
     m = pretrained()
     for layer in m.bert.encoder.layer:
@@ -299,13 +299,13 @@ def _apply_after_fully_shard_worker(rank, world, tmp):
     if rank == 0:
         with open(os.path.join(tmp, "after.json"), "w") as f:
             json.dump({"msg": msg, "unchanged": unchanged, "revert": msg_revert, "still": surgery.is_surgered(s)}, f)
-    dist.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.slow
 def test_apply_and_revert_after_fully_shard_are_refused_with_what_to_do():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_apply_after_fully_shard_worker, args=(2, tmp), nprocs=2, join=True)
+        spawn(_apply_after_fully_shard_worker, args=(2, tmp), nprocs=2)
         r = json.load(open(os.path.join(tmp, "after.json")))
     assert "already sharded with fully_shard" in r["msg"] and "then fully_shard(layer)" in r["msg"]
     assert r["unchanged"]
@@ -384,7 +384,7 @@ sys.path.insert(0, {tests!r})
 import accelerate.state as st
 from accelerate.utils import DistributedType
 import surgery
-from surgery.distributed import target_bytes
+from surgery.describing import target_bytes
 from test_training import surgered, dataset, trainer_args
 
 # Accelerate turns its FSDP plugin on only with accelerators (on CPU it runs DDP instead); force it, so that its
@@ -437,7 +437,6 @@ if dist.is_initialized():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["trainer", "accelerate"])
 def test_trainer_and_accelerate_fsdp2_under_torchrun_shard_targets_and_save_plain(mode, tmp_path):
-    from test_training import run_python
     from transformers import AutoModelForSequenceClassification
     script = tmp_path / "train.py"
     script.write_text(LAUNCHER_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path),

@@ -12,7 +12,8 @@ import torch
 from zoo import NAMES, batch, build
 
 import surgery
-from surgery.dropout import DROP_PATH, DROPOUT, find_probs
+from surgery.record import DROP_PATH, DROPOUT
+from surgery.regularizers.rates import find_probs
 from surgery import train_noise
 
 STOCHASTIC_DEPTH = ["bart", "convnext", "swin", "wav2vec2", "whisper"]  # zoo entries with LayerDrop / DropPath
@@ -179,5 +180,5 @@ def _owner(cls_name: str):
     ("mask_time_prob", "", None),  # SpecAugment: augmentation, neither knob
 ])
 def test_prob_kind_rule(attr, owner, kind):
-    from surgery.dropout import prob_kind
+    from surgery.regularizers.rates import prob_kind
     assert prob_kind(attr, _owner(owner)) == kind

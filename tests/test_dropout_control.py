@@ -12,7 +12,8 @@ from transformers import PretrainedConfig
 from zoo import NAMES, batch, build, drop_fields
 
 import surgery
-from surgery.dropout import DROP_PATH, DROPOUT, find_probs
+from surgery.record import DROP_PATH, DROPOUT
+from surgery.regularizers.rates import find_probs
 from surgery import train_noise
 
 

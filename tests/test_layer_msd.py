@@ -11,16 +11,15 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, TrainingArguments
 
 import surgery
-import surgery.msd
+import surgery.layers.msd
 import zoo
-from test_training import _init
+from conftest import finish_worker, init_gloo, spawn
 
 ENCODERS = ["bert", "roberta", "xlm-roberta", "deberta-v2", "electra", "albert"]
 K, P, LAYER_P = 5, 0.5, 0.2  # the seed's head
@@ -79,17 +78,17 @@ def randomize_layer_weights(model, seed=5):
 
 
 class Recorder:
-    """Wraps surgery.msd.draw_masks: every mask the head draws, in order (layer mask, then the K sample masks)."""
+    """Wraps surgery.layers.msd.draw_masks: every mask the head draws, in order (layer mask, then the K sample masks)."""
 
     def __init__(self, monkeypatch):
         self.masks = []
-        real = surgery.msd.draw_masks
+        real = surgery.layers.msd.draw_masks
 
         def draw(x, k, p):
             m = real(x, k, p)
             self.masks.append(m)
             return m
-        monkeypatch.setattr(surgery.msd, "draw_masks", draw)
+        monkeypatch.setattr(surgery.layers.msd, "draw_masks", draw)
 
 
 def custom_roberta(backbone, layer_weights, classifier, batch, layer_mask, sample_masks):
@@ -315,7 +314,7 @@ def test_torch_compile_matches_eager():
 # ---- DDP ---------------------------------------------------------------------------------------------------
 
 def _ddp_worker(rank, world, tmp):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = surgery.apply(zoo.build("bert"), **LAYERED)
     ddp = DDP(model.train())  # default find_unused_parameters=False: the bypassed pooler is frozen, not unused
@@ -346,13 +345,13 @@ def _ddp_worker(rank, world, tmp):
                    "pooler_untouched": torch.equal(model.bert.pooler.dense.weight,
                                                    zoo.build("bert").bert.pooler.dense.weight)}, f)
     dist.barrier()
-    dist.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_gloo():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, tmp), nprocs=2, join=True)
+        spawn(_ddp_worker, args=(2, tmp), nprocs=2)
         res = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(2)]
     for r in res:
         assert r["grad_err"] < 1e-6 and r["params_equal"] and r["pooler_untouched"]

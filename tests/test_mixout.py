@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from surgery import MixLinear
-from surgery.mixout import _scale, mixout_weight
+from surgery.layers.mixout import _scale, mixout_weight
 
 
 def _layer(p, in_f=7, out_f=5, seed=0, bias=True, **kw):

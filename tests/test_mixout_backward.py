@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from surgery import MixLinear
-from surgery.mixout import _scale
+from surgery.layers.mixout import _scale
 
 
 def _reference(m: MixLinear, x, g, seed):

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from surgery import MixLinear
-from surgery.mixout import _mix, _scale
+from surgery.layers.mixout import _mix, _scale
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -6,7 +6,7 @@ from torch import nn
 from conftest import tiny_bert
 
 import surgery
-from surgery.msd import draw_masks, msd_forward
+from surgery.layers.msd import draw_masks, msd_forward
 
 
 class Net(nn.Module):

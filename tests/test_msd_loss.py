@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 
 import surgery
 from surgery import NotSurgeredError, SurgeryError, msd_loss, msd_sample_loss
-from surgery.msd import draw_masks
+from surgery.layers.msd import draw_masks
 
 
 class Net(nn.Module):

@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import surgery
-import surgery.mixout
+import surgery.layers.mixout
 from surgery import SurgeryError, SurgeryTypeError, rdrop_forward, rdrop_loss, rdrop_strategy
 
 
@@ -178,8 +178,8 @@ def test_two_passes_see_independent_mixout_masks(monkeypatch):
     m = surgery.apply(_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), mixout=0.5).train()
     _perturb(m)
     drawn = []
-    real = surgery.mixout._scale
-    monkeypatch.setattr(surgery.mixout, "_scale", lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1])
+    real = surgery.layers.mixout._scale
+    monkeypatch.setattr(surgery.layers.mixout, "_scale", lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1])
     b = _batch()
     out1, out2 = rdrop_forward(m, b)  # auto: two forwards
     layers = len(surgery.get_record(m).mixout)

@@ -4,26 +4,21 @@ CPU/gloo, Accelerate, gradient checkpointing, torch.compile, bf16 and CPU autoca
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from conftest import tiny_bert_config
+from conftest import finish_worker, init_gloo, run_python, spawn, tiny_bert_config
 from torch import nn
 from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainingArguments
 
 import surgery
-import surgery.mixout
+import surgery.layers.mixout
 from surgery import SurgeryError, compute_loss
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -92,19 +87,6 @@ def assert_targets_are_pretrained(model, seed=0):
     assert t
     for k, v in t.items():
         assert torch.equal(v, ref[k[: -len(".mixout_target")] + ".weight"]), k
-
-
-def run_python(args, timeout=300):
-    """Run ``python *args`` in its own process group; on timeout the whole group (torchrun's workers too) is killed."""
-    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        _, err = p.communicate()
-        return -1, f"timed out after {timeout} s\n{err[-3000:]}"
-    return p.returncode, err[-3000:]
 
 
 @pytest.fixture
@@ -284,14 +266,8 @@ def test_plain_loop_resume_is_bitwise(tmp_path):
 
 # ---- distributed: DDP and FSDP2 on CPU with gloo -------------------------------------------------------
 
-def _init(rank, world, tmp):
-    # a collective that waits past the timeout raises (and mp.spawn with it) instead of hanging the suite
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmp, "rendezvous"), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=180))
-
-
 def _ddp_worker(rank, world, tmp):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     from torch.nn.parallel import DistributedDataParallel as DDP
     m = surgered()
     if rank == 1:  # a different start: DDP must broadcast rank 0's parameters (the targets too)
@@ -299,8 +275,8 @@ def _ddp_worker(rank, world, tmp):
     ddp = DDP(m.train())
     surgery.seed_rank(100)  # each rank draws its own masks from here on
     drawn = []
-    real = surgery.mixout._scale
-    surgery.mixout._scale = lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1]
+    real = surgery.layers.mixout._scale
+    surgery.layers.mixout._scale = lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1]
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     grad_err = 0.0
     for i in range(3):
@@ -334,13 +310,13 @@ def _ddp_worker(rank, world, tmp):
                    "masks_equal": torch.equal(masks[0], masks[1]),
                    "targets_pretrained": all(torch.equal(v, pretrained().state_dict()[k[:-14] + ".weight"])
                                              for k, v in targets(m).items())}, f)
-    dist.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_gloo():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, tmp), nprocs=2, join=True)
+        spawn(_ddp_worker, args=(2, tmp), nprocs=2)
         res = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(2)]
         for r in res:
             assert r["grad_err"] < 1e-6  # DDP's gradient is the mean of the ranks' local gradients
@@ -356,11 +332,11 @@ def test_ddp_two_processes_gloo():
 TRAINER_DDP_SCRIPT = """
 import json, os, sys, torch
 sys.path.insert(0, {tests!r})
-import surgery, surgery.mixout
+import surgery, surgery.layers.mixout
 from test_training import surgered, dataset, trainer_args
 out = {out!r}
-drawn, real = [], surgery.mixout._scale
-surgery.mixout._scale = lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1]
+drawn, real = [], surgery.layers.mixout._scale
+surgery.layers.mixout._scale = lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1]
 import surgery.exporting as export_module
 real_export = export_module.export
 def counting_export(*a, **k):
@@ -401,7 +377,7 @@ def test_trainer_under_ddp_two_processes(tmp_path):
 
 
 def _fsdp_worker(rank, world, tmp):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -421,13 +397,13 @@ def _fsdp_worker(rank, world, tmp):
     if rank == 0:
         torch.save(sd, os.path.join(tmp, "fsdp.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.slow
 def test_fsdp2_trains_a_surgered_model_like_one_process():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_fsdp_worker, args=(2, tmp), nprocs=2, join=True)
+        spawn(_fsdp_worker, args=(2, tmp), nprocs=2)
         sd = torch.load(os.path.join(tmp, "fsdp.pt"))
     ref = surgery.apply(pretrained(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), mixout=0.3).train()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)

@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from zoo import batch, build
 
 import surgery
-from surgery.train import consistency_mask
+from surgery.training.compute import consistency_mask
 
 
 def _dataset(n=8, seed=0):

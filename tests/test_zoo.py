@@ -13,7 +13,7 @@ import zoo
 from zoo import NAMES, ZOO, batch, build
 
 import surgery
-from surgery.mixout import is_conv1d
+from surgery.layers.mixout import is_conv1d
 from surgery.record import TARGET_SUFFIX
 
 

@@ -74,7 +74,7 @@ def rss() -> int:
 
 
 def run_variant(engine: str, variant: str, args, rank: int, sent: list) -> dict:
-    from surgery.distributed import target_bytes
+    from surgery.describing import target_bytes
 
     model = build(variant, args).train()
     total = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n.endswith(TARGET))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from common import interleaved, machine_line, set_threads, table
 
 import surgery
-from surgery.mixout import _MixoutLinear, _scale, mixout_weight
+from surgery.layers.mixout import _MixoutLinear, _scale, mixout_weight
 
 TARGET = "mixout_target"
 

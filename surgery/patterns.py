@@ -1,4 +1,4 @@
-"""Which modules a call touches: ``include``/``exclude`` patterns and the task head.
+"""Dotted module names: ``include``/``exclude`` patterns, ancestors, the task head by name.
 
 A pattern is either a string, matched with :func:`re.fullmatch` against a module's
 dotted name, or a list/tuple of names, each matching a module whose dotted name equals
@@ -10,15 +10,12 @@ every layer inside the classifier.
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
-from typing import Iterable, Sequence, Union
-
-from torch import nn
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 from .errors import HeadError, PatternError, SurgeryTypeError
 
-__all__ = ["Pattern", "compile_pattern", "ancestors", "find_head", "check_msd_head", "HEAD_NAMES"]
+__all__ = ["Pattern", "compile_pattern", "ancestors", "relative", "close_names", "find_head", "HEAD_NAMES"]
 
 Pattern = Union[str, Sequence[str], None]
 
@@ -27,12 +24,22 @@ HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
 
 
 def ancestors(name: str) -> list[str]:
-    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``."""
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``: the name and every module containing it, nearest first
+    (the root, ``""``, left out)."""
     parts = name.split(".") if name else []
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
-def _close(word: str, names: Iterable[str]) -> str:
+def relative(name: str, prefix: str) -> str | None:
+    """``name`` relative to the module ``prefix`` (``""`` for ``prefix`` itself), None when outside it."""
+    if not prefix:
+        return name
+    if name == prefix:
+        return ""
+    return name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
+
+
+def close_names(word: str, names: Iterable[str]) -> str:
     names = [n for n in names if n]
     tails = {n.rsplit(".", 1)[-1] for n in names}
     close = difflib.get_close_matches(word, names, n=5, cutoff=0.5)
@@ -57,7 +64,7 @@ def compile_pattern(pattern: Pattern, names: Sequence[str], argname: str):
         if not any(rx.fullmatch(n) for n in names if n):
             raise PatternError(
                 f"{argname}={pattern!r} (a regex, full match on dotted module names) matches no module; "
-                f"close names: {_close(pattern, names)}"
+                f"close names: {close_names(pattern, names)}"
             )
         return lambda name: any(rx.fullmatch(a) for a in ancestors(name))
     if not isinstance(pattern, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in pattern):
@@ -69,7 +76,7 @@ def compile_pattern(pattern: Pattern, names: Sequence[str], argname: str):
         if not p or not any(n == p or n.endswith("." + p) for n in names):
             raise PatternError(
                 f"{argname} entry {p!r} matches no module (a list matches exact dotted names or "
-                f"dotted suffixes); close names: {_close(p, names)}"
+                f"dotted suffixes); close names: {close_names(p, names)}"
             )
 
     def match(name: str) -> bool:
@@ -82,8 +89,10 @@ def compile_pattern(pattern: Pattern, names: Sequence[str], argname: str):
     return match
 
 
-def find_head(model: nn.Module, head: str | None = None, *, required: bool = True) -> str | None:
-    """Dotted name of the task head: ``head`` if given (validated), else found by name.
+def find_head(modules: Mapping[str, Any], title: str, head: str | None = None, *,
+              required: bool = True) -> str | None:
+    """Dotted name of the task head among ``modules`` (name -> module of the model ``title``):
+    ``head`` if given (validated), else found by name.
 
     The automatic search looks for the shallowest module whose last name component is
     one of :data:`HEAD_NAMES`.
@@ -92,12 +101,11 @@ def find_head(model: nn.Module, head: str | None = None, *, required: bool = Tru
         HeadError: ``head`` names no module, or (when ``required``) no head or several
             equally shallow candidates were found.
     """
-    modules = dict(model.named_modules())
     if head is not None:
         if not isinstance(head, str):
             raise SurgeryTypeError(f"head must be a module name (str), got {type(head).__name__}")
         if head not in modules or head == "":
-            raise HeadError(f"head={head!r} names no module in {type(model).__name__}; close names: {_close(head, modules)}")
+            raise HeadError(f"head={head!r} names no module in {title}; close names: {close_names(head, modules)}")
         return head
     found = [n for n in modules if n and n.rsplit(".", 1)[-1] in HEAD_NAMES]
     if found:
@@ -110,46 +118,9 @@ def find_head(model: nn.Module, head: str | None = None, *, required: bool = Tru
     if not found:
         top = [n for n in modules if n and "." not in n]
         raise HeadError(
-            f"no task head found in {type(model).__name__} (looked for modules named {', '.join(HEAD_NAMES)}); "
+            f"no task head found in {title} (looked for modules named {', '.join(HEAD_NAMES)}); "
             f"name it with head=..., e.g. one of the top-level modules: {', '.join(map(repr, top))}"
         )
     raise HeadError(
-        f"ambiguous task head in {type(model).__name__}: candidates {', '.join(map(repr, found))}; pick one with head=..."
+        f"ambiguous task head in {title}: candidates {', '.join(map(repr, found))}; pick one with head=..."
     )
-
-
-def _required_inputs(module: nn.Module) -> list[str] | None:
-    """Names of the positional parameters of ``module.forward`` without a default (None: unknown)."""
-    try:
-        sig = inspect.signature(module.forward)
-    except (TypeError, ValueError):
-        return None
-    return [n for n, p in sig.parameters.items()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-
-
-def check_msd_head(module: nn.Module, name: str) -> None:
-    """Refuse a module that cannot be a multi-sample-dropout head.
-
-    A valid head maps one feature tensor to the outputs: it holds parameters and its
-    ``forward`` takes exactly one required positional input (``nn.Linear``, ``nn.Sequential``,
-    transformers classification heads ``forward(hidden_states)``, a custom ``forward(x)``; other
-    parameters need defaults). A backbone (``forward(input_ids=None, attention_mask=None, ...)``)
-    or a module taking several inputs is not one: its K dropout samples would be token ids.
-
-    Raises:
-        HeadError: the module holds no parameters, or its forward does not take exactly one
-            required input.
-    """
-    if next(module.parameters(), None) is None:
-        raise HeadError(f"head {name!r} ({type(module).__name__}) holds no parameters, so it is not a task head; "
-                        "point head= at the layer(s) that compute the outputs from the features, e.g. the final "
-                        "nn.Linear")
-    required = _required_inputs(module)
-    if required is not None and len(required) != 1:
-        got = "no required input" if not required else f"{len(required)} required inputs ({', '.join(required)})"
-        raise HeadError(
-            f"head {name!r} ({type(module).__name__}) is not a task head: a multi-sample-dropout head takes one "
-            f"feature tensor and returns the outputs, but its forward takes {got}. Point head= at the module "
-            "that maps the backbone's features to the outputs (e.g. 'classifier', or an inner nn.Linear)"
-        )

@@ -1,7 +1,9 @@
-"""R-Drop (Liang et al., "R-Drop: Regularized Dropout for Neural Networks", NeurIPS 2021).
+"""The training losses of the regularizers, on outputs already computed: R-Drop's and the paper's
+multi-sample-dropout loss.
 
-Every example goes through the model twice with independent dropout noise, and the two
-output distributions are pulled together. The paper's per-example objective is::
+**R-Drop** (Liang et al., "R-Drop: Regularized Dropout for Neural Networks", NeurIPS 2021): every
+example goes through the model twice with independent dropout noise (:func:`surgery.rdrop_forward`),
+and the two output distributions are pulled together. The paper's per-example objective is::
 
     L = NLL(P1, y) + NLL(P2, y) + alpha * 1/2 * (KL(P1 || P2) + KL(P2 || P1))
 
@@ -20,37 +22,25 @@ the gradient by the sample size (fairseq), which is the same average. Summing th
 the batch while averaging the task loss (as the authors' Hugging Face GLUE script does)
 would make the effective ``alpha`` grow with batch size and sequence length.
 
-:func:`rdrop_forward` runs the two passes, as one forward on the concatenated batch
-``[x; x]`` when that gives the two halves independent noise, and as two forwards when a
-regularizer draws its noise once per forward (Mixout's mask is one per layer per forward,
-shared by every row of the batch): see :func:`rdrop_strategy`.
+**Multi-sample dropout** (Inoue 2019), the paper's form: the mean of the ``K`` per-sample losses
+(:func:`msd_sample_loss`), on the per-sample outputs :func:`surgery.msd_samples` collects.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .droppath import layerdrop_rates
-from .errors import SurgeryError, SurgeryTypeError
-from .lora import LoraMixout
-from .mixout import MixLinear
-from .record import unwrap
+from ..errors import SurgeryError, SurgeryTypeError
 
-__all__ = ["rdrop_loss", "rdrop_forward", "rdrop_strategy", "TASKS", "STRATEGIES"]
+__all__ = ["rdrop_loss", "msd_sample_loss", "symmetric_kl", "check_task", "check_alpha", "logits_of"]
 
-TASKS = ("classification", "regression")
-STRATEGIES = ("auto", "concat", "separate")
 _TASK_ALIASES = {"classification": "classification", "token_classification": "classification",
                  "sequence_classification": "classification", "regression": "regression"}
 
-
-# ---- the loss --------------------------------------------------------------------------
 
 def check_task(task: Any) -> str:
     """``task`` normalised to one of :data:`TASKS`, or a SurgeryError listing them."""
@@ -102,7 +92,7 @@ def _masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tenso
     return (values * w).sum() / w.sum().clamp_min(1.0)
 
 
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None, ignore_index: int):
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None, ignore_index: int):
     valid = target != ignore_index
     if keep is not None:
         valid = valid & keep
@@ -112,7 +102,7 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tenso
     return (nll * w).sum() / w.sum().clamp_min(1.0)
 
 
-def _check_target(target: Any, pred: torch.Tensor, task: str) -> torch.Tensor:
+def check_target(target: Any, pred: torch.Tensor, task: str) -> torch.Tensor:
     if not isinstance(target, torch.Tensor):
         raise SurgeryTypeError(f"target must be a tensor, got {type(target).__name__}")
     if task == "classification":
@@ -196,120 +186,44 @@ def rdrop_loss(out1: Any, out2: Any, target: torch.Tensor | None = None, *, task
         consistency = 0.5 * _masked_mean((a.float() - b.float()).pow(2), keep)
     if target is None:
         return alpha * consistency
-    t = _check_target(target, a, task)
+    t = check_target(target, a, task)
     if task == "classification":
         t = t.to(a.device)
-        task_loss = 0.5 * (_cross_entropy(a, t, keep, ignore_index) + _cross_entropy(b, t, keep, ignore_index))
+        task_loss = 0.5 * (cross_entropy(a, t, keep, ignore_index) + cross_entropy(b, t, keep, ignore_index))
     else:
         t = t.to(a.device)
         task_loss = 0.5 * (_masked_mean((a.float() - t).pow(2), keep) + _masked_mean((b.float() - t).pow(2), keep))
     return task_loss + alpha * consistency
 
 
-# ---- the two passes --------------------------------------------------------------------
+def msd_sample_loss(samples: torch.Tensor, target: torch.Tensor, *, task: str = "classification",
+                    loss_fn=None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean over the ``K`` samples of the loss of each sample: ``mean_k loss(samples[k], target)``.
 
-def rdrop_strategy(model: nn.Module) -> tuple[str, str]:
-    """``("concat" | "separate", reason)``: how :func:`rdrop_forward` runs ``model`` now.
-
-    One forward on ``[x; x]`` gives the two halves independent noise only when every
-    source of randomness draws per element or per row: ``nn.Dropout`` and attention dropout
-    (per element) and multi-sample dropout heads (per row) do. A training-mode Mixout layer
-    with ``p > 0`` draws one mask per layer per forward for the whole batch, LayerDrop drops
-    a whole layer per forward, and BatchNorm couples the rows of a batch: with any of those
-    the halves would share noise (or statistics), so the two passes are two forwards.
-    """
-    root = unwrap(model)
-    shared = []
-    for name, mod in root.named_modules():
-        if isinstance(mod, (MixLinear, LoraMixout)) and mod.training and mod.p > 0:
-            shared.append(f"Mixout {name}")
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            shared.append(f"BatchNorm {name}")
-    if root.training:
-        shared += [f"LayerDrop {s}" for s in layerdrop_rates(root)]
-    if shared:
-        more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
-        return "separate", f"{shared[0]}{more} draw noise once per forward for the whole batch"
-    return "concat", "all noise is drawn per element or per row, so the halves of [x; x] are independent"
-
-
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim():
-            return v.shape[0]
-    return None
-
-
-def _double(batch: Any, n: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return torch.cat([batch, batch]) if batch.dim() and batch.shape[0] == n else batch
-    if isinstance(batch, Mapping):
-        return {k: _double(v, n) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_double(v, n) for v in batch)
-    return batch
-
-
-def _halves(out: Any, n: int, i: int) -> Any:
-    """Half ``i`` of every tensor with ``2 n`` rows in ``out``; other values are shared."""
-    if isinstance(out, torch.Tensor):
-        return out[i * n:(i + 1) * n] if out.dim() and out.shape[0] == 2 * n else out
-    if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return type(out)(*(_halves(o, n, i) for o in out))
-    if isinstance(out, (tuple, list)) and not hasattr(out, "keys"):
-        return type(out)(_halves(o, n, i) for o in out)
-    if hasattr(out, "keys"):
-        new = copy.copy(out)
-        for k in list(out.keys()):
-            new[k] = _halves(out[k], n, i)
-        return new
-    return out
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def rdrop_forward(model: nn.Module, batch: Any, *, strategy: str = "auto") -> tuple[Any, Any]:
-    """The two R-Drop passes of ``model`` over ``batch``: ``(out1, out2)``.
-
-    ``batch`` is what the model is called with: a dict (``model(**batch)``), a tuple/list
-    (``model(*batch)``) or a tensor (``model(batch)``).
-
-    Strategies: ``"concat"`` runs one forward on ``[x; x]`` (every tensor whose first
-    dimension is the batch size is repeated) and splits the outputs; ``"separate"`` runs
-    two forwards; ``"auto"`` (default) picks concat unless a regularizer would share its
-    noise between the halves (:func:`rdrop_strategy`: Mixout, LayerDrop, BatchNorm).
-    Concat is faster (one larger forward: better use of the hardware, one Python dispatch).
-
-    In concat mode a ``loss`` the model computes (``labels`` in ``batch``) is the loss of
-    the concatenated batch, present in both outputs; for the mean-reduced losses of
-    transformers this equals the mean of the two passes' losses, so
-    ``(out1.loss + out2.loss) / 2`` is right in both modes.
+    Args:
+        samples: per-sample head outputs ``(K, B, ...)``, as :func:`msd_samples` collects them.
+        target: ``(B, ...)``. Classification: integer class indices shaped like one sample
+            without its class dimension (``ignore_index`` entries skipped). Regression: values
+            shaped like one sample (or ``(B,)`` for ``(B, 1)`` samples).
+        task: ``"classification"`` (cross-entropy) or ``"regression"`` (MSE); ignored when
+            ``loss_fn`` is given.
+        loss_fn: optional ``loss_fn(sample_output, target) -> scalar`` applied to each sample.
 
     Raises:
-        SurgeryError: the model is in eval mode (the two passes would be identical), an
-            unknown strategy, or concat on a batch with no batched tensor.
+        SurgeryError: shapes that do not match, a float target for classification, an unknown task.
     """
-    if strategy not in STRATEGIES:
-        raise SurgeryError(f"unknown strategy {strategy!r}; use one of {', '.join(map(repr, STRATEGIES))}")
-    if not isinstance(model, nn.Module):
-        raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not model.training:
-        raise SurgeryError("model is in eval mode, where the two R-Drop passes are identical; call model.train() first")
-    if strategy == "auto":
-        strategy = rdrop_strategy(model)[0]
-    if strategy == "separate":
-        return _call(model, batch), _call(model, batch)
-    n = _batch_size(batch)
-    if n is None:
-        raise SurgeryError("strategy='concat' needs a batch with at least one batched tensor (first dimension = batch size)")
-    out = _call(model, _double(batch, n))
-    return _halves(out, n, 0), _halves(out, n, 1)
+    if not isinstance(samples, torch.Tensor) or samples.dim() < 2:
+        raise SurgeryTypeError("samples must be a (K, B, ...) tensor of per-sample head outputs; for a head that "
+                               "returns a tuple or a model output, pass postprocess= to pick the tensor")
+    k = samples.shape[0]
+    if loss_fn is not None:
+        return torch.stack([loss_fn(samples[i], target) for i in range(k)]).mean()
+    task = check_task(task)
+    if task == "classification" and samples.shape[-1] < 2:
+        raise SurgeryError(f"task='classification' needs a class dimension of size >= 2, got per-sample outputs "
+                           f"{tuple(samples.shape[1:])}; for a one-output head use task='regression'")
+    t = check_target(target, samples[0], task).to(samples.device)
+    if task == "classification":
+        # every sample has the same valid positions, so the mean over all K*B rows is the mean of the K means
+        return cross_entropy(samples, t.expand((k,) + tuple(t.shape)), None, ignore_index)
+    return (samples.float() - t).pow(2).mean()

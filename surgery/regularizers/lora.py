@@ -10,7 +10,7 @@ pretrained weight ``W0``, one Bernoulli value per input neuron::
 that is, the LoRA layer with its adapter's input scaled by ``M / (1 - p)``:
 ``y = W0 x + s B A (x * M / (1 - p))`` (after PEFT's ``lora_dropout``, which acts on the same
 input). ``apply`` does exactly that: the adapter's ``lora_A.<adapter>`` Linear becomes a
-:class:`LoraMixout` sharing its Parameters that scales its input by one mask per forward,
+:class:`~surgery.layers.mixout.LoraMixout` sharing its Parameters that scales its input by one mask per forward,
 shared by the whole batch (as :class:`surgery.MixLinear` draws it). So ``E[W_mix] = W``; the
 gradients of ``A`` and ``B`` are the exact Mixout gradients (autograd through the scaled
 input); no target copy is stored, since the target is the frozen base weight (the
@@ -25,68 +25,21 @@ with an error naming the layer to exclude.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import SurgeryError
-from .mixout import _scale, check_p
-from .wrappers import _cls, peft_tuner_layer_type
+from ..errors import SurgeryError
+from ..patterns import ancestors
+from ..wrappers import _cls, peft_tuner_layer_type
 
-__all__ = ["LoraMixout", "tuner_layers", "lora_role"]
-
-
-class LoraMixout(nn.Linear):
-    """A LoRA layer's ``lora_A`` with Mixout on the layer's effective weight (see module doc).
-
-    Shares the ``lora_A`` Linear's Parameters (keys and optimizer references survive);
-    :meth:`to_linear` gives back the original module holding them.
-    """
-
-    transposed = False  # recorded like MixLinear's flag
-
-    def __init__(self, in_features, out_features, bias=False, p: float = 0.0, *, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.p = check_p(p, "p")
-        self.__dict__["_original"] = None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, p: float) -> "LoraMixout":
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, bias=False, p=p)
-        new.weight, new.bias = linear.weight, linear.bias
-        new.__dict__["_original"] = linear
-        new.train(linear.training)
-        return new
-
-    def to_linear(self) -> nn.Module:
-        orig = self.__dict__.get("_original")
-        if orig is None:
-            with torch.device("meta"):
-                orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        orig.weight, orig.bias = self.weight, self.bias
-        orig.train(self.training)
-        return orig
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.p > 0.0:
-            if self.p == 1.0:
-                x = x * torch.zeros(self.in_features, device=x.device, dtype=x.dtype)
-            else:
-                # the float32 scale multiplies first, one rounding to x's dtype after (no bf16 1/(1-p))
-                x = (x * _scale(self.p, self.in_features, self.weight)).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, lora_mixout_p={self.p}"
+__all__ = ["tuner_layers", "lora_role"]
 
 
-def tuner_layers(root: nn.Module) -> dict[str, nn.Module]:
-    """Every PEFT tuner layer (LoRA, IA3, ...) in ``root`` by dotted name; empty without peft."""
+def tuner_layers(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Every PEFT tuner layer (LoRA, IA3, ...) among ``modules`` by dotted name; empty without peft."""
     base = peft_tuner_layer_type()
     if base is None:
         return {}
-    return {n: m for n, m in root.named_modules() if isinstance(m, base)}
+    return {n: m for n, m in modules.items() if isinstance(m, base)}
 
 
 def _trains(linear) -> bool:
@@ -106,7 +59,7 @@ def lora_role(tuners: dict[str, nn.Module], name: str, linear: nn.Linear) -> str
             here (DoRA or another LoRA variant, a merged adapter, a trainable base layer under
             an adapter, a non-LoRA tuner), naming the layer to exclude.
     """
-    owner = next((a for a in _ancestors(name) if a in tuners), None)
+    owner = next((a for a in ancestors(name)[1:] if a in tuners), None)
     if owner is None:
         return None
     layer, rel = tuners[owner], name[len(owner) + 1:]
@@ -136,7 +89,3 @@ def lora_role(tuners: dict[str, nn.Module], name: str, linear: nn.Linear) -> str
                        "for which Mixout is not defined (surgery mixes plain layers and vanilla LoRA adapters of "
                        f"Linear layers). Pass exclude=[{owner!r}] to leave it alone")
 
-
-def _ancestors(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]

@@ -19,53 +19,35 @@ activation checkpointing (which restores RNG state) recomputes the same masks.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import check_layer, layer_ok
-from .record import TARGET_SUFFIX
+from ..arguments import check_p
+from ..record import TARGET_SUFFIX
 
-__all__ = ["MixLinear", "mixout_weight", "check_p", "is_conv1d"]
+__all__ = ["MixLinear", "LoraMixout", "mixout_weight", "is_conv1d", "share_hooks", "TARGET_CHECKS"]
 
-
-def check_p(value, name: str) -> float:
-    """``value`` as a float in [0, 1], or a ValueError naming ``name`` and the range.
-
-    Any real number is accepted (``float``, ``int``, numpy scalars such as ``np.float32(0.1)``,
-    a 0-d real tensor), read back at the precision it was written in: ``np.float32(0.1)``
-    gives ``0.1``, not ``0.10000000149011612``. Bools, strings and other objects are refused.
-    """
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
-        dt = value.dtype
-        value = _shortest(value.item(), lambda c: torch.tensor(c, dtype=dt).item()) if dt.is_floating_point \
-            else value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r} ({type(value).__name__})")
-    if not isinstance(value, (float, numbers.Integral)):  # numpy float32/16, ...
-        value = _shortest(value, lambda c, cls=type(value): float(cls(c)))
-    value = float(value)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return value
+# Checks a training forward runs on ``(weight, target)`` before mixing: each returns when the pair can be
+# mixed and raises the one error that explains why not. Engines register theirs (``surgery.distributed``
+# refuses weights a sharding engine partitioned without their targets); a layer knows no engine.
+TARGET_CHECKS: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
 
 
-def _shortest(value, roundtrip) -> float:
-    """The shortest decimal that ``roundtrip`` (a cast to the value's own precision) maps back to
-    ``value``: ``np.float32(0.1)`` or ``torch.tensor(0.1)`` -> ``0.1``, the number the user wrote,
-    not ``0.10000000149011612``."""
-    f = float(value)
-    if not math.isfinite(f):
-        return f
-    for digits in range(1, 18):
-        c = float(f"{f:.{digits}g}")
-        if roundtrip(c) == f:
-            return c
-    return f
+# the hook dictionaries every nn.Module has (forward, pre-forward, backward, state-dict hooks ...)
+_HOOK_DICTS = tuple(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))
+
+
+def share_hooks(original: nn.Module, new: nn.Module) -> None:
+    """Make ``new`` run every hook registered on ``original`` (by the user, ``register_forward_hook``
+    ..., or by a library) by sharing the hook dictionaries: a hook registered on either while ``new``
+    stands in is on both, and its handle removes it from both. ``to_linear`` hands them back."""
+    for key in _HOOK_DICTS:
+        vars(new)[key] = vars(original)[key]
+    new._is_full_backward_hook = original._is_full_backward_hook
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -169,19 +151,31 @@ def mixout_weight(weight: torch.Tensor, target: torch.Tensor, p: float, *, trans
     return _mix(target, weight, s.unsqueeze(1) if transposed else s)
 
 
+def _check_target(weight: torch.Tensor, target: torch.Tensor) -> None:
+    """Before a training forward: a target that code unfroze (``model.requires_grad_(True)``, PEFT's
+    ``modules_to_save`` copy of a head) is frozen again, since a target never trains and took no
+    gradient yet; then every registered engine check runs."""
+    if target.requires_grad and target.is_leaf and isinstance(target, nn.Parameter):
+        target.requires_grad_(False)
+    for check in TARGET_CHECKS:
+        check(weight, target)
+
+
 class MixLinear(nn.Linear):
     """A ``nn.Linear`` (or transformers ``Conv1D``) with Mixout toward a frozen target.
 
     Build it with :meth:`from_linear`, which shares the original ``weight``/``bias``
-    Parameter objects (state_dict keys and optimizer references survive) and adds one
-    frozen Parameter ``mixout_target`` (``requires_grad=False``). :meth:`to_linear` gives
+    Parameter objects (state_dict keys and optimizer references survive) and hook
+    dictionaries (:func:`share_hooks`) and adds one frozen Parameter ``mixout_target``
+    (``requires_grad=False``). :meth:`to_linear` gives
     back the original module (same object, same class) holding the current Parameters.
 
     The target is a Parameter, not a buffer, so distributed engines treat it like the
     weight it belongs to: DDP broadcasts it once at construction and never again (it has
     no gradient and is not a buffer), FSDP2 ``fully_shard`` shards it and all-gathers it
     with the layer. Optimizers skip it (no gradient, no state); it shows up in
-    ``model.parameters()`` counts (see ``surgery.distributed``).
+    ``model.parameters()`` counts (see ``surgery.distributed``). Each training forward runs
+    :data:`TARGET_CHECKS` first.
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -223,6 +217,7 @@ class MixLinear(nn.Linear):
             raise ValueError(f"target shape {tuple(target.shape)} does not match weight shape {tuple(w.shape)}")
         setattr(new, TARGET_SUFFIX, _frozen(target.detach()))
         new.__dict__["_original"] = linear
+        share_hooks(linear, new)
         new.train(linear.training)
         return new
 
@@ -246,6 +241,7 @@ class MixLinear(nn.Linear):
                     orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         orig.weight = self.weight
         orig.bias = self.bias
+        orig._is_full_backward_hook = self._is_full_backward_hook
         orig.train(self.training)
         return orig
 
@@ -261,8 +257,8 @@ class MixLinear(nn.Linear):
                 return out.view(x.shape[:-1] + (self.out_features,))
             return F.linear(x, self.weight, self.bias)
         w, t = self.weight, self.target
-        if not torch.compiler.is_compiling() and not layer_ok(w, t):
-            check_layer(w, t)  # an unfrozen target or an engine surgery cannot see through: one clear error
+        if not torch.compiler.is_compiling():
+            _check_target(w, t)
         if not w.requires_grad:
             self._warn_frozen()
         if self.p < 1.0:  # a target in a smaller dtype is cast inside (low-memory mode keeps it uncast)
@@ -292,3 +288,53 @@ class MixLinear(nn.Linear):
         if self.low_memory:
             s += ", low_memory=True"
         return s
+
+
+class LoraMixout(nn.Linear):
+    """A PEFT LoRA layer's ``lora_A`` with Mixout on the layer's effective weight ``W0 + s B A``
+    toward the frozen base weight ``W0``: its input is scaled by ``M / (1 - p)``, one mask per
+    forward shared by the batch, so the LoRA layer computes ``W0 x + s B A (x * M / (1 - p))``
+    (the math: :mod:`surgery.regularizers.lora`). No target copy: the target is ``W0``.
+
+    Shares the ``lora_A`` Linear's Parameters (keys and optimizer references survive);
+    :meth:`to_linear` gives back the original module holding them.
+    """
+
+    transposed = False  # recorded like MixLinear's flag
+
+    def __init__(self, in_features, out_features, bias=False, p: float = 0.0, *, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.p = check_p(p, "p")
+        self.__dict__["_original"] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, p: float) -> "LoraMixout":
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=False, p=p)
+        new.weight, new.bias = linear.weight, linear.bias
+        new.__dict__["_original"] = linear
+        share_hooks(linear, new)
+        new.train(linear.training)
+        return new
+
+    def to_linear(self) -> nn.Module:
+        orig = self.__dict__.get("_original")
+        if orig is None:
+            with torch.device("meta"):
+                orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        orig.weight, orig.bias = self.weight, self.bias
+        orig._is_full_backward_hook = self._is_full_backward_hook
+        orig.train(self.training)
+        return orig
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0.0:
+            if self.p == 1.0:
+                x = x * torch.zeros(self.in_features, device=x.device, dtype=x.dtype)
+            else:
+                # the float32 scale multiplies first, one rounding to x's dtype after (no bf16 1/(1-p))
+                x = (x * _scale(self.p, self.in_features, self.weight)).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, lora_mixout_p={self.p}"

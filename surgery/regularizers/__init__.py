@@ -1,0 +1,16 @@
+"""The regularizers ``apply`` plans, in planning and install order (see :mod:`.base`).
+
+A regularizer planned earlier can tell later ones what it resolved: the layer-weighted MSD head
+freezes the layers it bypasses (Mixout leaves them alone), an MSD head names the task head
+(``mixout_head=False`` leaves it a plain layer). Adding a regularizer is one file and one line here.
+"""
+
+from .base import Plan, Regularizer
+from .layer_msd import LayerWeightedMSD
+from .mixout import Mixout
+from .msd import MSD
+from .rates import Rates
+
+__all__ = ["REGULARIZERS", "Plan", "Regularizer"]
+
+REGULARIZERS: tuple[Regularizer, ...] = (LayerWeightedMSD(), MSD(), Mixout(), Rates())
