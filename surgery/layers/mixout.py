@@ -19,6 +19,9 @@ activation checkpointing (which restores RNG state) recomputes the same masks.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 import warnings
 from typing import Callable
 
@@ -27,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arguments import check_p
+from ..errors import SurgeryError
 from ..record import TARGET_SUFFIX
 
-__all__ = ["MixLinear", "LoraMixout", "mixout_weight", "is_conv1d", "share_hooks", "TARGET_CHECKS"]
+__all__ = ["MixLinear", "LoraMixout", "mixout_weight", "is_conv1d", "carry_over", "rebindable", "TARGET_CHECKS"]
 
 # Checks a training forward runs on ``(weight, target)`` before mixing: each returns when the pair can be
 # mixed and raises the one error that explains why not. Engines register theirs (``surgery.distributed``
@@ -37,17 +41,47 @@ __all__ = ["MixLinear", "LoraMixout", "mixout_weight", "is_conv1d", "share_hooks
 TARGET_CHECKS: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
 
 
-# the hook dictionaries every nn.Module has (forward, pre-forward, backward, state-dict hooks ...)
-_HOOK_DICTS = tuple(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))
+# what every nn.Module holds in its instance dict: parameters, buffers, children, hook dictionaries, flags
+_MODULE_STATE = frozenset(vars(nn.Module()))
+_HOOK_DICTS = tuple(k for k in sorted(_MODULE_STATE) if "hook" in k and isinstance(vars(nn.Module())[k], dict))
 
 
-def share_hooks(original: nn.Module, new: nn.Module) -> None:
-    """Make ``new`` run every hook registered on ``original`` (by the user, ``register_forward_hook``
-    ..., or by a library) by sharing the hook dictionaries: a hook registered on either while ``new``
-    stands in is on both, and its handle removes it from both. ``to_linear`` hands them back."""
+def rebindable(value, original: nn.Module) -> bool:
+    """Whether :func:`carry_over` can point ``value`` (an instance attribute of ``original``) at the
+    module that replaces it: a method bound to ``original``, or a ``functools.partial`` whose first
+    argument is ``original`` (how accelerate's ``add_hook_to_module`` wraps ``forward``)."""
+    if inspect.ismethod(value):
+        return value.__self__ is original
+    return isinstance(value, functools.partial) and bool(value.args) and value.args[0] is original
+
+
+def _rebind(value, original: nn.Module, new: nn.Module):
+    if inspect.ismethod(value) and value.__self__ is original:
+        return types.MethodType(getattr(type(new), value.__func__.__name__), new)
+    if isinstance(value, functools.partial) and value.args and value.args[0] is original:
+        bound = functools.partial(value.func, new, *value.args[1:], **value.keywords)
+        wrapped = getattr(value, "__wrapped__", None)
+        return functools.update_wrapper(bound, _rebind(wrapped, original, new)) if wrapped is not None else bound
+    return value
+
+
+def carry_over(original: nn.Module, new: nn.Module) -> None:
+    """``new`` takes ``original``'s place with what hangs on it.
+
+    * Hooks (forward, pre-forward, backward, state-dict, load-state-dict; registered by the user or a
+      library): the two modules share the hook dictionaries, so a hook registered on either while
+      ``new`` stands in is on both, its handle removes it from both, and ``to_linear`` hands them back.
+    * Instance attributes a library put on ``original`` (accelerate's ``_hf_hook`` and the
+      ``forward`` wrapper its device hooks install, ``_is_hf_initialized`` ...) are set on ``new``;
+      methods and partials bound to ``original`` are bound to ``new`` (:func:`rebindable`).
+    """
     for key in _HOOK_DICTS:
         vars(new)[key] = vars(original)[key]
     new._is_full_backward_hook = original._is_full_backward_hook
+    for key, value in list(vars(original).items()):
+        if key in _MODULE_STATE or key in vars(new) or key == "_compiled_call_impl":
+            continue
+        vars(new)[key] = _rebind(value, original, new)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -157,6 +191,14 @@ def _check_target(weight: torch.Tensor, target: torch.Tensor) -> None:
     gradient yet; then every registered engine check runs."""
     if target.requires_grad and target.is_leaf and isinstance(target, nn.Parameter):
         target.requires_grad_(False)
+    if (type(weight) is nn.Parameter and weight.shape != target.shape and weight.dim() == target.dim()
+            and weight.numel() > 0 and not hasattr(weight, "ds_id")):  # a whole weight of another shape (a
+        # partitioning engine leaves an empty or flat shard instead: the registered engine checks say so)
+        raise SurgeryError(
+            f"a Mixout layer's weight has shape {tuple(weight.shape)} but its pretrained target "
+            f"{tuple(target.shape)}: the weight was replaced after surgery.apply (model.resize_token_embeddings "
+            "replaces the embedding and the LM head tied to it, which mixout_tied=True mixes). Resize before "
+            "apply: surgery.revert(model), resize, surgery.apply(model, ...) again")
     for check in TARGET_CHECKS:
         check(weight, target)
 
@@ -166,7 +208,7 @@ class MixLinear(nn.Linear):
 
     Build it with :meth:`from_linear`, which shares the original ``weight``/``bias``
     Parameter objects (state_dict keys and optimizer references survive) and hook
-    dictionaries (:func:`share_hooks`) and adds one frozen Parameter ``mixout_target``
+    dictionaries and library attributes (:func:`carry_over`) and adds one frozen Parameter ``mixout_target``
     (``requires_grad=False``). :meth:`to_linear` gives
     back the original module (same object, same class) holding the current Parameters.
 
@@ -217,7 +259,7 @@ class MixLinear(nn.Linear):
             raise ValueError(f"target shape {tuple(target.shape)} does not match weight shape {tuple(w.shape)}")
         setattr(new, TARGET_SUFFIX, _frozen(target.detach()))
         new.__dict__["_original"] = linear
-        share_hooks(linear, new)
+        carry_over(linear, new)
         new.train(linear.training)
         return new
 
@@ -313,7 +355,7 @@ class LoraMixout(nn.Linear):
             new = cls(linear.in_features, linear.out_features, bias=False, p=p)
         new.weight, new.bias = linear.weight, linear.bias
         new.__dict__["_original"] = linear
-        share_hooks(linear, new)
+        carry_over(linear, new)
         new.train(linear.training)
         return new
 

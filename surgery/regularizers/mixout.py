@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..arguments import check_materialised
 from ..errors import HeadError, SurgeryError
-from ..layers.mixout import LoraMixout, MixLinear, is_conv1d
+from ..layers.mixout import LoraMixout, MixLinear, is_conv1d, rebindable
 from ..patterns import compile_pattern, find_head
 from ..wrappers import find_layers
 from .base import Plan, Regularizer
@@ -36,6 +37,27 @@ LAYERS = (MixLinear, LoraMixout)  # what a Mixout record entry names
 
 def _qualname(m: Any) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _unswappable(m: nn.Module) -> tuple[str, str] | None:
+    """``(why, what to do)`` when swapping the layer ``m`` for a Mixout layer could not be exact."""
+    if parametrize.is_parametrized(m):
+        return ("its weight is parametrized (torch.nn.utils.parametrize: parametrizations.weight_norm, "
+                "spectral_norm, orthogonal ...), recomputed from other tensors at every forward",
+                "remove the parametrization first (parametrize.remove_parametrizations(layer, 'weight'))")
+    if "weight" not in m._parameters:
+        return ("its weight is not a Parameter of the layer but a tensor recomputed before every forward "
+                "(torch.nn.utils.prune: weight_orig * weight_mask, or the old torch.nn.utils.weight_norm: "
+                "weight_g, weight_v)", "make the pruning or weight norm permanent first (prune.remove(layer, "
+                "'weight'), torch.nn.utils.remove_weight_norm(layer))")
+    if vars(m).get("_compiled_call_impl") is not None:
+        return ("it was compiled on its own with layer.compile(), whose compiled call runs the layer being "
+                "replaced", "apply surgery first, then compile (or compile the whole model)")
+    forward = vars(m).get("forward")
+    if forward is not None and not rebindable(forward, m):
+        return (f"its forward is replaced on the instance ({type(forward).__name__} {getattr(forward, '__name__', '')!s}) "
+                "by code that surgery cannot point at the new layer", "remove that override before apply")
+    return None
 
 
 @dataclass
@@ -72,6 +94,13 @@ class Mixout(Regularizer):
     def plan(self, view, opts, earlier: Sequence[Plan]) -> MixoutPlan | None:
         if opts.mixout == 0.0:
             return None
+        for name, m in view.modules.items():  # accelerate's offload keeps the weights out of memory, on meta
+            hook = vars(m).get("_hf_hook")
+            if any(getattr(h, "offload", False) for h in [hook, *getattr(hook, "hooks", ())]):
+                raise SurgeryError(f"module {name or view.title!r} is offloaded by accelerate (device_map with "
+                                   "'cpu' or 'disk' offload): its weights are loaded only for each forward, so Mixout "
+                                   "has no pretrained weights to copy as targets. Load the model without offloading "
+                                   "(device_map on devices that hold it), then apply")
         check_materialised(view.tensors())
         names = list(view.modules)
         inc = compile_pattern(opts.include, names, "include")
@@ -91,8 +120,17 @@ class Mixout(Regularizer):
         for name, m in view.modules.items():
             if not name or (inc and not inc(name)) or (exc and exc(name)):
                 continue
+            if isinstance(m, LAYERS):
+                raise SurgeryError(f"{name!r} is already a Mixout layer ({type(m).__name__}) that no live surgery "
+                                   "of this model owns (a copy of a surgered model's module?); build the model from "
+                                   f"plain modules, or pass exclude=[{name!r}]")
+            if isinstance(m, nn.Linear) or is_conv1d(m):
+                unswappable = _unswappable(m)
+                if unswappable is not None:
+                    raise SurgeryError(f"mixout cannot mix {name!r}: {unswappable[0]}. Pass exclude=[{name!r}] to "
+                                       f"leave it alone, or {unswappable[1]}")
             if not (type(m) is nn.Linear or is_conv1d(m)):
-                if isinstance(m, nn.Linear) and not isinstance(m, LAYERS):
+                if isinstance(m, nn.Linear):
                     plan.skipped.append({"name": name, "reason": f"{type(m).__name__} is a Linear subclass whose "
                                          "forward may not be nn.Linear's (its owner may read .weight directly)"})
                 continue
