@@ -206,15 +206,53 @@ def check_no_record(held: Held) -> None:
 
 @dataclass
 class ConfigCopies:
-    """The model's own copies of its configs, made before ``apply`` changes anything."""
+    """The model's own copies of its configs, made before ``apply`` changes anything; kept with the
+    live record, so that ``revert`` can hand the original objects back (:meth:`remove`)."""
 
     owners: list[_Owner]
-    swaps: list[tuple[nn.Module, str, Any]]  # (module, attribute, copy)
+    swaps: list[tuple[nn.Module, str, Any, Any]]  # (module, attribute, copy, original)
 
     def take(self) -> None:
         """Point every module at its copy (the original config objects are left as they were)."""
-        for mod, attr, new in self.swaps:
+        for mod, attr, new, _ in self.swaps:
             vars(mod)[attr] = new
+
+    def remove(self) -> None:
+        """Revert's last step for configs: every module that still holds its copy gets the original
+        object back (sharing between a parent and its sub-models as before ``apply``), with what was
+        set on the copy since ``apply`` (not surgery's changes: revert restored those) carried over."""
+        done: set[int] = set()
+        for mod, attr, copied, original in self.swaps:
+            if vars(mod).get(attr) is not copied:
+                continue  # the user replaced the config: theirs stays
+            if id(copied) not in done:
+                _carry_edits(copied, original, done)
+            vars(mod)[attr] = original
+
+
+def _carry_edits(copied: Any, original: Any, done: set[int]) -> None:
+    """Set on ``original`` every field of ``copied`` that differs from it (nested configs field by field)."""
+    done.add(id(copied))
+    mine, theirs = vars(copied), vars(original)
+    for key, value in list(mine.items()):
+        if key == CONFIG_KEY:
+            continue
+        before = theirs.get(key, _MISSING)
+        if is_config(value) and is_config(before):
+            if id(value) not in done:
+                _carry_edits(value, before, done)
+            continue
+        try:
+            same = bool(before == value) and type(before) is type(value)
+        except Exception:  # noqa: BLE001 - a value whose == does not give one bool
+            same = False
+        if not same:
+            setattr(original, key, value)
+    for key in [k for k in theirs if k not in mine and k != CONFIG_KEY]:
+        delattr(original, key)
+
+
+_MISSING = object()
 
 
 def plan_copies(held: Held, title: str) -> ConfigCopies:
@@ -228,12 +266,14 @@ def plan_copies(held: Held, title: str) -> ConfigCopies:
     for own in owners:
         for mod, attr, cfg in own.items:
             try:
-                swaps.append((mod, attr, copy.deepcopy(cfg, own.memo)))
+                swaps.append((mod, attr, copy.deepcopy(cfg, own.memo), cfg))
             except Exception as e:  # noqa: BLE001 - any failure of a user config's __deepcopy__
                 raise SurgeryError(
                     f"cannot copy the config {type(cfg).__name__} of module {own.prefix or title!r} "
                     f"({type(e).__name__}: {e}); apply gives the model its own copy of each config so that a config "
                     "object shared with another model is never changed: make the config deep-copyable") from None
+    for own in owners:
+        own.memo = {}  # the deepcopy memo holds every copied object: not kept with the live record
     return ConfigCopies(owners, swaps)
 
 

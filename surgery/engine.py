@@ -16,7 +16,7 @@ from .arguments import Options
 from .describing import describe
 from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
 from .patterns import Pattern, find_head
-from .record import ATTR, Record, get_record, no_plain_form
+from .record import ATTR, Record, claim, claimant, get_record, no_plain_form, release
 from .regularizers import REGULARIZERS
 from .view import View
 from .wrappers import chain, check_swappable
@@ -37,11 +37,36 @@ def _root(model) -> tuple[nn.Module, list[nn.Module]]:
 
 
 def _check_unsurgered(view: View) -> None:
+    """Refuse a model that carries surgery, holds a sub-model that does, or reaches a module or
+    parameter that a live surgery of another model (or of a model enclosing this one) changed."""
     if get_record(view.root, required=False) is not None:
         raise AlreadySurgeredError(
             "model already has surgery applied; call surgery.revert(model) before applying it again "
             "(a second apply does not compose with the first)")
+    for name, m in view.modules.items():
+        if name and ATTR in vars(m):
+            raise AlreadySurgeredError(
+                f"its module {name!r} ({type(m).__name__}) already has surgery applied to it; surgeries do not "
+                f"compose: call surgery.revert(model.{name}) first, then apply to the whole model")
+    for name, obj in [*view.modules.items(), *view.params.items()]:
+        owner = claimant(obj)
+        if owner is not None:
+            other, there = owner
+            raise AlreadySurgeredError(
+                f"{'parameter' if name in view.params else 'module'} {name or view.title!r} was changed by the "
+                f"surgery applied to {type(other).__name__} (where it is {there or 'the model itself'!r}); "
+                "surgeries do not compose: surgery.revert that model first")
     configs.check_no_record(view.held)  # at any depth: a (sub-)model loaded from a surgered checkpoint
+
+
+def _claims(view: View, plans) -> list[tuple[str, object]]:
+    """What the installed plans changed: each claimed module (before and after a swap), each frozen parameter."""
+    out = []
+    for plan in plans:
+        for name in plan.claims:
+            out += [(name, view.modules[name]), (name, view.root.get_submodule(name) if name else view.root)]
+        out += [(name, view.params[name]) for name in plan.freezes]
+    return out
 
 
 def apply(
@@ -138,9 +163,11 @@ def apply(
     for plan in plans:
         plan.build()  # allocations that can fail, before the first change
     copies.take()
+    rec.handles.append(copies)  # revert hands the original config objects back (after the values are restored)
     for plan in plans:
         plan.install(view, rec)
     vars(root)[ATTR] = rec
+    claim(root, _claims(view, plans))  # a later apply reaching what this one changed is refused
     configs.attach(copies, rec)  # the record, and each sub-model's part of it, into the configs
     return model
 
@@ -175,9 +202,10 @@ def revert(model: nn.Module, *, drop_layer_weights: bool = False) -> nn.Module:
     for undo in reversed(undos):
         if undo is not None:
             undo()
-    for h in rec.handles:
+    configs.detach(view.held)
+    for h in rec.handles:  # hooks, the layer pool, then the original config objects
         if hasattr(h, "remove"):
             h.remove()
-    configs.detach(view.held)
+    release(root)
     del vars(root)[ATTR]
     return model

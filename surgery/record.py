@@ -39,13 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import NotSurgeredError
 from .schema import check_record, parse_json
 
-__all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap", "no_plain_form"]
+__all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap", "no_plain_form",
+           "claim", "release", "claimant"]
 
 FORMAT = "surgery"
 VERSION = 1
@@ -101,6 +103,37 @@ class Record:
         """State-dict keys of the Mixout targets this record added (LoRA entries add none)."""
         return [f"{m['name']}.{TARGET_SUFFIX}" if m["name"] else TARGET_SUFFIX for m in self.mixout
                 if m.get("kind") != "lora"]
+
+
+# ---- what live records have changed ------------------------------------------------------------
+# Every module and parameter an ``apply`` changed, mapped to the model it was applied to and its name
+# there, until that model's ``revert``. A second ``apply`` that reaches one of them (the same model
+# again through a sub-module, a parent model, or another model sharing the module) is refused.
+_CLAIMS: dict[int, tuple[weakref.ref, weakref.ref, str]] = {}  # id(obj) -> (obj, root, name); weak, by identity
+
+
+def claim(root: Any, objects: Iterable[tuple[str, Any]]) -> None:
+    """Record that ``root``'s surgery changed each ``(name, object)``."""
+    for name, obj in objects:
+        _CLAIMS[id(obj)] = (weakref.ref(obj), weakref.ref(root), name)
+
+
+def release(root: Any) -> None:
+    """Forget every claim of ``root`` (its revert), and claims whose objects or models are gone."""
+    for key, (obj, ref, _) in list(_CLAIMS.items()):
+        if ref() is root or ref() is None or obj() is None:
+            _CLAIMS.pop(key, None)
+
+
+def claimant(obj: Any) -> tuple[Any, str] | None:
+    """``(the model whose live surgery changed obj, obj's name there)``, or None."""
+    found = _CLAIMS.get(id(obj))
+    if found is None or found[0]() is not obj:
+        return None
+    root = found[1]()
+    if root is None or ATTR not in getattr(root, "__dict__", {}):
+        return None
+    return root, found[2]
 
 
 def no_plain_form(rec: "Record | None", action: str) -> str | None:
