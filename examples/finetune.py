@@ -244,11 +244,12 @@ def parse_args(argv=None):
     return args
 
 
-def run_convert(src: Path, dst: Path) -> str:
+def run_convert(src: Path, dst: Path, *, overwrite: bool = False) -> str:
     """``surgery convert SRC DST`` as a user runs it (the console script, else ``python -m surgery``)."""
     exe = shutil.which("surgery")
     cmd = [exe] if exe else [sys.executable, "-m", "surgery"]
-    res = subprocess.run(cmd + ["convert", str(src), str(dst)], capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(cmd + ["convert", str(src), str(dst)] + (["--overwrite"] if overwrite else []),
+                         capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         raise SystemExit(f"`surgery convert` failed ({res.returncode}):\n{res.stdout}{res.stderr}")
     return (res.stdout + res.stderr).strip()
@@ -268,8 +269,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out = Path(args.out).expanduser() if args.out else exdata.cache_dir() / "runs" / "finetune"
+    earlier = [n for n in ("checkpoint", "model", "converted") if (out / n).exists()]
     out.mkdir(parents=True, exist_ok=True)
     print(machine_line())
+    if earlier:
+        print(f"outputs: {out} (this run replaces the earlier run's {', '.join(earlier)})")
 
     items = exdata.load_afinn(args.data)
     sp = exdata.split(items, seed=args.split_seed, train_size=args.max_train)
@@ -306,8 +310,10 @@ def main(argv=None) -> int:
     final = out / "model"
     export_plain(model, tok, final)
     converted = out / "converted"
-    msg = run_convert(ckpt, converted)
-    print(f"surgery convert {ckpt} {converted}" + (f"\n  {msg}" if msg else ""))
+    again = converted.exists()  # an earlier run's output: this run's replaces it
+    msg = run_convert(ckpt, converted, overwrite=again)
+    print(f"surgery convert {ckpt} {converted}" + (" --overwrite (replacing an earlier run's)" if again else "")
+          + (f"\n  {msg}" if msg else ""))
 
     ok = same
     for name, folder in (("export", final), ("converted checkpoint", converted)):

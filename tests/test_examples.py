@@ -121,6 +121,11 @@ def test_finetune_trains_reverts_exports_converts_and_reloads(tmp_path):
     # the training checkpoint is a surgered one
     cfg = json.loads((out / "checkpoint" / "config.json").read_text())
     assert cfg["surgery"]["args"]["mixout"] == 0.1 and cfg["hidden_dropout_prob"] == 0.0
+    # a second run into the same folder works too and says that it replaces the first run's outputs
+    again = _run(["examples/finetune.py", "--epochs", "1", "--max-train", "32", "--no-progress", "--out", str(out)],
+                 tmp_path / "cache").stdout
+    assert "this run replaces the earlier run's checkpoint, model, converted" in again
+    assert "--overwrite (replacing an earlier run's)" in again and again.count("predictions match: True") == 2
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def child(spec: dict, batch: int, seq: int, model_path) -> dict:
     step()
     opt.zero_grad(set_to_none=True)
     gc.collect()
-    targets = sum(t.numel() * t.element_size() for n, t in model.named_buffers() if n.endswith("mixout_target"))
+    targets = surgery.describing.target_bytes(model)[0] if surgery.is_surgered(model) else 0  # frozen Parameters
     mixed = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, surgery.MixLinear))
     peaks = []
     for _ in range(3):  # the lowest of three peaks: allocator noise only ever adds
