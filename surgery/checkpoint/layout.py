@@ -161,9 +161,10 @@ class Checkpoint:
 
     def record(self) -> tuple[Record | None, str | None]:
         """The change record and where it was found (config.json first, then file metadata).
+        Every copy is checked; copies that differ are refused (no copy silently wins).
 
         Raises:
-            CheckpointError: a record that is not valid.
+            CheckpointError: a record that is not valid, or two records that differ.
         """
         cands = []
         if self.config is not None and self.config.get(CONFIG_KEY) is not None:
@@ -173,11 +174,19 @@ class Checkpoint:
                 cands.append((s.metadata[RECORD_METADATA_KEY], s.path, f"{s.path.name} header metadata"))
         if not cands:
             return None, None
-        raw, where, label = cands[0]
-        try:
-            return Record.from_dict(raw), label
-        except ValueError as e:
-            raise CheckpointError(where, f"invalid surgery record: {e}") from None
+        records = []
+        for raw, where, label in cands:
+            try:
+                records.append(Record.from_dict(raw))
+            except ValueError as e:
+                raise CheckpointError(where, f"invalid surgery record: {e}") from None
+        for rec, (_, _, label) in zip(records[1:], cands[1:]):
+            if rec.to_dict() != records[0].to_dict():
+                raise CheckpointError(self.path, f"{cands[0][2]} and {label} hold different surgery records, so "
+                                                 "which Mixout layers and dropout values this checkpoint has is "
+                                                 "ambiguous; remove the stale one (re-save the checkpoint) and run "
+                                                 "again")
+        return records[0], cands[0][2]
 
     def close(self) -> None:
         for s in self.sources:
