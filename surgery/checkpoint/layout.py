@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import stat
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +91,11 @@ class _PickleSource(_Source):
         if len(self.sd) > max_tensors:
             raise CheckpointError(path, f"holds {len(self.sd):,} tensors, more than {max_tensors:,}; refused as "
                                         "absurd")
-        self.items = {n: tensor_item(n, t, path=path) for n, t in self.sd.items()}
+        with warnings.catch_warnings():  # torch's deprecation warnings for what the file holds (quantized, storages)
+            warnings.simplefilter("ignore")
+            self.items = {n: tensor_item(n, t, path=path) for n, t in self.sd.items()}
+            self.expanded = expanded_views(self.sd)
         self.entries = self.items
-        self.expanded = expanded_views(self.sd)
 
     def item(self, name: str) -> Item:
         return self.items[name]
