@@ -20,7 +20,7 @@ from ..record import CONFIG_KEY, TARGET_SUFFIX, Record
 from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os_error, remove, remove_parents,
                      signal_pending, signals_blocked, write_json)
 from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
-                     is_target_key)
+                     is_target_key, printable)
 from .layout import Checkpoint, _Items, _Source, open_checkpoint
 from .safetensors_file import Progress, copy_range, write_safetensors
 from .trust import SourceTree
@@ -110,7 +110,7 @@ class Plan:
         for rel, why in ck.skipped:
             lines.append(f"  skip: {rel} ({why})")
         lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return "\n".join(map(printable, lines))  # every line escaped: names in it come from SRC
 
 
 def _dst_name(src: Path, ck: Checkpoint) -> str:

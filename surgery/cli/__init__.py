@@ -17,6 +17,7 @@ import traceback
 
 from .. import interrupts
 from ..checkpoint.atomic import os_error
+from ..checkpoint.common import one_line
 from .convert import Convert
 from .inspect import Inspect
 
@@ -49,10 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     """``str(e)`` on one line, control characters escaped (a file name cannot move the cursor)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return one_line(str(e)) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

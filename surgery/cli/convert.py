@@ -9,7 +9,7 @@ import time
 
 from .. import interrupts
 from ..checkpoint import execute, plan_convert
-from ..checkpoint.common import fmt_bytes
+from ..checkpoint.common import fmt_bytes, one_line, printable
 from ._subcommand import Subcommand
 
 
@@ -78,7 +78,7 @@ class Convert(Subcommand):
                 print("dry run: nothing written")
                 return 0
             for w in plan.warnings:
-                print(f"surgery convert: warning: {_one_line(w)}", file=sys.stderr)
+                print(f"surgery convert: warning: {one_line(w)}", file=sys.stderr)
             if args.quiet or not sys.stderr.isatty():
                 execute(plan, overwrite=args.overwrite, state=interrupts.STATE)
             else:
@@ -96,10 +96,6 @@ class Convert(Subcommand):
             cfg = ""
             if plan.config is not None:
                 cfg = f"; config.json: {len(plan.config_changes)} dropout fields restored"
-            print(f"wrote {plan.dst}: {n} tensors ({fmt_bytes(plan.kept_bytes)}), {what}{cfg}, "
+            print(f"wrote {printable(str(plan.dst))}: {n} tensors ({fmt_bytes(plan.kept_bytes)}), {what}{cfg}, "
                   f"{len(plan.ck.copies)} files copied, in {time.perf_counter() - t0:.1f} s")
         return 0
-
-
-def _one_line(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))

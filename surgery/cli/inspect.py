@@ -39,5 +39,6 @@ class Inspect(Subcommand):
         info = inspect(args.src, follow_external_symlinks=args.follow_external_symlinks)
         if args.require_surgery and not info["surgered"]:
             raise CheckpointError(args.src, "holds no surgery (no change record, no Mixout targets)")
-        print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+        # strict JSON: ASCII (control characters of names escaped as \u001b), no NaN or Infinity
+        print(json.dumps(info, indent=2, allow_nan=False) if args.json else format_inspect(info))
         return 0
