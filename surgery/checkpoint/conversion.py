@@ -124,19 +124,22 @@ def _dst_name(src: Path, ck: Checkpoint) -> str:
 
 
 def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
-                 require_surgery: bool = False, follow_external_symlinks: bool = False) -> Plan:
+                 require_surgery: bool = False, follow_external_symlinks: bool = False,
+                 allow_external_hard_links: bool = False) -> Plan:
     """Open and validate SRC and work out what :func:`convert` will write to DST.
 
     Raises:
         CheckpointError: see :func:`open_checkpoint`; DST exists (without ``overwrite``)
             or overlaps SRC; a state-dict input with a DST not ending in ``.safetensors``;
-            no surgery in SRC with ``require_surgery``; a file of SRC that is a link leading
-            outside it (unless ``follow_external_symlinks``).
+            no surgery in SRC with ``require_surgery``; a file of SRC that is a symbolic link
+            leading outside it (unless ``follow_external_symlinks``) or a hard link with names
+            outside it (unless ``allow_external_hard_links``).
     """
     src, dst = Path(src), Path(dst)
     if os.path.lexists(src):
         check_dst(src, dst, overwrite)
-    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks)
+    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
+                         allow_external_hard_links=allow_external_hard_links)
     try:
         if ck.is_dir and dst.suffix == ".safetensors":
             raise CheckpointError(dst, "DST for a directory SRC is a directory (same layout as SRC); give a "
@@ -322,7 +325,7 @@ def _is_read_error(fd_in: int) -> bool:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
             require_surgery: bool = False, dry_run: bool = False, progress: Progress | None = None,
-            follow_external_symlinks: bool = False) -> Plan:
+            follow_external_symlinks: bool = False, allow_external_hard_links: bool = False) -> Plan:
     """Convert a surgered checkpoint to a plain one (see the module docstring).
 
     Every tensor written equals, bit for bit and in its dtype, what ``surgery.revert``
@@ -336,7 +339,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
         CheckpointError: bad SRC or DST (see :func:`plan_convert`) or a failed write.
     """
     plan = plan_convert(src, dst, overwrite=overwrite, require_surgery=require_surgery,
-                        follow_external_symlinks=follow_external_symlinks)
+                        follow_external_symlinks=follow_external_symlinks,
+                        allow_external_hard_links=allow_external_hard_links)
     try:
         if not dry_run:
             execute(plan, overwrite=overwrite, progress=progress)

@@ -263,7 +263,7 @@ def _unreferenced_shards(path: Path, index_name: str, shards: list[str]) -> str 
 
 
 def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool = False,
-                    max_tensors: int = MAX_TENSORS) -> Checkpoint:
+                    allow_external_hard_links: bool = False, max_tensors: int = MAX_TENSORS) -> Checkpoint:
     """Find the layout of ``path`` and open (validate) its weight files.
 
     Layouts: a ``.safetensors`` file; a ``.bin``/``.pt``/``.pth`` state dict; a model or
@@ -271,17 +271,19 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
     ``model.safetensors.index.json`` + shards, ``pytorch_model.bin`` or
     ``pytorch_model.bin.index.json`` + shards (looked for in that order, as transformers does).
     Inside a directory, only files that resolve inside it (or inside the Hugging Face cache
-    repository of a snapshot) are read, unless ``follow_external_symlinks`` (see ``trust``).
+    repository of a snapshot) are read, unless ``follow_external_symlinks``, and only files
+    whose every hard link is inside it, unless ``allow_external_hard_links`` (see ``trust``).
 
     Raises:
         CheckpointError: a missing path, an unknown layout, a corrupt or truncated file, a
             missing or unreferenced shard, an index naming no tensor or keys its shard lacks,
-            a link leading outside SRC, more than ``max_tensors`` tensors, or a refused pickle.
+            a link (symbolic or hard) leading outside SRC, more than ``max_tensors`` tensors,
+            folders nested too deep, or a refused pickle.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
-    tree = SourceTree(path, follow_external_symlinks)
+    tree = SourceTree(path, follow_external_symlinks, allow_external_hard_links)
     if path.is_file():
         if path.suffix == ".safetensors":
             ck = Checkpoint(path, "safetensors file", [_SafetensorsSource(path, tree, max_tensors)])

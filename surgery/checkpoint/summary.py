@@ -13,13 +13,15 @@ from .layout import open_checkpoint
 __all__ = ["inspect", "format_inspect", "json_safe"]
 
 
-def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False) -> dict[str, Any]:
+def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False,
+            allow_external_hard_links: bool = False) -> dict[str, Any]:
     """What surgery a checkpoint holds, as a JSON-ready dict (``surgery inspect --json``).
 
     Raises:
         CheckpointError: see :func:`open_checkpoint`.
     """
-    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks)
+    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
+                         allow_external_hard_links=allow_external_hard_links)
     try:
         record, where = ck.record()
         dtypes: dict[str, int] = {}

@@ -17,7 +17,7 @@ class Convert(Subcommand):
     name = "convert"
     help = "write a plain checkpoint (no Mixout targets, original config) from a surgered one"
     usage = ("surgery convert SRC DST [--overwrite] [--dry-run] [--require-surgery] [--follow-external-symlinks] "
-             "[--quiet] [--debug]")
+             "[--allow-external-hard-links] [--quiet] [--debug]")
     description = textwrap.dedent("""\
         Convert a checkpoint saved with surgery applied into a plain one that loads with plain
         transformers / torch, on machines that never heard of surgery.
@@ -35,7 +35,8 @@ class Convert(Subcommand):
 
         SRC may come from someone else: files are read only where they resolve inside SRC (or, for a
         Hugging Face cache snapshot, inside its repository folder); a symbolic link leading elsewhere
-        is refused unless --follow-external-symlinks; FIFOs, devices and symlinked folders are never
+        is refused unless --follow-external-symlinks, and so is a file with hard links (other names)
+        outside SRC unless --allow-external-hard-links; FIFOs, devices and symlinked folders are never
         read (a warning names them); headers, indexes, config.json and the change record are
         validated before anything is written.""")
     epilog = textwrap.dedent("""\
@@ -66,12 +67,16 @@ class Convert(Subcommand):
         parser.add_argument("--follow-external-symlinks", action="store_true",
                             help="read files of SRC that are symbolic links to places outside SRC (refused by "
                                  "default: DST would publish them)")
+        parser.add_argument("--allow-external-hard-links", action="store_true",
+                            help="read files of SRC that have hard links (other names) outside SRC (refused by "
+                                 "default: DST would publish them)")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
 
     def run(self, args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         plan = plan_convert(args.src, args.dst, overwrite=args.overwrite, require_surgery=args.require_surgery,
-                            follow_external_symlinks=args.follow_external_symlinks)
+                            follow_external_symlinks=args.follow_external_symlinks,
+                            allow_external_hard_links=args.allow_external_hard_links)
         try:
             if args.dry_run:
                 print(plan.describe())
