@@ -22,6 +22,7 @@ from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os
 from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
                      is_target_key, printable)
 from .layout import Checkpoint, _Items, _Source, open_checkpoint
+from .modes import copy_mode, data_mode, dir_mode, umask
 from .safetensors_file import Progress, copy_range, write_safetensors
 from .trust import SourceTree
 
@@ -200,7 +201,9 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
             state: Any = None) -> None:
     """Write ``plan.dst`` (through a temporary beside it, renamed at the end). SRC is only read.
 
-    Files keep the permission bits of their SRC counterpart. The final rename runs with
+    Files and folders get SRC's permission bits as ``cp`` without ``-p`` would (see
+    :mod:`surgery.checkpoint.modes`: under the umask, never setuid, setgid, sticky, and no
+    execute bit on the files convert writes itself). The final rename runs with
     SIGINT/SIGTERM held back; a signal that came before it (or, with ``state``, the CLI's
     :data:`surgery.interrupts.STATE`, one that library code swallowed) aborts instead, and
     ``state.committed`` is set once DST is in place.
@@ -247,30 +250,32 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
 
 def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None:
     ck = plan.ck
+    mask = umask()  # modes: see modes.py (never setuid/setgid/sticky, nothing beyond the umask)
     if not ck.is_dir:
         s, _, kept, _ = plan.files[0]
-        write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=s.mode)
+        write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=data_mode(s.mode, mask))
         return
     os.mkdir(tmp, 0o700)
     for s, name, kept, _ in plan.files:
         if name:
-            write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress), mode=s.mode)
+            write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress),
+                              mode=data_mode(s.mode, mask))
         if state is not None and state.interrupted:  # a KeyboardInterrupt some library swallowed
             raise KeyboardInterrupt
     if plan.index is not None:
-        write_json(tmp / SAFE_INDEX, plan.index, mode=ck.index_mode)
+        write_json(tmp / SAFE_INDEX, plan.index, mode=data_mode(ck.index_mode, mask))
     if plan.config is not None:
-        write_json(tmp / CONFIG_NAME, plan.config, mode=ck.config_mode)
+        write_json(tmp / CONFIG_NAME, plan.config, mode=data_mode(ck.config_mode, mask))
     for rel in ck.copies:
         out = tmp / rel
         for d in reversed(Path(rel).parents[:-1]):
             if not (tmp / d).is_dir():
-                os.mkdir(tmp / d, stat.S_IMODE(os.stat(ck.path / d).st_mode) | 0o700)
-        copy_file(ck.tree, ck.path / rel, out)
+                os.mkdir(tmp / d, 0o700)
+        copy_file(ck.tree, ck.path / rel, out, mask=mask)
     for rel in sorted({str(d) for r in ck.copies for d in Path(r).parents[:-1]}, key=len, reverse=True):
-        os.chmod(tmp / rel, stat.S_IMODE(os.stat(ck.path / rel).st_mode) | 0o700)
+        os.chmod(tmp / rel, dir_mode(os.stat(ck.path / rel).st_mode, mask))
         fsync_dir(tmp / rel)
-    os.chmod(tmp, ck.mode | 0o700)  # SRC's bits; the owner can always replace or delete DST
+    os.chmod(tmp, dir_mode(ck.mode, mask))  # the owner can always replace or delete DST
     fsync_dir(tmp)
 
 
@@ -290,9 +295,11 @@ def _hooked(progress: Progress | None) -> Progress | None:
     return f
 
 
-def copy_file(tree: SourceTree, src: Path, dst: Path) -> None:
+def copy_file(tree: SourceTree, src: Path, dst: Path, *, mask: int | None = None) -> None:
     """Copy one regular file of SRC (checked by ``tree``) to the new file ``dst``, keeping
-    its permission bits and times; fsync'ed. A read problem names SRC's file, a write problem DST's."""
+    its times and its permission bits as ``cp`` would (:func:`modes.copy_mode`: under the
+    umask ``mask``, never setuid/setgid/sticky); fsync'ed. A read problem names SRC's file,
+    a write problem DST's."""
     fd_in = tree.open(src)
     try:
         st = os.fstat(fd_in)
@@ -306,7 +313,7 @@ def copy_file(tree: SourceTree, src: Path, dst: Path) -> None:
                 raise
             if os.fstat(fd_out).st_size != st.st_size:
                 raise CheckpointError(src, "the file changed size while being copied; run convert again")
-            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+            os.fchmod(fd_out, copy_mode(st.st_mode, mask))
             os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(fd_out)
         finally:

@@ -38,7 +38,8 @@ class Convert(Subcommand):
         is refused unless --follow-external-symlinks, and so is a file with hard links (other names)
         outside SRC unless --allow-external-hard-links; FIFOs, devices and symlinked folders are never
         read (a warning names them); headers, indexes, config.json and the change record are
-        validated before anything is written.""")
+        validated before anything is written. DST's files get SRC's permission bits as cp gives them:
+        under the umask, never setuid/setgid/sticky, no execute bit on weights and config.""")
     epilog = textwrap.dedent("""\
         examples:
           # a save_pretrained / Trainer checkpoint directory (sharded or not)
