@@ -288,7 +288,7 @@ def test_existing_dst_file_message_has_no_errno(tmp_path, capsys):
     assert rc == 0, err  # parents are created
     (tmp_path / "file").write_text("")
     rc, out, err = run(capsys, "convert", tmp_path / "one.safetensors", tmp_path / "file" / "o.safetensors")
-    assert_refused(rc, err, "not a directory")
+    assert_refused(rc, err, tmp_path / "file" / "o.safetensors", "is a file, not a folder")
     assert "Errno" not in err
 
 

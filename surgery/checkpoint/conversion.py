@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os
 from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
                      is_target_key, printable)
 from .layout import Checkpoint, _Items, _Source, open_checkpoint
+from .leftovers import Leftover, find_leftovers, remove_leftovers
 from .modes import copy_mode, data_mode, dir_mode, umask
 from .safetensors_file import Progress, copy_range, write_safetensors
 from .trust import SourceTree
@@ -68,6 +68,7 @@ class Plan:
     config_changes: list[tuple]
     index: dict[str, Any] | None  # DST index (sharded)
     warnings: list[str]
+    leftovers: list[Leftover] = field(default_factory=list)  # temporaries of earlier runs beside DST
 
     @property
     def kept_bytes(self) -> int:
@@ -184,8 +185,10 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
             meta = dict(ck.index.get("metadata") or {})
             meta["total_size"] = sum(s.entries[k].nbytes for s, _, kept, _ in files for k in kept)
             index = {"metadata": meta, "weight_map": dict(sorted(wm.items()))}
+        leftovers = find_leftovers(dst)
+        warnings += [f.warning() for f in leftovers]
         return Plan(ck, dst, record, where, [f for f in files if f[1]] + [f for f in files if not f[1]],
-                    config, changes, index, warnings)
+                    config, changes, index, warnings, leftovers)
     except BaseException:
         ck.close()
         raise
@@ -213,7 +216,7 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
             parent folder this call created.
         KeyboardInterrupt: interrupted; likewise nothing is left.
     """
-    dst, ck = plan.dst, plan.ck
+    dst = plan.dst
     if os.path.lexists(dst) and not overwrite:
         raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
     tmp: Path | None = None
@@ -224,6 +227,7 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
         except OSError as e:
             name, problem = os_error(e, dst=dst)
             raise CheckpointError(name, f"cannot create DST's folder ({problem})") from None
+        remove_leftovers(plan.leftovers)
         tmp = atomic_path(dst)
         _write(plan, tmp, progress, state)
         with signals_blocked():
@@ -235,16 +239,16 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
             if state is not None:
                 state.committed = True
     except BaseException as e:
-        with signals_blocked():
+        with signals_blocked():  # the clean-up never raises: the first error is the one reported
             interrupts.test_hook("cleanup")
-            if tmp is not None:
-                remove(tmp)
+            kept = tmp is not None and not remove(tmp)
             remove_parents(created)
+        note = f"; the temporary {tmp} could not be removed" if kept else ""
         if isinstance(e, OSError):
             name, problem = os_error(e, tmp=tmp, dst=dst)
-            raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST") from None
+            raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST{note}") from None
         if isinstance(e, CheckpointError) and tmp is not None and e.path.startswith(str(tmp)):
-            raise CheckpointError(str(dst) + e.path[len(str(tmp)):], e.problem) from None  # DST's name, not tmp's
+            raise CheckpointError(str(dst) + e.path[len(str(tmp)):], e.problem + note) from None  # DST's name
         raise
 
 
