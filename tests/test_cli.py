@@ -406,11 +406,11 @@ def test_help_shows_examples(capsys):
 def test_python_dash_m_and_debug(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope")], capture_output=True,
-                       text=True, env=env)
+                       text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"surgery inspect: error: {tmp_path / 'nope'}: no such file or directory"
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope"), "--debug"],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
 
 
