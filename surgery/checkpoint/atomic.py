@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
 import threading
 import uuid
 from pathlib import Path
@@ -100,6 +98,9 @@ def os_error(e: OSError, *, tmp: Path | None = None, dst: Path | None = None) ->
 def host_tag() -> str:
     """8 hex digits naming this machine and boot (host name and Linux boot id): a process id
     recorded with the same tag can be checked on this machine; with another tag it cannot."""
+    import hashlib  # here, not at the top: OpenSSL and socket cost the CLI's start-up ~4 MiB
+    import socket
+
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             boot = f.read().strip()
