@@ -97,16 +97,18 @@ def os_error(e: OSError, *, tmp: Path | None = None, dst: Path | None = None) ->
 @functools.lru_cache(maxsize=None)
 def host_tag() -> str:
     """8 hex digits naming this machine and boot (host name and Linux boot id): a process id
-    recorded with the same tag can be checked on this machine; with another tag it cannot."""
-    import hashlib  # here, not at the top: OpenSSL and socket cost the CLI's start-up ~4 MiB
-    import socket
+    recorded with the same tag can be checked on this machine; with another tag it cannot.
+    (A CRC, not a cryptographic hash: hashlib's OpenSSL would cost convert ~4 MiB of RSS, and
+    a collision only means a leftover is judged by a pid that is not its own machine's.)"""
+    import zlib
 
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             boot = f.read().strip()
     except OSError:
         boot = ""
-    return hashlib.sha256(f"{socket.gethostname()}\0{boot}".encode()).hexdigest()[:8]
+    key = (os.uname().nodename + "\0" + boot).encode()
+    return f"{zlib.crc32(key):08x}"
 
 
 def name_max(folder: Path) -> int:
