@@ -586,3 +586,14 @@ def test_pipe_to_head_exits_quietly(tmp_path):
     p1.stderr.close()
     assert p1.wait(timeout=120) == 141, err
     assert err == "" and head_out == str(src).encode()[:1]
+
+
+def test_names_the_terminal_encoding_lacks_are_escaped_not_an_internal_error(tmp_path):
+    from fake_checkpoint import RECORD, make_dir
+    src = make_dir(tmp_path / "src", record={**RECORD, "mixout": [{"name": "enc.\u00b2", "p": 0.1}]},
+                   files={"tok\u00e9.json": b"{}"})
+    env = {**_CLI_ENV, "PYTHONIOENCODING": "ascii"}
+    for argv in (["inspect", str(src)], ["convert", str(src), str(tmp_path / "dst"), "--dry-run"]):
+        r = subprocess.run([sys.executable, "-m", "surgery", *argv], capture_output=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert (b"enc.\\xb2" if argv[0] == "inspect" else b"tok\\xe9.json") in r.stdout

@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C (SIGINT) or SIGTERM at any moment before convert's final rename: exit 130, one
     line, no DST, no temporary (see :mod:`surgery.interrupts`)."""
     installed = interrupts.install()
+    if argv is None:  # the program itself: a name the terminal's encoding lacks is escaped, not an error
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (AttributeError, ValueError, OSError):
+                pass
     try:
         interrupts.arm()  # exit 130 now for a signal that came while Python was starting
         return _main(argv)
