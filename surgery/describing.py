@@ -26,13 +26,19 @@ def _ranges(values: list[int]) -> str:
     return out[0] if len(out) == 1 and "-" not in out[0] else "{" + ",".join(out) + "}"
 
 
+def _is_index(part: str) -> bool:
+    """A layer index as ``named_modules`` writes one: ASCII digits, no leading zero, at most 18
+    of them (``²``, ``٣``, ``007`` or a 5000-digit number stay text, printed as they are)."""
+    return part.isascii() and part.isdigit() and len(part) <= 18 and (part == "0" or part[0] != "0")
+
+
 def group_names(names: list[str]) -> list[str]:
     """``a.0.q, a.1.q, a.2.q`` -> ``a.{0-2}.q (x3)``: one line per layer pattern."""
     groups: dict[tuple, list[list[int]]] = {}
     for n in names:
         parts = n.split(".")
-        key = tuple("#" if p.isdigit() else p for p in parts)
-        groups.setdefault(key, []).append([int(p) for p in parts if p.isdigit()])
+        key = tuple("#" if _is_index(p) else p for p in parts)
+        groups.setdefault(key, []).append([int(p) for p in parts if _is_index(p)])
     lines = []
     for key, idx in groups.items():
         parts, slot = [], 0

@@ -57,17 +57,33 @@ def make_dir(path: Path, *, sharded: bool = False, record: dict | None = RECORD,
     return path
 
 
+def _walk(path: Path):
+    """``(dirpath, dirnames, filenames)`` like ``os.walk`` (links not followed), without
+    recursion: a folder nested 1200 deep is walked, not a RecursionError."""
+    stack = [str(path)]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        dirs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        files = sorted(e.name for e in entries if not e.is_dir(follow_symlinks=False))
+        yield top, dirs, files
+        stack.extend(os.path.join(top, d) for d in reversed(dirs))
+
+
 def snapshot(path: Path) -> dict:
     """Every entry under ``path`` (links not followed): kind, mode, and content digest."""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, dirnames, filenames in _walk(path):
         for n in dirnames + filenames:
             p = os.path.join(dirpath, n)
             st = os.lstat(p)
             if os.path.islink(p):
                 out[p] = ("link", os.readlink(p))
             elif os.path.isfile(p):
-                out[p] = ("file", st.st_mode, hashlib.sha256(open(p, "rb").read()).hexdigest())
+                out[p] = ("file", st.st_mode, st.st_nlink, hashlib.sha256(open(p, "rb").read()).hexdigest())
             else:
                 out[p] = ("other", st.st_mode)
     return out
@@ -75,4 +91,35 @@ def snapshot(path: Path) -> dict:
 
 def debris(parent: Path) -> list[str]:
     """Hidden temporaries left anywhere under ``parent``."""
-    return [os.path.join(d, n) for d, ds, fs in os.walk(parent) for n in ds + fs if n.startswith(".surgery-tmp")]
+    return [os.path.join(d, n) for d, ds, fs in _walk(parent) for n in ds + fs if n.startswith(".surgery-tmp")]
+
+
+def make_deep(top: Path, depth: int, name: str = "d") -> None:
+    """``top/d/d/.../d``, ``depth`` folders, made through folder descriptors (no long paths)."""
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+def remove_deep(top: Path, name: str = "d") -> None:
+    """Remove what :func:`make_deep` made, deepest first, without recursion (pytest's own
+    clean-up of ``tmp_path`` recurses)."""
+    fds = [os.open(top, os.O_RDONLY)]
+    try:
+        while True:
+            try:
+                fds.append(os.open(name, os.O_RDONLY, dir_fd=fds[-1]))
+            except FileNotFoundError:
+                break
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir(name, dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -406,11 +406,11 @@ def test_help_shows_examples(capsys):
 def test_python_dash_m_and_debug(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope")], capture_output=True,
-                       text=True, env=env)
+                       text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"surgery inspect: error: {tmp_path / 'nope'}: no such file or directory"
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope"), "--debug"],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
 
 
@@ -540,3 +540,60 @@ def test_missing_path_and_unknown_layouts(tmp_path, capsys):
     rc, out, err = _run(capsys, "convert", tmp_path / "bad", tmp_path / "dst")
     _assert_error(rc, err, tmp_path / "bad" / "model.safetensors.index.json", "the shard index is not valid JSON")
     assert not (tmp_path / "dst").exists()
+
+
+# ---- the reader of the output goes away (issue 18) -------------------------------------------------
+
+def _big_src(tmp_path):
+    """A checkpoint whose --dry-run and inspect print far more than a pipe holds (64 KiB)."""
+    from fake_checkpoint import make_dir
+    src = make_dir(tmp_path / "src")
+    for i in range(2000):
+        os.mkfifo(src / f"fifo-{i:04d}-{'x' * 60}")  # each named in a warning line
+    return src
+
+
+_CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this tree's surgery
+
+
+@pytest.mark.parametrize("argv", [["inspect", "{src}"], ["inspect", "{src}", "--json"],
+                                  ["convert", "{src}", "{dst}", "--dry-run"]], ids=["inspect", "json", "dry-run"])
+def test_closed_reader_exits_quietly_with_141(tmp_path, argv):
+    """`surgery inspect X | head`: no "broken pipe" error, no "Exception ignored" at exit; the status a
+    tool ended by SIGPIPE has (what `cat` gives), 141."""
+    src = _big_src(tmp_path)
+    args = [a.format(src=src, dst=tmp_path / "dst") for a in argv]
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # the reader is gone before the first write
+    try:
+        r = subprocess.run([sys.executable, "-m", "surgery", *args], stdout=w_fd, stderr=subprocess.PIPE,
+                           text=True, env=_CLI_ENV, timeout=120)
+    finally:
+        os.close(w_fd)
+    assert r.returncode == 141, r.stderr
+    assert r.stderr == "", r.stderr
+    assert not (tmp_path / "dst").exists()
+
+
+def test_pipe_to_head_exits_quietly(tmp_path):
+    src = _big_src(tmp_path)
+    cmd = [sys.executable, "-m", "surgery", "inspect", str(src)]
+    p1 = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_CLI_ENV)
+    p2 = subprocess.Popen(["head", "-c1"], stdin=p1.stdout, stdout=subprocess.PIPE)
+    p1.stdout.close()  # only head holds the read end now
+    head_out, _ = p2.communicate(timeout=120)
+    err = p1.stderr.read().decode()
+    p1.stderr.close()
+    assert p1.wait(timeout=120) == 141, err
+    assert err == "" and head_out == str(src).encode()[:1]
+
+
+def test_names_the_terminal_encoding_lacks_are_escaped_not_an_internal_error(tmp_path):
+    from fake_checkpoint import RECORD, make_dir
+    src = make_dir(tmp_path / "src", record={**RECORD, "mixout": [{"name": "enc.\u00b2", "p": 0.1}]},
+                   files={"tok\u00e9.json": b"{}"})
+    env = {**_CLI_ENV, "PYTHONIOENCODING": "ascii"}
+    for argv in (["inspect", str(src)], ["convert", str(src), str(tmp_path / "dst"), "--dry-run"]):
+        r = subprocess.run([sys.executable, "-m", "surgery", *argv], capture_output=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert (b"enc.\\xb2" if argv[0] == "inspect" else b"tok\\xe9.json") in r.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 from surgery.checkpoint.safetensors_file import MAX_TENSORS
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=280); "
         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
         "sys.stderr.write(r.stderr)")
 

@@ -1,10 +1,16 @@
 """Nothing half-written: outputs are built under a hidden temporary name beside their
-destination (same filesystem) and renamed into place once complete and fsync'ed."""
+destination (same filesystem) and renamed into place once complete and fsync'ed.
+
+The temporary's name, ``.surgery-tmp-<pid>-<host>-<random>-<name>``, records the process
+that makes it and a tag of the machine and boot it runs on (``<host>``), so a temporary
+left by a run that ``kill -9`` ended can be told apart from one a live run is writing
+(``leftovers.py``). It never exceeds the file system's name limit when DST's name does not."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
@@ -17,7 +23,9 @@ from typing import Any
 from .common import CheckpointError
 
 __all__ = ["atomic_path", "commit", "remove", "fsync_dir", "write_json", "check_dst", "signals_blocked",
-           "signal_pending", "make_parents", "remove_parents", "os_error"]
+           "signal_pending", "make_parents", "remove_parents", "os_error", "TMP_PREFIX", "host_tag", "name_max"]
+
+TMP_PREFIX = ".surgery-tmp-"
 
 _SIGNALS = {s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None}
 
@@ -86,19 +94,56 @@ def os_error(e: OSError, *, tmp: Path | None = None, dst: Path | None = None) ->
     return name, problem
 
 
+@functools.lru_cache(maxsize=None)
+def host_tag() -> str:
+    """8 hex digits naming this machine and boot (host name and Linux boot id): a process id
+    recorded with the same tag can be checked on this machine; with another tag it cannot.
+    (A CRC, not a cryptographic hash: hashlib's OpenSSL would cost convert ~4 MiB of RSS, and
+    a collision only means a leftover is judged by a pid that is not its own machine's.)"""
+    import zlib
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    key = (os.uname().nodename + "\0" + boot).encode()
+    return f"{zlib.crc32(key):08x}"
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or its nearest existing
+    ancestor) allows; 255 where it cannot tell."""
+    q = folder
+    while not os.path.isdir(q) and q != q.parent:
+        q = q.parent
+    try:
+        return int(os.pathconf(q, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
 def atomic_path(dst: Path) -> Path:
-    """A hidden temporary name beside ``dst`` (same filesystem, so renaming is atomic)."""
-    return dst.parent / f".surgery-tmp-{dst.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """A hidden temporary name beside ``dst`` (same filesystem, so renaming is atomic):
+    ``.surgery-tmp-<pid>-<host tag>-<random>-<dst name>``, the name cut to the file system's
+    limit."""
+    head = f"{TMP_PREFIX}{os.getpid()}-{host_tag()}-{uuid.uuid4().hex[:8]}-"
+    room = max(name_max(dst.parent) - len(head), 1)
+    tail = os.fsencode(dst.name)[:room].decode("utf-8", "ignore") if len(os.fsencode(dst.name)) > room else dst.name
+    return dst.parent / (head + tail)
 
 
-def remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        try:
+def remove(p: Path) -> bool:
+    """Remove ``p`` (a folder with what it holds; a link, not what it points to), best effort:
+    a clean-up must never hide the error that made it necessary. True when ``p`` is gone."""
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
             p.unlink()
-        except FileNotFoundError:
-            pass
+    except OSError:
+        pass
+    return not os.path.lexists(p)
 
 
 def fsync_dir(p: Path) -> None:
@@ -140,11 +185,37 @@ def commit(tmp: Path, dst: Path, overwrite: bool) -> None:
 
 
 def check_dst(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a DST that cannot be written, before anything is read or written: it overlaps
+    SRC, exists (without ``overwrite``), a part of its path is a file, a name in it is
+    longer than the file system allows, or the folder it goes in is read-only.
+
+    Raises:
+        CheckpointError: naming DST.
+    """
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents or d in s.parents:
         raise CheckpointError(dst, f"DST must not be SRC, inside it or contain it (SRC is {src}); pick another path")
     if os.path.lexists(dst) and not overwrite:
         raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
+    missing, q = [dst.name], dst.parent
+    while not os.path.lexists(q) and q != q.parent:
+        missing.append(q.name)
+        q = q.parent
+    if not os.path.isdir(q):
+        raise CheckpointError(dst, f"cannot be created: {q} is {'a file' if os.path.exists(q) else 'a broken link'}, "
+                                   "not a folder; choose another DST")
+    limit = name_max(q)
+    for name in missing:
+        if len(os.fsencode(name)) > limit:
+            raise CheckpointError(dst, f"file name too long: {len(os.fsencode(name))} bytes in one name, the file "
+                                       f"system allows {limit}; choose a shorter DST")
+    if not os.access(q, os.W_OK | os.X_OK):
+        try:
+            ro = bool(os.statvfs(q).f_flag & getattr(os, "ST_RDONLY", 1))
+        except OSError:
+            ro = False
+        raise CheckpointError(dst, f"cannot be created in {q}: " + ("read-only file system; choose a DST on a "
+                                                                     "writable one" if ro else "permission denied"))
 
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import SurgeryError
 from ..record import TARGET_SUFFIX
 
-__all__ = ["CheckpointError", "is_target_key", "fmt_bytes", "RECORD_METADATA_KEY", "SAFE_NAME", "SAFE_INDEX",
+__all__ = ["CheckpointError", "is_target_key", "fmt_bytes", "printable", "one_line", "RECORD_METADATA_KEY", "SAFE_NAME", "SAFE_INDEX",
            "BIN_NAME", "BIN_INDEX", "CONFIG_NAME", "PICKLE_SUFFIXES", "TRAINER_STATE", "OTHER_WEIGHTS"]
 
 RECORD_METADATA_KEY = "surgery"  # safetensors header metadata entry holding Record.to_json()
@@ -40,3 +40,17 @@ def fmt_bytes(n: int) -> str:
 def is_target_key(key: str) -> bool:
     """True for the state_dict key of a Mixout target (``<layer>.mixout_target``)."""
     return key == TARGET_SUFFIX or key.endswith("." + TARGET_SUFFIX)
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on escaped (``\\x1b``, ``\\n``,
+    ``\\u202e`` ...): tensor, shard and file names from SRC are untrusted, and printed raw an
+    escape sequence would retitle or clear the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (runs of whitespace joined), escaped as :func:`printable` does."""
+    return printable(" ".join(text.split()))

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,10 @@ from ..record import CONFIG_KEY, TARGET_SUFFIX, Record
 from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os_error, remove, remove_parents,
                      signal_pending, signals_blocked, write_json)
 from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
-                     is_target_key)
+                     is_target_key, printable)
 from .layout import Checkpoint, _Items, _Source, open_checkpoint
+from .leftovers import Leftover, find_leftovers, remove_leftovers
+from .modes import copy_mode, data_mode, dir_mode, umask
 from .safetensors_file import Progress, copy_range, write_safetensors
 from .trust import SourceTree
 
@@ -67,6 +68,7 @@ class Plan:
     config_changes: list[tuple]
     index: dict[str, Any] | None  # DST index (sharded)
     warnings: list[str]
+    leftovers: list[Leftover] = field(default_factory=list)  # temporaries of earlier runs beside DST
 
     @property
     def kept_bytes(self) -> int:
@@ -110,7 +112,7 @@ class Plan:
         for rel, why in ck.skipped:
             lines.append(f"  skip: {rel} ({why})")
         lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return "\n".join(map(printable, lines))  # every line escaped: names in it come from SRC
 
 
 def _dst_name(src: Path, ck: Checkpoint) -> str:
@@ -124,19 +126,22 @@ def _dst_name(src: Path, ck: Checkpoint) -> str:
 
 
 def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
-                 require_surgery: bool = False, follow_external_symlinks: bool = False) -> Plan:
+                 require_surgery: bool = False, follow_external_symlinks: bool = False,
+                 allow_external_hard_links: bool = False) -> Plan:
     """Open and validate SRC and work out what :func:`convert` will write to DST.
 
     Raises:
         CheckpointError: see :func:`open_checkpoint`; DST exists (without ``overwrite``)
             or overlaps SRC; a state-dict input with a DST not ending in ``.safetensors``;
-            no surgery in SRC with ``require_surgery``; a file of SRC that is a link leading
-            outside it (unless ``follow_external_symlinks``).
+            no surgery in SRC with ``require_surgery``; a file of SRC that is a symbolic link
+            leading outside it (unless ``follow_external_symlinks``) or a hard link with names
+            outside it (unless ``allow_external_hard_links``).
     """
     src, dst = Path(src), Path(dst)
     if os.path.lexists(src):
         check_dst(src, dst, overwrite)
-    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks)
+    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
+                         allow_external_hard_links=allow_external_hard_links)
     try:
         if ck.is_dir and dst.suffix == ".safetensors":
             raise CheckpointError(dst, "DST for a directory SRC is a directory (same layout as SRC); give a "
@@ -180,8 +185,10 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
             meta = dict(ck.index.get("metadata") or {})
             meta["total_size"] = sum(s.entries[k].nbytes for s, _, kept, _ in files for k in kept)
             index = {"metadata": meta, "weight_map": dict(sorted(wm.items()))}
+        leftovers = find_leftovers(dst)
+        warnings += [f.warning() for f in leftovers]
         return Plan(ck, dst, record, where, [f for f in files if f[1]] + [f for f in files if not f[1]],
-                    config, changes, index, warnings)
+                    config, changes, index, warnings, leftovers)
     except BaseException:
         ck.close()
         raise
@@ -197,7 +204,9 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
             state: Any = None) -> None:
     """Write ``plan.dst`` (through a temporary beside it, renamed at the end). SRC is only read.
 
-    Files keep the permission bits of their SRC counterpart. The final rename runs with
+    Files and folders get SRC's permission bits as ``cp`` without ``-p`` would (see
+    :mod:`surgery.checkpoint.modes`: under the umask, never setuid, setgid, sticky, and no
+    execute bit on the files convert writes itself). The final rename runs with
     SIGINT/SIGTERM held back; a signal that came before it (or, with ``state``, the CLI's
     :data:`surgery.interrupts.STATE`, one that library code swallowed) aborts instead, and
     ``state.committed`` is set once DST is in place.
@@ -207,7 +216,7 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
             parent folder this call created.
         KeyboardInterrupt: interrupted; likewise nothing is left.
     """
-    dst, ck = plan.dst, plan.ck
+    dst = plan.dst
     if os.path.lexists(dst) and not overwrite:
         raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
     tmp: Path | None = None
@@ -218,6 +227,7 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
         except OSError as e:
             name, problem = os_error(e, dst=dst)
             raise CheckpointError(name, f"cannot create DST's folder ({problem})") from None
+        remove_leftovers(plan.leftovers)
         tmp = atomic_path(dst)
         _write(plan, tmp, progress, state)
         with signals_blocked():
@@ -229,45 +239,47 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
             if state is not None:
                 state.committed = True
     except BaseException as e:
-        with signals_blocked():
+        with signals_blocked():  # the clean-up never raises: the first error is the one reported
             interrupts.test_hook("cleanup")
-            if tmp is not None:
-                remove(tmp)
+            kept = tmp is not None and not remove(tmp)
             remove_parents(created)
+        note = f"; the temporary {tmp} could not be removed" if kept else ""
         if isinstance(e, OSError):
             name, problem = os_error(e, tmp=tmp, dst=dst)
-            raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST") from None
+            raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST{note}") from None
         if isinstance(e, CheckpointError) and tmp is not None and e.path.startswith(str(tmp)):
-            raise CheckpointError(str(dst) + e.path[len(str(tmp)):], e.problem) from None  # DST's name, not tmp's
+            raise CheckpointError(str(dst) + e.path[len(str(tmp)):], e.problem + note) from None  # DST's name
         raise
 
 
 def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None:
     ck = plan.ck
+    mask = umask()  # modes: see modes.py (never setuid/setgid/sticky, nothing beyond the umask)
     if not ck.is_dir:
         s, _, kept, _ = plan.files[0]
-        write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=s.mode)
+        write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=data_mode(s.mode, mask))
         return
     os.mkdir(tmp, 0o700)
     for s, name, kept, _ in plan.files:
         if name:
-            write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress), mode=s.mode)
+            write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress),
+                              mode=data_mode(s.mode, mask))
         if state is not None and state.interrupted:  # a KeyboardInterrupt some library swallowed
             raise KeyboardInterrupt
     if plan.index is not None:
-        write_json(tmp / SAFE_INDEX, plan.index, mode=ck.index_mode)
+        write_json(tmp / SAFE_INDEX, plan.index, mode=data_mode(ck.index_mode, mask))
     if plan.config is not None:
-        write_json(tmp / CONFIG_NAME, plan.config, mode=ck.config_mode)
+        write_json(tmp / CONFIG_NAME, plan.config, mode=data_mode(ck.config_mode, mask))
     for rel in ck.copies:
         out = tmp / rel
         for d in reversed(Path(rel).parents[:-1]):
             if not (tmp / d).is_dir():
-                os.mkdir(tmp / d, stat.S_IMODE(os.stat(ck.path / d).st_mode) | 0o700)
-        copy_file(ck.tree, ck.path / rel, out)
+                os.mkdir(tmp / d, 0o700)
+        copy_file(ck.tree, ck.path / rel, out, mask=mask)
     for rel in sorted({str(d) for r in ck.copies for d in Path(r).parents[:-1]}, key=len, reverse=True):
-        os.chmod(tmp / rel, stat.S_IMODE(os.stat(ck.path / rel).st_mode) | 0o700)
+        os.chmod(tmp / rel, dir_mode(os.stat(ck.path / rel).st_mode, mask))
         fsync_dir(tmp / rel)
-    os.chmod(tmp, ck.mode | 0o700)  # SRC's bits; the owner can always replace or delete DST
+    os.chmod(tmp, dir_mode(ck.mode, mask))  # the owner can always replace or delete DST
     fsync_dir(tmp)
 
 
@@ -287,9 +299,11 @@ def _hooked(progress: Progress | None) -> Progress | None:
     return f
 
 
-def copy_file(tree: SourceTree, src: Path, dst: Path) -> None:
+def copy_file(tree: SourceTree, src: Path, dst: Path, *, mask: int | None = None) -> None:
     """Copy one regular file of SRC (checked by ``tree``) to the new file ``dst``, keeping
-    its permission bits and times; fsync'ed. A read problem names SRC's file, a write problem DST's."""
+    its times and its permission bits as ``cp`` would (:func:`modes.copy_mode`: under the
+    umask ``mask``, never setuid/setgid/sticky); fsync'ed. A read problem names SRC's file,
+    a write problem DST's."""
     fd_in = tree.open(src)
     try:
         st = os.fstat(fd_in)
@@ -303,7 +317,7 @@ def copy_file(tree: SourceTree, src: Path, dst: Path) -> None:
                 raise
             if os.fstat(fd_out).st_size != st.st_size:
                 raise CheckpointError(src, "the file changed size while being copied; run convert again")
-            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+            os.fchmod(fd_out, copy_mode(st.st_mode, mask))
             os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(fd_out)
         finally:
@@ -322,7 +336,7 @@ def _is_read_error(fd_in: int) -> bool:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
             require_surgery: bool = False, dry_run: bool = False, progress: Progress | None = None,
-            follow_external_symlinks: bool = False) -> Plan:
+            follow_external_symlinks: bool = False, allow_external_hard_links: bool = False) -> Plan:
     """Convert a surgered checkpoint to a plain one (see the module docstring).
 
     Every tensor written equals, bit for bit and in its dtype, what ``surgery.revert``
@@ -336,7 +350,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
         CheckpointError: bad SRC or DST (see :func:`plan_convert`) or a failed write.
     """
     plan = plan_convert(src, dst, overwrite=overwrite, require_surgery=require_surgery,
-                        follow_external_symlinks=follow_external_symlinks)
+                        follow_external_symlinks=follow_external_symlinks,
+                        allow_external_hard_links=allow_external_hard_links)
     try:
         if not dry_run:
             execute(plan, overwrite=overwrite, progress=progress)

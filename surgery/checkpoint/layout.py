@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import stat
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +91,11 @@ class _PickleSource(_Source):
         if len(self.sd) > max_tensors:
             raise CheckpointError(path, f"holds {len(self.sd):,} tensors, more than {max_tensors:,}; refused as "
                                         "absurd")
-        self.items = {n: tensor_item(n, t, path=path) for n, t in self.sd.items()}
+        with warnings.catch_warnings():  # torch's deprecation warnings for what the file holds (quantized, storages)
+            warnings.simplefilter("ignore")
+            self.items = {n: tensor_item(n, t, path=path) for n, t in self.sd.items()}
+            self.expanded = expanded_views(self.sd)
         self.entries = self.items
-        self.expanded = expanded_views(self.sd)
 
     def item(self, name: str) -> Item:
         return self.items[name]
@@ -161,9 +164,10 @@ class Checkpoint:
 
     def record(self) -> tuple[Record | None, str | None]:
         """The change record and where it was found (config.json first, then file metadata).
+        Every copy is checked; copies that differ are refused (no copy silently wins).
 
         Raises:
-            CheckpointError: a record that is not valid.
+            CheckpointError: a record that is not valid, or two records that differ.
         """
         cands = []
         if self.config is not None and self.config.get(CONFIG_KEY) is not None:
@@ -173,11 +177,19 @@ class Checkpoint:
                 cands.append((s.metadata[RECORD_METADATA_KEY], s.path, f"{s.path.name} header metadata"))
         if not cands:
             return None, None
-        raw, where, label = cands[0]
-        try:
-            return Record.from_dict(raw), label
-        except ValueError as e:
-            raise CheckpointError(where, f"invalid surgery record: {e}") from None
+        records = []
+        for raw, where, label in cands:
+            try:
+                records.append(Record.from_dict(raw))
+            except ValueError as e:
+                raise CheckpointError(where, f"invalid surgery record: {e}") from None
+        for rec, (_, _, label) in zip(records[1:], cands[1:]):
+            if rec.to_dict() != records[0].to_dict():
+                raise CheckpointError(self.path, f"{cands[0][2]} and {label} hold different surgery records, so "
+                                                 "which Mixout layers and dropout values this checkpoint has is "
+                                                 "ambiguous; remove the stale one (re-save the checkpoint) and run "
+                                                 "again")
+        return records[0], cands[0][2]
 
     def close(self) -> None:
         for s in self.sources:
@@ -251,7 +263,7 @@ def _unreferenced_shards(path: Path, index_name: str, shards: list[str]) -> str 
 
 
 def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool = False,
-                    max_tensors: int = MAX_TENSORS) -> Checkpoint:
+                    allow_external_hard_links: bool = False, max_tensors: int = MAX_TENSORS) -> Checkpoint:
     """Find the layout of ``path`` and open (validate) its weight files.
 
     Layouts: a ``.safetensors`` file; a ``.bin``/``.pt``/``.pth`` state dict; a model or
@@ -259,17 +271,19 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
     ``model.safetensors.index.json`` + shards, ``pytorch_model.bin`` or
     ``pytorch_model.bin.index.json`` + shards (looked for in that order, as transformers does).
     Inside a directory, only files that resolve inside it (or inside the Hugging Face cache
-    repository of a snapshot) are read, unless ``follow_external_symlinks`` (see ``trust``).
+    repository of a snapshot) are read, unless ``follow_external_symlinks``, and only files
+    whose every hard link is inside it, unless ``allow_external_hard_links`` (see ``trust``).
 
     Raises:
         CheckpointError: a missing path, an unknown layout, a corrupt or truncated file, a
             missing or unreferenced shard, an index naming no tensor or keys its shard lacks,
-            a link leading outside SRC, more than ``max_tensors`` tensors, or a refused pickle.
+            a link (symbolic or hard) leading outside SRC, more than ``max_tensors`` tensors,
+            folders nested too deep, or a refused pickle.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
-    tree = SourceTree(path, follow_external_symlinks)
+    tree = SourceTree(path, follow_external_symlinks, allow_external_hard_links)
     if path.is_file():
         if path.suffix == ".safetensors":
             ck = Checkpoint(path, "safetensors file", [_SafetensorsSource(path, tree, max_tensors)])

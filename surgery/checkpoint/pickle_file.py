@@ -83,7 +83,9 @@ def load_state_dict_file(path: str | os.PathLike, *, name: str | os.PathLike | N
     shown = Path(name) if name is not None else path  # the name errors use (``path`` may be a resolved link)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # torch's own warnings while it unpickles (TypedStorage deprecation, quantized tensors, old
+            # pickle protocols) are about torch, not the file: the outcome is the state dict or one error line
+            warnings.simplefilter("ignore")
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from ..schema import parse_json, short
+from ..schema import no_duplicates, parse_json, short
 from .common import CheckpointError
 
 if TYPE_CHECKING:
@@ -88,17 +88,16 @@ _DTYPES = {d: d for d in BITS}  # one string object per dtype name
 
 def _entry_hook(pairs: list[tuple[str, Any]]) -> Any:
     """``object_pairs_hook``: a well-formed tensor entry becomes a compact :class:`TensorInfo`
-    as soon as it is parsed (a million tensors cost ~200 bytes each, not a dict and two lists)."""
-    if len(pairs) == 3:
-        d = dict(pairs)
-        if d.keys() == _ENTRY_KEYS:
-            dtype, shape, offs = d["dtype"], d["shape"], d["data_offsets"]
-            if (isinstance(dtype, str) and dtype in _DTYPES and type(shape) is list
-                    and all(type(x) is int and x >= 0 for x in shape) and type(offs) is list and len(offs) == 2
-                    and type(offs[0]) is int and type(offs[1]) is int and offs[0] >= 0 and offs[1] >= 0):
-                return TensorInfo("", _DTYPES[dtype], tuple(shape), offs[0], offs[1])
-        return d
-    return dict(pairs)
+    as soon as it is parsed (a million tensors cost ~200 bytes each, not a dict and two lists).
+    A key given twice in any object of the header is refused (:func:`no_duplicates`)."""
+    d = no_duplicates(pairs)
+    if len(d) == 3 and d.keys() == _ENTRY_KEYS:
+        dtype, shape, offs = d["dtype"], d["shape"], d["data_offsets"]
+        if (isinstance(dtype, str) and dtype in _DTYPES and type(shape) is list
+                and all(type(x) is int and x >= 0 for x in shape) and type(offs) is list and len(offs) == 2
+                and type(offs[0]) is int and type(offs[1]) is int and offs[0] >= 0 and offs[1] >= 0):
+            return TensorInfo("", _DTYPES[dtype], tuple(shape), offs[0], offs[1])
+    return d
 
 
 def count_tensors_upper_bound(raw: bytes) -> int:
@@ -146,7 +145,7 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
     if count_tensors_upper_bound(raw) > max_tensors:
         raise CheckpointError(path, _too_many(max_tensors))
     try:
-        header = parse_json(raw, "the header", max_depth=None, object_pairs_hook=_entry_hook)
+        header = parse_json(raw, "the header", max_depth=None, constants=False, object_pairs_hook=_entry_hook)
     except ValueError as e:
         raise CheckpointError(path, f"corrupt safetensors file: {e}") from None
     raw = None

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
-from .common import fmt_bytes, is_target_key
+from .common import fmt_bytes, is_target_key, printable
 from .conversion import restore_config
 from .layout import open_checkpoint
 
-__all__ = ["inspect", "format_inspect"]
+__all__ = ["inspect", "format_inspect", "json_safe"]
 
 
-def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False) -> dict[str, Any]:
+def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False,
+            allow_external_hard_links: bool = False) -> dict[str, Any]:
     """What surgery a checkpoint holds, as a JSON-ready dict (``surgery inspect --json``).
 
     Raises:
         CheckpointError: see :func:`open_checkpoint`.
     """
-    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks)
+    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
+                         allow_external_hard_links=allow_external_hard_links)
     try:
         record, where = ck.record()
         dtypes: dict[str, int] = {}
@@ -41,11 +44,25 @@ def inspect(src: str | os.PathLike, *, follow_external_symlinks: bool = False) -
             "mixout_targets": {"count": len(targets), "bytes": sum(targets.values()), "keys": sorted(targets)},
             "plain": {"tensors": n - len(targets), "bytes": total - sum(targets.values())},
             "record_source": where, "record": record.to_dict() if record else None,
-            "config_restore": [{"path": p, "saved": a, "restored": b} for p, a, b in changes],
+            "config_restore": [{"path": p, "saved": json_safe(a), "restored": b} for p, a, b in changes],
             "warnings": ck.warnings,
         }
     finally:
         ck.close()
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` with NaN and infinities as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``:
+    ``config.json`` may hold them (Python's JSON writes them), strict JSON cannot, and
+    ``inspect --json`` prints strict JSON (``jq`` reads it). Nesting is bounded by the
+    64 levels ``config.json`` may have."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [json_safe(x) for x in v]
+    return v
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -58,8 +75,8 @@ def format_inspect(info: dict[str, Any]) -> str:
              f"  largest tensor: {info['largest_tensor']['name']} ({fmt_bytes(info['largest_tensor']['bytes'])})"]
     if not info["surgered"]:
         lines.append("  no surgery: no change record and no Mixout targets (a plain checkpoint)")
-        lines += [f"  warning: {_printable(w)}" for w in info["warnings"]]
-        return "\n".join(lines)
+        lines += [f"  warning: {w}" for w in info["warnings"]]
+        return "\n".join(map(printable, lines))
     lines.append(f"  Mixout targets: {t['count']} ({fmt_bytes(t['bytes'])}); plain after convert: "
                  f"{info['plain']['tensors']} tensors ({fmt_bytes(info['plain']['bytes'])})")
     if info["record"] is None:
@@ -72,9 +89,5 @@ def format_inspect(info: dict[str, Any]) -> str:
         lines += ["  " + ln for ln in describe(info["record"]).splitlines()[1:]]
     for c in info["config_restore"]:
         lines.append(f"  config.json {c['path']}: saved {c['saved']}, original {c['restored']}")
-    lines += [f"  warning: {_printable(w)}" for w in info["warnings"]]
-    return "\n".join(lines)
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    lines += [f"  warning: {w}" for w in info["warnings"]]
+    return "\n".join(map(printable, lines))  # every line escaped: names in it come from SRC

@@ -11,9 +11,19 @@ private key) into DST, which is then published. The rule:
   the repository folder ``<repo>``, where the snapshot's relative links point.
 * Anything else is refused before anything is written, naming the file, unless the user
   opts in (``--follow-external-symlinks`` / ``follow_external_symlinks=True``).
+* Resolving paths cannot see hard links: a file of SRC may be a second name of a file
+  elsewhere (a private file beside SRC, linked in by whoever made the folder). A regular
+  file with more names (``st_nlink``) than SRC's allowed root holds for it is refused the
+  same way, unless the user opts in (``--allow-external-hard-links`` /
+  ``allow_external_hard_links=True``). Hard links between two files inside SRC are fine.
+  The count is taken on the descriptor that is then read, so a file swapped in after the
+  folder was planned is caught too.
 * Only regular files are read: a FIFO, socket or device is never opened for reading
   (opening a FIFO would block), and symlinked folders are not walked. Both are named in a
   warning when they would otherwise have been copied.
+* Folders are walked without recursion, at most ``MAX_DIR_DEPTH`` levels deep (deeper is
+  refused: a checkpoint's files are a few levels deep), and a folder that cannot be listed
+  is an error, not a silent gap in DST.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ from pathlib import Path
 
 from .common import CheckpointError
 
-__all__ = ["SourceTree", "hf_repo_root"]
+__all__ = ["SourceTree", "hf_repo_root", "MAX_DIR_DEPTH"]
+
+MAX_DIR_DEPTH = 64  # folder levels below SRC
 
 _FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
@@ -53,12 +65,14 @@ def _kind(mode: int) -> str:
 class SourceTree:
     """The files of one SRC that may be read, and how to open them safely."""
 
-    def __init__(self, src: Path, follow_external_symlinks: bool = False):
+    def __init__(self, src: Path, follow_external_symlinks: bool = False, allow_external_hard_links: bool = False):
         self.src = src
         self.follow_external = follow_external_symlinks
+        self.allow_hard_links = allow_external_hard_links
         real = Path(os.path.realpath(src))
         self.is_dir = real.is_dir()
         self.root = (hf_repo_root(real) or real) if self.is_dir else real
+        self._names: dict[tuple[int, int], int] | None = None  # (dev, ino) -> names inside root (nlink > 1 only)
 
     def _inside(self, real: Path) -> bool:
         return real == self.root or self.root in real.parents
@@ -91,6 +105,8 @@ class SourceTree:
             if not stat.S_ISREG(st.st_mode):
                 raise CheckpointError(path, f"is {_kind(st.st_mode)}, not a regular file; convert reads regular "
                                             "files only")
+            if st.st_nlink > 1 and self.is_dir and not self.allow_hard_links:
+                self._check_hard_links(path, st)
             if getattr(os, "O_NONBLOCK", 0):
                 os.set_blocking(fd, True)
         except BaseException:
@@ -106,34 +122,105 @@ class SourceTree:
         finally:
             os.close(fd)
 
+    def _check_hard_links(self, path: Path, st: os.stat_result) -> None:
+        """Refuse ``path`` (open, ``fstat`` gave ``st``) when some of its ``st_nlink`` names
+        lie outside the allowed root (counted once; counted again before refusing, so a
+        link made inside SRC after the count is not held against it)."""
+        key = (st.st_dev, st.st_ino)
+        for fresh in (False, True):
+            if fresh or self._names is None:
+                self._names = _count_names(self.root)
+            inside = self._names.get(key, 0)
+            if inside >= st.st_nlink:
+                return
+        raise CheckpointError(path, f"is a hard link: the file has {st.st_nlink} names, {inside} of them inside the "
+                                    f"checkpoint ({self.root}); the others are outside it, so it may be a local file "
+                                    "and convert does not read files outside SRC (DST could publish it). Copy the "
+                                    "file into SRC (cp, not ln), or pass --allow-external-hard-links if you mean it")
+
     def walk(self) -> tuple[list[str], list[str]]:
         """``(files, warnings)``: the regular files (or links to them) under a directory SRC,
-        relative to it and sorted; links are checked later by :meth:`resolve`. Symlinked
-        folders, FIFOs, sockets, devices and broken links are not returned but named in a
-        warning. Hidden ``.surgery-tmp*`` folders of an interrupted run are left out."""
+        relative to it, each folder's files (sorted) before its subfolders (sorted); links
+        are checked later by :meth:`resolve`. Symlinked folders, FIFOs, sockets, devices and
+        broken links are not returned but named in a warning. Hidden ``.surgery-tmp*``
+        folders of an interrupted run are left out.
+
+        Raises:
+            CheckpointError: a folder that cannot be listed, or folders nested more than
+                ``MAX_DIR_DEPTH`` levels below SRC.
+        """
         files, warnings = [], []
-        for dirpath, dirnames, filenames in os.walk(self.src):
-            keep = []
-            for d in sorted(dirnames):
-                if d.startswith(".surgery-tmp"):
-                    continue
-                full = os.path.join(dirpath, d)
-                if os.path.islink(full):
-                    warnings.append(f"{os.path.relpath(full, self.src)} is a symbolic link to a folder; "
-                                    "not followed, not copied")
-                    continue
-                keep.append(d)
-            dirnames[:] = keep
-            for fn in sorted(filenames):
-                full = os.path.join(dirpath, fn)
-                rel = os.path.relpath(full, self.src)
+        stack = [("", 0)]
+        while stack:
+            rel, depth = stack.pop()
+            subdirs = []
+            for e in _entries(self.src, rel):
+                r = os.path.join(rel, e.name) if rel else e.name
                 try:
-                    st = os.stat(full)
+                    is_dir = e.is_dir()  # a folder, or a link to one
+                except OSError:  # a link loop: named as a broken link below
+                    is_dir = False
+                if is_dir:
+                    if e.name.startswith(".surgery-tmp"):
+                        continue
+                    if e.is_symlink():
+                        warnings.append(f"{r} is a symbolic link to a folder; not followed, not copied")
+                    else:
+                        subdirs.append(r)
+                    continue
+                try:
+                    st = os.stat(e.path)
                 except OSError:
-                    warnings.append(f"{rel} is a broken symbolic link; not copied")
+                    warnings.append(f"{r} is a broken symbolic link; not copied")
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    files.append(rel)
+                    files.append(r)
                 else:
-                    warnings.append(f"{rel} is {_kind(st.st_mode)}; not copied")
+                    warnings.append(f"{r} is {_kind(st.st_mode)}; not copied")
+            if subdirs and depth >= MAX_DIR_DEPTH:
+                raise CheckpointError(self.src, f"holds folders nested more than {MAX_DIR_DEPTH} levels deep "
+                                                f"({_abbrev(subdirs[0])}); a checkpoint's files are a few levels "
+                                                "deep, so this is refused")
+            stack.extend((d, depth + 1) for d in reversed(subdirs))
         return files, warnings
+
+
+def _abbrev(rel: str) -> str:
+    return rel if len(rel) <= 120 else f"{rel[:60]}...{rel[-40:]}"
+
+
+def _entries(top: Path, rel: str) -> list[os.DirEntry]:
+    """The entries of folder ``top/rel``, sorted by name."""
+    try:
+        with os.scandir(os.path.join(top, rel) if rel else top) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise CheckpointError(top, f"cannot list its folder {_abbrev(rel) or '.'} ({e.strerror or e}); convert "
+                                   "copies every file of SRC, so every folder must be readable") from None
+
+
+def _count_names(root: Path) -> dict[tuple[int, int], int]:
+    """``(dev, ino) -> names`` of the regular files with more than one name under ``root``
+    (links not followed, no recursion; folders that cannot be listed count nothing)."""
+    names: dict[tuple[int, int], int] = {}
+    stack = [(str(root), 0)]
+    while stack:
+        top, depth = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if depth < MAX_DIR_DEPTH + 8:
+                        stack.append((e.path, depth + 1))
+                    continue
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                names[key] = names.get(key, 0) + 1
+    return names

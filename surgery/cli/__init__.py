@@ -5,18 +5,23 @@
 
 ``main(argv)`` returns the exit status (the ``surgery`` console script and
 ``python -m surgery`` exit with it): 0 done, 2 bad input with one line on stderr naming
-the file and the problem (``--debug`` adds the traceback), 130 interrupted.
+the file and the problem (``--debug`` adds the traceback), 130 interrupted, 141 (what a
+shell reports for a program ended by SIGPIPE, as ``cat`` or ``git log`` are) when the
+reader of the output went away (``surgery inspect X | head -1``), without a message.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import textwrap
 import traceback
 
 from .. import interrupts
 from ..checkpoint.atomic import os_error
+from ..checkpoint.common import one_line
 from .convert import Convert
 from .inspect import Inspect
 
@@ -49,10 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     """``str(e)`` on one line, control characters escaped (a file name cannot move the cursor)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return one_line(str(e)) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C (SIGINT) or SIGTERM at any moment before convert's final rename: exit 130, one
     line, no DST, no temporary (see :mod:`surgery.interrupts`)."""
     installed = interrupts.install()
+    if argv is None:  # the program itself: a name the terminal's encoding lacks is escaped, not an error
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (AttributeError, ValueError, OSError):
+                pass
     try:
         interrupts.arm()  # exit 130 now for a signal that came while Python was starting
         return _main(argv)
@@ -94,15 +104,35 @@ def _main(argv: list[str] | None) -> int:
     _COMMAND[0] = args.command
     try:
         rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's last flush
         if interrupts.STATE.interrupted and not interrupts.STATE.committed:
             raise KeyboardInterrupt  # a Ctrl-C that some library swallowed
         return rc
     except KeyboardInterrupt:
         raise
+    except BrokenPipeError:
+        return _reader_gone()
     except Exception:
         if interrupts.STATE.interrupted and not interrupts.STATE.committed:
             raise KeyboardInterrupt from None  # a Ctrl-C that a library turned into another error (an ImportError)
         return _report(args)
+
+
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE
+
+
+def _reader_gone() -> int:
+    """The reader of stdout closed the pipe: exit quietly, as a tool ended by SIGPIPE does.
+    stdout is pointed at /dev/null so the interpreter's final flush has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a real file descriptor (called in process with a captured stdout)
+    return EXIT_SIGPIPE
 
 
 def _report(args: argparse.Namespace) -> int:

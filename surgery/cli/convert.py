@@ -9,7 +9,7 @@ import time
 
 from .. import interrupts
 from ..checkpoint import execute, plan_convert
-from ..checkpoint.common import fmt_bytes
+from ..checkpoint.common import fmt_bytes, one_line, printable
 from ._subcommand import Subcommand
 
 
@@ -17,7 +17,7 @@ class Convert(Subcommand):
     name = "convert"
     help = "write a plain checkpoint (no Mixout targets, original config) from a surgered one"
     usage = ("surgery convert SRC DST [--overwrite] [--dry-run] [--require-surgery] [--follow-external-symlinks] "
-             "[--quiet] [--debug]")
+             "[--allow-external-hard-links] [--quiet] [--debug]")
     description = textwrap.dedent("""\
         Convert a checkpoint saved with surgery applied into a plain one that loads with plain
         transformers / torch, on machines that never heard of surgery.
@@ -35,9 +35,11 @@ class Convert(Subcommand):
 
         SRC may come from someone else: files are read only where they resolve inside SRC (or, for a
         Hugging Face cache snapshot, inside its repository folder); a symbolic link leading elsewhere
-        is refused unless --follow-external-symlinks; FIFOs, devices and symlinked folders are never
+        is refused unless --follow-external-symlinks, and so is a file with hard links (other names)
+        outside SRC unless --allow-external-hard-links; FIFOs, devices and symlinked folders are never
         read (a warning names them); headers, indexes, config.json and the change record are
-        validated before anything is written.""")
+        validated before anything is written. DST's files get SRC's permission bits as cp gives them:
+        under the umask, never setuid/setgid/sticky, no execute bit on weights and config.""")
     epilog = textwrap.dedent("""\
         examples:
           # a save_pretrained / Trainer checkpoint directory (sharded or not)
@@ -66,19 +68,23 @@ class Convert(Subcommand):
         parser.add_argument("--follow-external-symlinks", action="store_true",
                             help="read files of SRC that are symbolic links to places outside SRC (refused by "
                                  "default: DST would publish them)")
+        parser.add_argument("--allow-external-hard-links", action="store_true",
+                            help="read files of SRC that have hard links (other names) outside SRC (refused by "
+                                 "default: DST would publish them)")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
 
     def run(self, args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         plan = plan_convert(args.src, args.dst, overwrite=args.overwrite, require_surgery=args.require_surgery,
-                            follow_external_symlinks=args.follow_external_symlinks)
+                            follow_external_symlinks=args.follow_external_symlinks,
+                            allow_external_hard_links=args.allow_external_hard_links)
         try:
             if args.dry_run:
                 print(plan.describe())
                 print("dry run: nothing written")
                 return 0
             for w in plan.warnings:
-                print(f"surgery convert: warning: {_one_line(w)}", file=sys.stderr)
+                print(f"surgery convert: warning: {one_line(w)}", file=sys.stderr)
             if args.quiet or not sys.stderr.isatty():
                 execute(plan, overwrite=args.overwrite, state=interrupts.STATE)
             else:
@@ -96,10 +102,6 @@ class Convert(Subcommand):
             cfg = ""
             if plan.config is not None:
                 cfg = f"; config.json: {len(plan.config_changes)} dropout fields restored"
-            print(f"wrote {plan.dst}: {n} tensors ({fmt_bytes(plan.kept_bytes)}), {what}{cfg}, "
+            print(f"wrote {printable(str(plan.dst))}: {n} tensors ({fmt_bytes(plan.kept_bytes)}), {what}{cfg}, "
                   f"{len(plan.ck.copies)} files copied, in {time.perf_counter() - t0:.1f} s")
         return 0
-
-
-def _one_line(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))

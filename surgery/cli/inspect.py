@@ -13,7 +13,8 @@ from ._subcommand import Subcommand
 class Inspect(Subcommand):
     name = "inspect"
     help = "show what surgery a checkpoint holds (Mixout layers and p, MSD heads, dropout, sizes)"
-    usage = "surgery inspect SRC [--json] [--require-surgery] [--follow-external-symlinks] [--debug]"
+    usage = ("surgery inspect SRC [--json] [--require-surgery] [--follow-external-symlinks] "
+             "[--allow-external-hard-links] [--debug]")
     description = textwrap.dedent("""\
         Show what surgery a checkpoint holds, without the model class: the change record (from
         config.json or the safetensors header metadata), the Mixout layers and their p, multi-sample
@@ -34,10 +35,14 @@ class Inspect(Subcommand):
                             help="fail (exit 2) when SRC holds no surgery record and no Mixout targets")
         parser.add_argument("--follow-external-symlinks", action="store_true",
                             help="read files of SRC that are symbolic links to places outside SRC")
+        parser.add_argument("--allow-external-hard-links", action="store_true",
+                            help="read files of SRC that have hard links (other names) outside SRC")
 
     def run(self, args: argparse.Namespace) -> int:
-        info = inspect(args.src, follow_external_symlinks=args.follow_external_symlinks)
+        info = inspect(args.src, follow_external_symlinks=args.follow_external_symlinks,
+                       allow_external_hard_links=args.allow_external_hard_links)
         if args.require_surgery and not info["surgered"]:
             raise CheckpointError(args.src, "holds no surgery (no change record, no Mixout targets)")
-        print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+        # strict JSON: ASCII (control characters of names escaped as \u001b), no NaN or Infinity
+        print(json.dumps(info, indent=2, allow_nan=False) if args.json else format_inspect(info))
         return 0
