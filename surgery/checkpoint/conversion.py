@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import configs, interrupts
-from ..record import CONFIG_KEY, TARGET_SUFFIX, Record
+from ..record import CONFIG_KEY, TARGET_SUFFIX, Record, no_plain_form
 from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os_error, remove, remove_parents,
                      signal_pending, signals_blocked, write_json)
 from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
@@ -38,17 +38,12 @@ def restore_config(config: dict[str, Any], record: Record | None = None) -> tupl
 
 
 def _refuse_layered(src: Path, record: Record | None, ck: Checkpoint) -> None:
-    """A layer-weighted MSD head (its record entry, or its weights without a record) has no plain form.
-    (Torch-free: the check reads the record and the tensor names only; surgery/layer_msd.py explains.)"""
+    """A layer-weighted MSD head (its record entry, or its weights without a record) has no plain form
+    (torch-free: the record and the tensor names only)."""
+    why = no_plain_form(record, "surgery convert")
+    if why:
+        raise CheckpointError(src, why)
     key = "layer_pool.layer_weights"
-    heads = [h for h in (record.msd if record is not None else []) if isinstance(h, dict) and h.get("layers")]
-    if heads:
-        raise CheckpointError(src, f"surgery convert writes a plain checkpoint, which cannot hold the layer-weighted "
-                                   f"MSD head (learned layer weights {key!r} and head {heads[0].get('name')!r} reading "
-                                   "their weighted summary token): plain transformers would load it without the layer "
-                                   "weights and compute something else. Keep the surgered checkpoint and load it by "
-                                   "rebuilding: the pretrained model, surgery.apply(...) with the same arguments, "
-                                   "model.load_state_dict(...)")
     if any(k == key or k.endswith("." + key) for s in ck.sources for k in s.entries):
         raise CheckpointError(src, f"holds {key!r}, the learned layer weights of a layer-weighted MSD head, which a "
                                    "plain checkpoint cannot hold (plain transformers would drop them); keep the "
