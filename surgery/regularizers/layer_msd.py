@@ -39,6 +39,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..errors import HeadError, SurgeryError
@@ -88,6 +89,7 @@ class LayerPlan(Plan):
     layer_p: float = 0.0
     pool: str = "first"
     mask_pos: int | None = None
+    ids_pos: int | None = None
 
     def install(self, view, rec) -> None:
         """The layer pool and the hooks; the bypassed parameters frozen."""
@@ -95,17 +97,20 @@ class LayerPlan(Plan):
         head = view.modules[self.head]
         backbone = view.modules[self.backbone]
         w = head.weight
-        pool = LayerPool(self.n, self.layer_p, self.pool, dtype=w.dtype if w.dtype.is_floating_point else None,
-                         device=w.device)
+        # float32 weights as the QUEST solution keeps them (float64 for a float64 head), whatever the model's dtype
+        dtype = torch.promote_types(torch.float32, w.dtype) if w.dtype.is_floating_point else torch.float32
+        pool = LayerPool(self.n, self.layer_p, self.pool, dtype=dtype, device=w.device)
         pool.train(root.training)
         root.add_module(POOL_NAME, pool)
         frozen = [view.params[n] for n in self.freezes]
         for prm in frozen:
             prm.requires_grad_(False)
-        state = LayerMSD(self.k, self.p, pool, self.n, self.mask_pos, self.backbone, self.head)
+        state = LayerMSD(self.k, self.p, pool, self.n, self.mask_pos, self.backbone, self.head, ids_pos=self.ids_pos,
+                         title=view.title)
         rec.handles += [state, _Undo(root, frozen),
                         backbone.register_forward_pre_hook(state.backbone_pre, with_kwargs=True),
-                        backbone.register_forward_hook(state.backbone_post, with_kwargs=True)] + state.install(head)
+                        backbone.register_forward_hook(state.backbone_post, with_kwargs=True),
+                        *state.install_root(root)] + state.install(head)
         rec.msd.append({"name": self.head, "k": self.k, "p": self.p,
                         "layers": {"backbone": self.backbone, "n": self.n, "p": self.layer_p, "pool": self.pool,
                                    "init": INIT, "param": f"{POOL_NAME}.layer_weights", "frozen": list(self.freezes)}})
@@ -186,6 +191,7 @@ class LayerWeightedMSD(Regularizer):
                                "head adds a module of that name")
         names = list(params)
         mask_pos = names.index("attention_mask") if "attention_mask" in names else None
+        ids_pos = names.index("input_ids") if "input_ids" in names else None
         # modules that computed the head's input from the backbone are bypassed: their parameters get frozen
         keep = {id(p) for p in view.params_under(bname)} | {id(p) for p in view.params_under(head_name)}
         pooler = getattr(backbone, "pooler", None)
@@ -200,7 +206,7 @@ class LayerWeightedMSD(Regularizer):
             if p.requires_grad and (id(p) not in keep or id(p) in skip):
                 frozen.append(n)
         return LayerPlan(claims=[head_name, bname], head=head_name, backbone=bname, n=n_layers + 1, k=opts.msd,
-                         p=opts.msd_p, layer_p=opts.msd_layer_p, pool=pool, mask_pos=mask_pos,
+                         p=opts.msd_p, layer_p=opts.msd_layer_p, pool=pool, mask_pos=mask_pos, ids_pos=ids_pos,
                          freezes={n: "bypassed by the layer-weighted MSD head, frozen" for n in frozen})
 
 
