@@ -51,16 +51,20 @@ from .msd import check_msd_head
 __all__ = ["LayerWeightedMSD"]
 
 class _Undo:
-    """In ``rec.handles``: ``remove()`` takes the layer pool off the root and unfreezes what was frozen."""
+    """In ``rec.handles``: ``remove()`` takes the layer pool off the root, unfreezes what was frozen and
+    gives the root's config its class back (:mod:`surgery.remote_code`)."""
 
-    def __init__(self, root: nn.Module, frozen: list[nn.Parameter]):
-        self.root, self.frozen = root, frozen
+    def __init__(self, root: nn.Module, frozen: list[nn.Parameter], config=None):
+        self.root, self.frozen, self.config = root, frozen, config
 
     def remove(self):
         if POOL_NAME in self.root._modules:
             del self.root._modules[POOL_NAME]
         for prm in self.frozen:
             prm.requires_grad_(True)
+        if self.config is not None:
+            from ..remote_code import restore_class
+            restore_class(self.config)
 
 
 
@@ -105,9 +109,13 @@ class LayerPlan(Plan):
         frozen = [view.params[n] for n in self.freezes]
         for prm in frozen:
             prm.requires_grad_(False)
+        config = vars(root).get("config") if isinstance(root, _pretrained_cls()) else None
+        if config is not None:  # save_pretrained writes a custom-code checkpoint that plain classes cannot load
+            from ..remote_code import save_as_custom_code
+            save_as_custom_code(config)
         state = LayerMSD(self.k, self.p, pool, self.n, self.mask_pos, self.backbone, self.head, ids_pos=self.ids_pos,
                          title=view.title)
-        rec.handles += [state, _Undo(root, frozen),
+        rec.handles += [state, _Undo(root, frozen, config),
                         backbone.register_forward_pre_hook(state.backbone_pre, with_kwargs=True),
                         backbone.register_forward_hook(state.backbone_post, with_kwargs=True),
                         *state.install_root(root)] + state.install(head)
