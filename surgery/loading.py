@@ -38,9 +38,9 @@ def load_pretrained(cls, path: str | os.PathLike, **from_pretrained_kwargs) -> n
     ``model.save_pretrained(DIR)`` folders and Trainer ``checkpoint-N`` folders. Steps: read
     ``config.json`` and its record; undo the recorded config changes (the config of the model
     before ``apply``); ``cls.from_pretrained(path, config=that, **from_pretrained_kwargs)``;
-    ``surgery.apply`` with the recorded arguments; load every tensor of the checkpoint (Mixout
-    targets, layer weights included) with no key missing or left over; compare the record the
-    rebuild wrote with the saved one (arguments and every entry).
+    ``surgery.apply`` with the recorded arguments; compare the record the rebuild wrote with the
+    saved one (arguments and every entry); load every tensor of the checkpoint (Mixout targets,
+    layer weights included) with no key missing or left over.
 
     Args:
         cls: a transformers model class (``AutoModelFor...`` or a concrete ``PreTrainedModel``
@@ -100,8 +100,8 @@ def load_pretrained(cls, path: str | os.PathLike, **from_pretrained_kwargs) -> n
     with _quiet_load_report():  # every key is checked below, against the surgered model
         model = cls.from_pretrained(path, config=config, **from_pretrained_kwargs)
     apply(model, **_apply_kwargs(saved.args, cfg_file))
-    _load_weights(model, path)
     _compare(get_record(model).to_dict(), saved.to_dict(), cfg_file)
+    _load_weights(model, path)
     return model
 
 
@@ -218,5 +218,7 @@ def _compare(rebuilt: dict[str, Any], saved: dict[str, Any], where: str) -> None
             diffs.append(f"{key}: saved {a!r}, rebuilt {b!r}")
     raise SurgeryError(f"{where}: the model rebuilt from the checkpoint's record carries other surgery than the "
                        f"record says ({'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}); its predictions "
-                       "would differ from the trained model's. Load with the model class it was trained with, or "
-                       "check that the checkpoint's config.json was not edited")
+                       "would differ from the trained model's. Load with the model class it was trained with, and check that "
+                       "its config.json was not edited. (Parameters frozen before apply are not recorded as such: "
+                       "rebuild such a model by hand, build, freeze, apply, load_state_dict, then "
+                       "surgery.check_same_surgery(model, record))")

@@ -16,20 +16,25 @@ The forward (one batched pass, no per-layer or per-sample loop) is
 :mod:`surgery.layers.layer_pool`.
 
 It is installed with hooks plus one new module, ``layer_pool`` (its parameter
-``layer_pool.layer_weights``), on the model root: a pre-hook on the backbone asks for the
-hidden states (and hides them from the output again unless the caller asked for them), a
-post-hook pools them, and the head's pre-hook replaces the head's input with the pooled
-vector. The modules that used to compute the head's input from the backbone (a pooler, a
-classification head's dense layer) are bypassed; their parameters are frozen while the head is
-installed (no gradient, so DDP needs no ``find_unused_parameters`` and optimizers leave them
-bitwise as they were) and unfrozen by revert.
+``layer_pool.layer_weights``, float32 whatever the model's dtype, as the original keeps it), on the
+model root: the root's hooks mark one forward of the model, a pre-hook on the backbone asks for the
+hidden states (and hides them from the output again unless the caller asked for them), a post-hook
+pools them, and the head's pre-hook replaces the head's input with the pooled vector. One forward
+of the model makes one backbone call (a second one, a two-tower model, is refused at that call);
+the head called by itself, outside a forward of the model, runs on its own input. The modules that
+used to compute the head's input from the backbone (a pooler, a classification head's dense layer)
+are bypassed; their parameters are frozen while the head is installed (no gradient, so DDP needs
+no ``find_unused_parameters`` and optimizers leave them bitwise as they were) and unfrozen by
+revert.
 
 In eval the head computes ``head(sum_l softmax(w)_l * h_l[:, 0])`` exactly.
 
 The learned weights change what the model computes, and the head reads a different vector
 than the plain model: a plain transformers class cannot hold this, so ``revert``, ``export``
 and ``surgery convert`` refuse such a model with an error saying what to do
-(:func:`surgery.record.no_plain_form`).
+(:func:`surgery.record.no_plain_form`). A transformers model root saves itself as a custom-code
+checkpoint instead (:mod:`surgery.remote_code`): plain ``AutoModel...from_pretrained`` refuses it
+without ``trust_remote_code``, and :func:`surgery.load_pretrained` rebuilds and verifies it.
 """
 
 from __future__ import annotations
