@@ -68,7 +68,7 @@ def test_save_pretrained_loads_back_exactly(setup, tmp_path):
     assert {k: now.get(k) for k in plain if "drop" in k} == {k: plain[k] for k in plain if "drop" in k}
 
 
-def test_concrete_class_class_from_architectures_sharded_and_bf16(tmp_path):
+def test_concrete_class_class_from_architectures_sharded_bin_and_bf16(tmp_path):
     model = _trained("bert", SETUPS["bert"][1])
     batch = _batch("bert", model)
     model.save_pretrained(tmp_path / "one")
@@ -77,6 +77,11 @@ def test_concrete_class_class_from_architectures_sharded_and_bf16(tmp_path):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     _assert_same_model(surgery.load_pretrained(AutoModelForSequenceClassification, tmp_path / "sharded"), model, batch)
+    os.makedirs(tmp_path / "bin")  # a pickle checkpoint (older transformers, torch.save'd state dicts)
+    for f in ("config.json", "remote_code.py"):
+        (tmp_path / "bin" / f).write_bytes((tmp_path / "one" / f).read_bytes())
+    torch.save(load_file(tmp_path / "one" / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    _assert_same_model(surgery.load_pretrained(AutoModelForSequenceClassification, tmp_path / "bin"), model, batch)
     half = surgery.load_pretrained(AutoModelForSequenceClassification, tmp_path / "one", dtype=torch.bfloat16)
     assert half.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
     assert half.layer_pool.layer_weights.dtype == torch.float32  # kept float32: the saved values exactly
