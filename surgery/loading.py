@@ -139,8 +139,8 @@ def _apply_kwargs(args: dict[str, Any], where: str) -> dict[str, Any]:
     params = inspect.signature(apply).parameters
     unknown = sorted(set(args) - set(params))
     if unknown:
-        raise SurgeryError(f"{where}: the record has apply arguments this surgery does not know ({', '.join(unknown)}); "
-                           "it was saved by a newer surgery: upgrade surgery")
+        raise SurgeryError(f"{where}: the record has apply arguments this surgery does not know "
+                           f"({', '.join(unknown)}); it was saved by a newer surgery: upgrade surgery")
     out = {}
     for key, value in args.items():
         if key == "head":
@@ -195,7 +195,8 @@ def _load_weights(model: nn.Module, path: str) -> None:
     if missing or unexpected:
         raise SurgeryError(f"{path!r} does not hold the weights of the rebuilt model: missing {missing[:5]}"
                            f"{' ...' if len(missing) > 5 else ''}, left over {unexpected[:5]}"
-                           f"{' ...' if len(unexpected) > 5 else ''}; was it saved from another model class or surgery?")
+                           f"{' ...' if len(unexpected) > 5 else ''}; was it saved from another model class or "
+                           "surgery?")
 
 
 def _compare(rebuilt: dict[str, Any], saved: dict[str, Any], where: str) -> None:
@@ -218,7 +219,7 @@ def _compare(rebuilt: dict[str, Any], saved: dict[str, Any], where: str) -> None
             diffs.append(f"{key}: saved {a!r}, rebuilt {b!r}")
     raise SurgeryError(f"{where}: the model rebuilt from the checkpoint's record carries other surgery than the "
                        f"record says ({'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}); its predictions "
-                       "would differ from the trained model's. Load with the model class it was trained with, and check that "
-                       "its config.json was not edited. (Parameters frozen before apply are not recorded as such: "
-                       "rebuild such a model by hand, build, freeze, apply, load_state_dict, then "
+                       "would differ from the trained model's. Load with the model class it was trained with, and "
+                       "check that its config.json was not edited. (Parameters frozen before apply are not recorded "
+                       "as such: rebuild such a model by hand, build, freeze, apply, load_state_dict, then "
                        "surgery.check_same_surgery(model, record))")

@@ -59,7 +59,8 @@ def _check_options(options: Any, where: str, known: set[str], *, lr_ok: bool) ->
         if key == "params":
             raise SurgeryError(f"{where} sets 'params'; param_groups fills each group's parameters from the record")
         if key == "lr" and not lr_ok:
-            raise SurgeryError(f"{where} sets 'lr'; pass the learning rates as lr=... (backbone) and head_lr=... (head)")
+            raise SurgeryError(f"{where} sets 'lr'; pass the learning rates as lr=... (backbone) and head_lr=... "
+                               "(head)")
         if not isinstance(key, str) or key not in known:
             raise SurgeryError(f"{where}: unknown optimizer option {key!r} (no optimizer class loaded takes it); "
                                f"known options include {', '.join(sorted(known & _COMMON))}")
