@@ -48,6 +48,7 @@ _LAZY = {
     "seed_rank": "training.state", "rank": "training.state", "save_training_state": "training.state",
     "load_training_state": "training.state", "check_same_surgery": "training.state",
     "param_groups": "training.groups",
+    "load_pretrained": "loading",
 }
 
 _SUBMODULES = ("checkpoint", "cli", "configs", "describing", "distributed", "engine", "exporting", "layers", "noise",

@@ -539,12 +539,24 @@ def test_export_and_convert_refuse_and_write_nothing(tmp_path):
 
 
 def test_bf16_model():
+    """The layer weights stay float32 as in the QUEST solution; the mix is computed in float32 and the pooled vector
+    enters the bf16 head in bf16."""
     model = surgery.apply(zoo.build("bert").to(torch.bfloat16), **LAYERED).train()
-    assert model.layer_pool.layer_weights.dtype == torch.bfloat16
+    assert model.layer_pool.layer_weights.dtype == torch.float32
+    randomize_layer_weights(model)
+    backbone, head, w = parts(model)
     batch, labels = inputs("bert", model)
     r = surgery.compute_loss(model, dict(batch, labels=labels), msd_loss=True)
     r.loss.backward()
-    assert torch.isfinite(r.loss) and model.layer_pool.layer_weights.grad.dtype == torch.bfloat16
+    assert torch.isfinite(r.loss) and model.layer_pool.layer_weights.grad.dtype == torch.float32
+    assert model.layer_pool.layer_weights.grad.abs().sum() > 0
+    model.eval()
+    out = model(**batch).logits
+    with torch.no_grad():
+        hs = backbone(**batch, output_hidden_states=True).hidden_states
+        mix = (torch.softmax(w, 0) * torch.stack([h[:, 0] for h in hs], dim=-1)).sum(-1)  # float32
+        expect = F.linear(mix.to(torch.bfloat16), head.weight, head.bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expect)
 
 
 # ---- the comparison's new row -------------------------------------------------------------------------------

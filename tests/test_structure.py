@@ -18,11 +18,11 @@ PKG = Path(surgery.__file__).parent
 # lower layers never import higher ones; a module may import its own layer and below
 LAYERS = [
     ("ground", ["errors", "schema", "patterns", "record", "arguments", "wrappers", "configs", "outputs", "interrupts",
-                "describing", "view"]),
+                "describing", "view", "remote_code"]),
     ("layers", ["layers"]),
     ("regularizers", ["regularizers"]),
     ("engine", ["engine", "distributed", "noise"]),
-    ("checkpoint I/O and export", ["checkpoint", "exporting"]),
+    ("checkpoint I/O and export", ["checkpoint", "exporting", "loading"]),
     ("training", ["training"]),
     ("face", ["cli", "__init__", "__main__"]),
 ]

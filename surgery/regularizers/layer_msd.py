@@ -16,20 +16,25 @@ The forward (one batched pass, no per-layer or per-sample loop) is
 :mod:`surgery.layers.layer_pool`.
 
 It is installed with hooks plus one new module, ``layer_pool`` (its parameter
-``layer_pool.layer_weights``), on the model root: a pre-hook on the backbone asks for the
-hidden states (and hides them from the output again unless the caller asked for them), a
-post-hook pools them, and the head's pre-hook replaces the head's input with the pooled
-vector. The modules that used to compute the head's input from the backbone (a pooler, a
-classification head's dense layer) are bypassed; their parameters are frozen while the head is
-installed (no gradient, so DDP needs no ``find_unused_parameters`` and optimizers leave them
-bitwise as they were) and unfrozen by revert.
+``layer_pool.layer_weights``, float32 whatever the model's dtype, as the original keeps it), on the
+model root: the root's hooks mark one forward of the model, a pre-hook on the backbone asks for the
+hidden states (and hides them from the output again unless the caller asked for them), a post-hook
+pools them, and the head's pre-hook replaces the head's input with the pooled vector. One forward
+of the model makes one backbone call (a second one, a two-tower model, is refused at that call);
+the head called by itself, outside a forward of the model, runs on its own input. The modules that
+used to compute the head's input from the backbone (a pooler, a classification head's dense layer)
+are bypassed; their parameters are frozen while the head is installed (no gradient, so DDP needs
+no ``find_unused_parameters`` and optimizers leave them bitwise as they were) and unfrozen by
+revert.
 
 In eval the head computes ``head(sum_l softmax(w)_l * h_l[:, 0])`` exactly.
 
 The learned weights change what the model computes, and the head reads a different vector
 than the plain model: a plain transformers class cannot hold this, so ``revert``, ``export``
 and ``surgery convert`` refuse such a model with an error saying what to do
-(:func:`surgery.record.no_plain_form`).
+(:func:`surgery.record.no_plain_form`). A transformers model root saves itself as a custom-code
+checkpoint instead (:mod:`surgery.remote_code`): plain ``AutoModel...from_pretrained`` refuses it
+without ``trust_remote_code``, and :func:`surgery.load_pretrained` rebuilds and verifies it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..errors import HeadError, SurgeryError
@@ -50,16 +56,20 @@ from .msd import check_msd_head
 __all__ = ["LayerWeightedMSD"]
 
 class _Undo:
-    """In ``rec.handles``: ``remove()`` takes the layer pool off the root and unfreezes what was frozen."""
+    """In ``rec.handles``: ``remove()`` takes the layer pool off the root, unfreezes what was frozen and
+    gives the root's config its class back (:mod:`surgery.remote_code`)."""
 
-    def __init__(self, root: nn.Module, frozen: list[nn.Parameter]):
-        self.root, self.frozen = root, frozen
+    def __init__(self, root: nn.Module, frozen: list[nn.Parameter], config=None):
+        self.root, self.frozen, self.config = root, frozen, config
 
     def remove(self):
         if POOL_NAME in self.root._modules:
             del self.root._modules[POOL_NAME]
         for prm in self.frozen:
             prm.requires_grad_(True)
+        if self.config is not None:
+            from ..remote_code import restore_class
+            restore_class(self.config)
 
 
 
@@ -88,6 +98,7 @@ class LayerPlan(Plan):
     layer_p: float = 0.0
     pool: str = "first"
     mask_pos: int | None = None
+    ids_pos: int | None = None
 
     def install(self, view, rec) -> None:
         """The layer pool and the hooks; the bypassed parameters frozen."""
@@ -95,17 +106,24 @@ class LayerPlan(Plan):
         head = view.modules[self.head]
         backbone = view.modules[self.backbone]
         w = head.weight
-        pool = LayerPool(self.n, self.layer_p, self.pool, dtype=w.dtype if w.dtype.is_floating_point else None,
-                         device=w.device)
+        # float32 weights as the QUEST solution keeps them (float64 for a float64 head), whatever the model's dtype
+        dtype = torch.promote_types(torch.float32, w.dtype) if w.dtype.is_floating_point else torch.float32
+        pool = LayerPool(self.n, self.layer_p, self.pool, dtype=dtype, device=w.device)
         pool.train(root.training)
         root.add_module(POOL_NAME, pool)
         frozen = [view.params[n] for n in self.freezes]
         for prm in frozen:
             prm.requires_grad_(False)
-        state = LayerMSD(self.k, self.p, pool, self.n, self.mask_pos, self.backbone, self.head)
-        rec.handles += [state, _Undo(root, frozen),
+        config = vars(root).get("config") if isinstance(root, _pretrained_cls()) else None
+        if config is not None:  # save_pretrained writes a custom-code checkpoint that plain classes cannot load
+            from ..remote_code import save_as_custom_code
+            save_as_custom_code(config)
+        state = LayerMSD(self.k, self.p, pool, self.n, self.mask_pos, self.backbone, self.head, ids_pos=self.ids_pos,
+                         title=view.title)
+        rec.handles += [state, _Undo(root, frozen, config),
                         backbone.register_forward_pre_hook(state.backbone_pre, with_kwargs=True),
-                        backbone.register_forward_hook(state.backbone_post, with_kwargs=True)] + state.install(head)
+                        backbone.register_forward_hook(state.backbone_post, with_kwargs=True),
+                        *state.install_root(root)] + state.install(head)
         rec.msd.append({"name": self.head, "k": self.k, "p": self.p,
                         "layers": {"backbone": self.backbone, "n": self.n, "p": self.layer_p, "pool": self.pool,
                                    "init": INIT, "param": f"{POOL_NAME}.layer_weights", "frozen": list(self.freezes)}})
@@ -186,6 +204,7 @@ class LayerWeightedMSD(Regularizer):
                                "head adds a module of that name")
         names = list(params)
         mask_pos = names.index("attention_mask") if "attention_mask" in names else None
+        ids_pos = names.index("input_ids") if "input_ids" in names else None
         # modules that computed the head's input from the backbone are bypassed: their parameters get frozen
         keep = {id(p) for p in view.params_under(bname)} | {id(p) for p in view.params_under(head_name)}
         pooler = getattr(backbone, "pooler", None)
@@ -200,7 +219,7 @@ class LayerWeightedMSD(Regularizer):
             if p.requires_grad and (id(p) not in keep or id(p) in skip):
                 frozen.append(n)
         return LayerPlan(claims=[head_name, bname], head=head_name, backbone=bname, n=n_layers + 1, k=opts.msd,
-                         p=opts.msd_p, layer_p=opts.msd_layer_p, pool=pool, mask_pos=mask_pos,
+                         p=opts.msd_p, layer_p=opts.msd_layer_p, pool=pool, mask_pos=mask_pos, ids_pos=ids_pos,
                          freezes={n: "bypassed by the layer-weighted MSD head, frozen" for n in frozen})
 
 
