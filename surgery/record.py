@@ -150,9 +150,9 @@ def no_plain_form(rec: "Record | None", action: str) -> str | None:
     h = heads[0]
     what = (f"the layer-weighted MSD head (learned layer weights {h['layers'].get('param')!r} and head "
             f"{h.get('name')!r} reading their weighted summary token instead of what it read before)")
-    rebuild = ("keep the surgered form (model.save_pretrained(DIR), a Trainer checkpoint, or "
-               "surgery.checkpoint.save(model, FILE)) and load it by rebuilding: the pretrained model, "
-               "surgery.apply(...) with the same arguments, model.load_state_dict(...)")
+    rebuild = ("keep the surgered form (model.save_pretrained(DIR) or a Trainer checkpoint) and load it with "
+               "surgery.load_pretrained(ModelClass, DIR), which rebuilds the surgery from the checkpoint's record "
+               "and checks it")
     if action == "revert":
         return (f"cannot revert: the model has {what}; the plain model computes something else, so revert would "
                 f"silently change its predictions. To deploy it, {rebuild}. To undo the surgery anyway (e.g. before "
