@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .configs import is_config, nested
+from .errors import SurgeryError
 
 __all__ = ["train_noise"]
 
@@ -232,6 +233,14 @@ def _restore_container(c: Any, items: list) -> None:
         c.update(items)
 
 
+def _check_materialised(model: nn.Module) -> None:
+    """A lazy module would be materialised by the forward: the diagnostic cannot leave it as it was."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise SurgeryError(f"train_noise runs a forward, which would materialise the lazy module owning {name!r} "
+                               "(its shapes are not known yet); run one forward first, then call train_noise")
+
+
 class _Untouched:
     """Everything of ``model`` a forward can change, taken before it, put back by :meth:`restore`:
     module attributes (train flags, hooks, caches) and their dict/list/set contents, the fields of
@@ -241,6 +250,7 @@ class _Untouched:
 
     def __init__(self, model: nn.Module):
         modules = list(model.modules())
+        _check_materialised(model)
         configs = {id(c): c for m in modules for v in vars(m).values() if is_config(v) for _, c in nested(v)}
         self.objects = [(o, dict(vars(o))) for o in modules + list(configs.values())]
         self.containers = [pair for o, _ in self.objects for pair in _containers(o)]
@@ -309,6 +319,7 @@ def train_noise(model: nn.Module, *args: Any, **kwargs: Any) -> list[str]:
     train/eval flags and the torch, numpy and Python generators.
 
     Raises:
+        SurgeryError: the model holds lazy modules (the forward would materialise them).
         Whatever the forward raises; the model is put back first.
     """
     np = sys.modules.get("numpy")

@@ -14,6 +14,7 @@ from agreement import check_agreement
 from torch import nn
 from zoo import NAMES, batch, build
 
+import surgery
 from surgery import train_noise
 
 
@@ -139,3 +140,13 @@ def test_functional_dropout_with_a_float_rate_is_reported():
         def forward(self, x):
             return F.dropout(x, 0.3, self.training)
     assert train_noise(F1(), torch.randn(2, 3)) == ["dropout(p=0.3)"]
+
+
+def test_lazy_model_is_refused_before_the_forward():
+    """A forward would materialise a lazy module: the diagnostic refuses instead of changing the model."""
+    model = nn.Sequential(nn.LazyLinear(3), nn.Dropout(0.1))
+    with pytest.raises(surgery.SurgeryError, match="would materialise the lazy module owning '0.weight'"):
+        train_noise(model, torch.randn(2, 4))
+    assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)
+    model(torch.randn(2, 4))
+    assert train_noise(model, torch.randn(2, 4)) == ["dropout(p=0.1)"]
