@@ -218,4 +218,6 @@ def test_phimoe_expert_sampling_is_named_left_on():
     assert surgery.describe(model).splitlines()[-1] == (
         "  left on in training: PhimoeTopKRouter: expert choice sampled in training (sparsemixer's Gumbel draws), "
         "on 2 modules: no option turns it off")
+    back = surgery.Record.from_dict(json.loads(surgery.get_record(model).to_json()))  # what convert/inspect read
+    assert surgery.describe(back) == surgery.describe(model).replace(type(model).__name__, "checkpoint")
     surgery.revert(model)
