@@ -106,11 +106,12 @@ class Options:
     msd_layers: bool = False
     msd_layer_p: float = LAYER_P_DEFAULT
     msd_pool: str = "first"
+    router_noise: float | None = None
 
     @classmethod
     def check(cls, *, mixout=0.0, dropout=None, drop_path=None, msd=0, msd_p=None, head=None, include=None,
               exclude=None, mixout_head=True, mixout_tied=False, target_dtype=None, low_memory=False,
-              msd_layers=False, msd_layer_p=LAYER_P_DEFAULT, msd_pool="first") -> "Options":
+              msd_layers=False, msd_layer_p=LAYER_P_DEFAULT, msd_pool="first", router_noise=None) -> "Options":
         """Check every argument; an option that only matters with another one needs it.
 
         Raises:
@@ -122,6 +123,7 @@ class Options:
         mixout = check_p(mixout, "mixout")
         dropout = None if dropout is None else check_p(dropout, "dropout")
         drop_path = None if drop_path is None else check_p(drop_path, "drop_path")
+        router_noise = None if router_noise is None else check_p(router_noise, "router_noise")
         msd = check_count(msd, "msd")
         given_msd_p = None if msd_p is None else check_p(msd_p, "msd_p")
         for flag, value in (("mixout_head", mixout_head), ("mixout_tied", mixout_tied), ("low_memory", low_memory),
@@ -158,7 +160,7 @@ class Options:
             raise SurgeryTypeError(f"head must be a module name (str), got {type(head).__name__}")
         return cls(mixout, dropout, drop_path, msd, MSD_P_DEFAULT if given_msd_p is None else given_msd_p, head,
                    include, exclude, mixout_head, mixout_tied, target_dtype, low_memory, msd_layers, msd_layer_p,
-                   msd_pool)
+                   msd_pool, router_noise)
 
     def record_args(self, head: str | None) -> dict[str, Any]:
         """The record's ``args``: these options, ``head`` as it was resolved, patterns in JSON form."""
@@ -168,6 +170,8 @@ class Options:
                     mixout_tied=self.mixout_tied,
                     target_dtype=str(self.target_dtype).replace("torch.", "") if self.target_dtype else None,
                     low_memory=self.low_memory)
+        if self.router_noise is not None:  # written only when given: records of earlier versions compare equal
+            args["router_noise"] = self.router_noise
         if self.msd_layers:
             args.update(msd_layers=True, msd_layer_p=self.msd_layer_p, msd_pool=self.msd_pool)
         return args

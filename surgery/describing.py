@@ -9,11 +9,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .record import DROP_PATH, DROPOUT, TARGET_SUFFIX, Record, get_record, unwrap
+from .record import DROP_PATH, DROPOUT, ROUTER_NOISE, TARGET_SUFFIX, Record, get_record, unwrap
 
 __all__ = ["describe", "group_names", "target_bytes"]
 
-_LABEL = {DROPOUT: "dropout", DROP_PATH: "drop-path"}  # a record's "kind" is also the name of apply's option
+# a record's "kind" is also the name of apply's option
+_LABEL = {DROPOUT: "dropout", DROP_PATH: "drop-path", ROUTER_NOISE: "router noise"}
+_NONE = {DROP_PATH: "the model has no stochastic depth", ROUTER_NOISE: "the model has no router noise"}
 
 
 def _ranges(values: list[int]) -> str:
@@ -66,22 +68,28 @@ def _count(n: int, what: str) -> str:
 
 
 def _drop_path_lines(rec: Record) -> list[str]:
-    """Stochastic depth, and train-mode randomness left on."""
+    """Stochastic depth and router noise, and train-mode randomness left on."""
     lines = []
-    changed = [c for c in rec.dropout if c.get("kind") == DROP_PATH]
-    fields = [c for c in rec.config if c.get("kind") == DROP_PATH]
-    if rec.args.get("drop_path") is not None:
+    for kind in (DROP_PATH, ROUTER_NOISE):
+        changed = [c for c in rec.dropout if c.get("kind") == kind]
+        fields = [c for c in rec.config if c.get("kind") == kind]
+        new = rec.args.get(kind)
+        if new is None:
+            continue
         if changed or fields:
-            lines.append(f"  drop-path -> {rec.args['drop_path']}: {_count(len(changed), 'module attribute')}, "
-                         f"{_count(len(fields), 'config field')} "
-                         f"(were {_values([c['old'] for c in changed + fields])})")
+            lines.append(f"  {_LABEL[kind]} -> {new}: {_count(len(changed), 'module attribute')}, "
+                         f"{_count(len(fields), 'config field')} (were {_values([c['old'] for c in changed + fields])})")
         else:
-            lines.append(f"  drop-path -> {rec.args['drop_path']}: the model has no stochastic depth")
+            lines.append(f"  {_LABEL[kind]} -> {new}: {_NONE[kind]}")
     for on in rec.left_on:
         where = [_count(on["modules"], "module")] if on["modules"] else []
         where += [_count(on["config"], "config field")] if on["config"] else []
-        lines.append(f"  left on in training: {_LABEL[on['kind']]} {_values(on['values'])} on {', '.join(where)}: "
-                     f"pass {on['kind']}=0.0 to turn it off")
+        if on["kind"] not in _LABEL:  # randomness no option of apply controls (a router that samples)
+            lines.append(f"  left on in training: {on.get('what', on['kind'])}, on {', '.join(where)}: no option "
+                         "turns it off")
+            continue
+        lines.append(f"  left on in training: {_LABEL.get(on['kind'], on['kind'])} {_values(on['values'])} on "
+                     f"{', '.join(where)}: pass {on['kind']}=0.0 to turn it off")
     return lines
 
 

@@ -75,6 +75,7 @@ def apply(
     mixout: float = 0.0,
     dropout: float | None = None,
     drop_path: float | None = None,
+    router_noise: float | None = None,
     msd: int = 0,
     msd_p: float | None = None,
     head: str | None = None,
@@ -104,6 +105,12 @@ def apply(
         drop_path: when not None, every stochastic-depth rate (DropPath modules, LayerDrop
             and drop-path attributes read at call time, config fields such as
             ``drop_path_rate``, ``layerdrop``, ``encoder_layerdrop``) is set to this value.
+        router_noise: when not None, every train-time noise level of a mixture-of-experts router
+            (the multiplicative jitter U(1-e, 1+e) on the router's input: Mixtral's and MiniMax's
+            ``router_jitter_noise``, DBRX's ``moe_jitter_eps``, PhiMoE's ``input_jitter_noise``, as
+            module attributes and config fields) is set to this value. It is neither dropout nor
+            stochastic depth; ``dropout=0.0, drop_path=0.0, router_noise=0.0`` makes a training
+            forward deterministic.
         msd: K > 0 turns the task head into a multi-sample-dropout head with K samples.
         msd_p: dropout probability of each MSD sample (default 0.2; only with ``msd``).
         head: dotted name of the task head; found automatically (``classifier``,
@@ -144,7 +151,7 @@ def apply(
     opts = Options.check(mixout=mixout, dropout=dropout, drop_path=drop_path, msd=msd, msd_p=msd_p, head=head,
                          include=include, exclude=exclude, mixout_head=mixout_head, mixout_tied=mixout_tied,
                          target_dtype=target_dtype, low_memory=low_memory, msd_layers=msd_layers,
-                         msd_layer_p=msd_layer_p, msd_pool=msd_pool)
+                         msd_layer_p=msd_layer_p, msd_pool=msd_pool, router_noise=router_noise)
     root, wrappers = _root(model)
     view = View(root)  # the one walk of the module tree
     check_swappable([*wrappers, *view.modules.values()], "apply")

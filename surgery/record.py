@@ -19,7 +19,8 @@ On-disk form (version 1)::
      "left_on": [{"kind": "drop_path", "values": [0.1], "modules": 12, "config": 1}]}
 
 ``dropout``/``config`` entries with ``"kind": "drop_path"`` are stochastic-depth rates
-(``apply(drop_path=...)``); entries without a kind are dropout. ``left_on`` summarises the
+(``apply(drop_path=...)``), with ``"kind": "router_noise"`` router-noise levels
+(``apply(router_noise=...)``); entries without a kind are dropout. ``left_on`` summarises the
 non-zero rates of a kind whose option was not given (``describe`` reports it).
 
 A Mixout entry with ``"kind": "lora"`` names the ``lora_A.<adapter>`` layer of a PEFT LoRA
@@ -54,7 +55,8 @@ VERSION = 1
 TARGET_SUFFIX = "mixout_target"  # name of a Mixout target (frozen Parameter); state_dict key "<layer>.mixout_target"
 CONFIG_KEY = "surgery"  # attribute of a transformers config that carries the record
 ATTR = "_surgery"  # attribute of the model that holds the live Record
-DROPOUT, DROP_PATH = "dropout", "drop_path"  # the two kinds of probability ("kind" of dropout/config entries)
+DROPOUT, DROP_PATH = "dropout", "drop_path"  # the kinds of probability ("kind" of dropout/config entries)
+ROUTER_NOISE = "router_noise"  # train-time noise on a mixture-of-experts router's input (apply(router_noise=...))
 
 
 @dataclass

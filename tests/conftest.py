@@ -10,11 +10,14 @@ lives in ``zoo.py``.
 from __future__ import annotations
 
 import datetime
+import importlib.abc
+import importlib.machinery
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -26,7 +29,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 import surgery
 
 __all__ = ["tiny_bert_config", "tiny_bert", "snapshot", "assert_untouched", "run_python", "spawn", "init_gloo",
-           "finish_worker", "ROOT"]
+           "finish_worker", "import_timm", "ROOT"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,3 +144,64 @@ def finish_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# ---- timm without torchvision ----------------------------------------------------------------------
+
+class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``torchvision`` and every ``torchvision.*`` module as an empty package whose names are
+    placeholder classes that refuse to be instantiated.
+
+    ``import timm`` reads these torchvision names at import time, and no model's forward uses them:
+    ``torchvision.ops.misc.FrozenBatchNorm2d`` (timm.layers' BatchNorm freezing helpers),
+    ``torchvision.transforms(.functional)`` with ``InterpolationMode`` and ``torchvision.datasets``
+    (timm.data, which the model files import for the ImageNet mean/std constants), and
+    ``torchvision.models.feature_extraction`` (optional). A placeholder's attributes are strings, so
+    ``InterpolationMode.BILINEAR`` works as a dict key.
+    """
+
+    class _Placeholder(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return f"{cls.__module__}.{cls.__name__}.{name}"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module, made = types.ModuleType(spec.name), {}
+
+        def placeholder(name, module_name=spec.name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+
+            def refuse(self, *args, **kwargs):
+                raise RuntimeError(f"{module_name}.{name} is a test stand-in (torchvision is not importable here)")
+            return made.setdefault(name, self._Placeholder(name, (), {"__init__": refuse, "__module__": module_name}))
+        module.__getattr__, module.__path__ = placeholder, []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def import_timm():
+    """``timm``, imported with the torchvision stand-in (:class:`_TorchvisionStandIn`) when torchvision is
+    not already loaded: the registry's torchvision wheel is a CUDA build whose compiled ops fail to load
+    with CPU torch, and timm imports torchvision at import time. The stand-in is removed from
+    ``sys.modules`` once timm is imported, so nothing else in the session sees it."""
+    if "timm" in sys.modules or "torchvision" in sys.modules:
+        import timm
+        return timm
+    finder = _TorchvisionStandIn()
+    sys.meta_path.insert(0, finder)
+    try:
+        import timm
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+    return timm

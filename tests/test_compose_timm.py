@@ -1,9 +1,10 @@
-"""timm-style models (written here, the way timm writes them: timm itself needs a torchvision
-build this machine lacks): classifier heads keeping a float ``drop_rate`` passed to
-``F.dropout``, ``DropPath(drop_prob)`` modules on a linear depth schedule, blocks keeping a
-float ``drop_path_rate`` for a functional ``drop_path``. ``dropout=`` turns off the dropout only,
-``drop_path=`` the stochastic depth only; both give the exact model built without them.
-When timm imports, real timm models join the table."""
+"""timm models: real timm 1.0 (imported with a torchvision stand-in, ``conftest.import_timm``) with
+every drop rate it has, and timm-style models written here: classifier heads keeping a float
+``drop_rate`` passed to ``F.dropout``, ``DropPath(drop_prob)`` modules on a linear depth schedule,
+blocks keeping a float ``drop_path_rate`` for a functional ``drop_path``. ``dropout=`` turns off the
+dropout only (``nn.Dropout``, ``PatchDropout``, ``DropBlock2d``, float ``drop_rate``), ``drop_path=``
+the stochastic depth only (``DropPath``, EfficientNet's drop-connect); both give the exact model
+built without them, and ``describe``'s left-on list agrees with ``train_noise`` on every model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytest
+from agreement import check_agreement
+from conftest import import_timm
+
 import surgery
 from surgery.record import DROP_PATH, DROPOUT
 from surgery.regularizers.rates import find_probs
@@ -147,17 +151,28 @@ MODELS = {  # name -> (class, its rate arguments, has BatchNorm (train differs f
 }
 
 
+TIMM_VIT = dict(drop_rate=0.25, pos_drop_rate=0.1, patch_drop_rate=0.25, proj_drop_rate=0.1, attn_drop_rate=0.1,
+                drop_path_rate=0.2)  # every rate timm's VisionTransformer takes
+
+
 def _real_timm() -> dict:
-    try:
-        import timm
-    except Exception:  # noqa: BLE001 - timm needs a torchvision build that may not import
-        return {}
-    make = lambda arch: (lambda **kw: timm.create_model(arch, pretrained=False, num_classes=3, **kw))  # noqa: E731
-    return {f"timm-{a}": (make(a), dict(drop_rate=0.25, drop_path_rate=0.2), True)
-            for a in ("resnet18", "efficientnet_b0", "mobilenetv3_small_100")}
+    """Real timm models; EfficientNet's drop-connect is its ``drop_path_rate`` (timm 1.0 dropped the
+    old ``drop_connect_rate`` name), ResNet's DropBlock its ``drop_block_rate``."""
+    timm = import_timm()
+
+    def make(arch, **fixed):
+        return lambda **kw: timm.create_model(arch, pretrained=False, num_classes=3, **fixed, **kw)
+    rates = dict(drop_rate=0.25, drop_path_rate=0.2)
+    return {"timm-vit": (make("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2), TIMM_VIT, False),
+            "timm-convnext": (make("convnext_atto"), rates, False),
+            "timm-efficientnet": (make("efficientnet_b0"), rates, True),
+            "timm-resnet": (make("resnet10t"), dict(rates, drop_block_rate=0.2), True),
+            "timm-mobilenetv3": (make("mobilenetv3_small_100"), rates, True)}
 
 
 MODELS.update(_real_timm())
+SLOW = {"timm-convnext", "timm-efficientnet", "timm-mobilenetv3"}  # first CPU forwards take seconds
+PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(MODELS)]
 
 
 def build(name: str, zero: bool = False) -> nn.Module:
@@ -166,17 +181,21 @@ def build(name: str, zero: bool = False) -> nn.Module:
     return cls(**{k: 0.0 for k in rates} if zero else rates)
 
 
-def x_() -> torch.Tensor:
-    return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+SIZE = {"timm-convnext": 32}  # input side: ConvNeXt downsamples 32x
+
+
+def x_(name: str = "") -> torch.Tensor:
+    side = SIZE.get(name, 16)
+    return torch.randn(4, 3, side, side, generator=torch.Generator().manual_seed(1))
 
 
 def values(model: nn.Module, kind: str) -> list[tuple[str, str, float]]:
     return list(find_probs(model, kind))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", PARAMS)
 def test_both_off_is_exactly_the_model_built_without_them(name):
-    model, reference, x = build(name), build(name, zero=True), x_()
+    model, reference, x = build(name), build(name, zero=True), x_(name)
     drop, depth = values(model, DROPOUT), values(model, DROP_PATH)
     assert any(v > 0 for _, _, v in drop)
     assert train_noise(model, x)
@@ -241,3 +260,36 @@ def test_drop_path_one_drops_every_branch_that_has_droppath():
     out = model.train()(x)
     model.blocks = model.blocks[:1]
     assert torch.equal(out, model.eval()(x))
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_describe_and_train_noise_agree(name):
+    """Each kind left on alone (the others at 0.0) is noisy exactly when the record says it is left on."""
+    model, x = build(name), x_(name)
+    kinds = {DROPOUT} | ({DROP_PATH} if "drop_path_rate" in MODELS[name][1] else set())
+    assert check_agreement(model, lambda: train_noise(model, x)) == kinds
+
+
+@pytest.mark.parametrize("rate, module, attr", [("patch_drop_rate", "patch_drop", "prob"),
+                                                ("drop_block_rate", "layer3.0.drop_block", "drop_prob")])
+def test_token_and_block_dropout_are_dropout(rate, module, attr):
+    """timm's PatchDropout (drops tokens, rate ``prob``) and DropBlock2d (drops blocks of a feature map,
+    rate ``drop_prob``) zero parts of one example's activations as nn.Dropout does: ``dropout=`` sets
+    them, ``describe`` names them, revert restores them."""
+    arch = "timm-vit" if rate == "patch_drop_rate" else "timm-resnet"
+    cls, _, batchnorm = MODELS[arch]
+    torch.manual_seed(0)
+    model, x = cls(**{rate: 0.25}), x_()
+    assert train_noise(model, x) == (["randn"] if rate == "patch_drop_rate" else ["bernoulli_"] * 2)
+    surgery.apply(model, drop_path=0.0)
+    assert "left on in training: dropout 0.25 on 1 module" in surgery.describe(model) or \
+        "left on in training: dropout 0.25 on 2 modules" in surgery.describe(model)
+    surgery.revert(model)
+    surgery.apply(model, dropout=0.0)
+    assert {(c["module"], c["attr"], c["old"]) for c in surgery.get_record(model).dropout} >= {(module, attr, 0.25)}
+    assert train_noise(model, x) == []
+    a, b = model.train()(x), model(x)
+    assert torch.equal(a, b) and (batchnorm or torch.equal(a, model.eval()(x)))
+    surgery.revert(model)
+    assert getattr(model.get_submodule(module), attr) == 0.25
+    assert train_noise(model, x)

@@ -12,7 +12,7 @@ import torch
 from zoo import NAMES, batch, build
 
 import surgery
-from surgery.record import DROP_PATH, DROPOUT
+from surgery.record import DROP_PATH, DROPOUT, ROUTER_NOISE
 from surgery.regularizers.rates import find_probs
 from surgery import train_noise
 
@@ -178,6 +178,14 @@ def _owner(cls_name: str):
     ("drop_connect_rate", "", DROP_PATH), ("drop_prob", "DropPath", DROP_PATH), ("drop_prob", "SwinDropPath", DROP_PATH),
     ("p", "StochasticDepth", DROP_PATH), ("batch_dim", "DropPath", None), ("hidden_size", "", None),
     ("mask_time_prob", "", None),  # SpecAugment: augmentation, neither knob
+    # a dropping layer's rate, whatever its name: timm's PatchDropout (tokens), DropBlock2d (blocks)
+    ("prob", "PatchDropout", DROPOUT), ("p", "TokenDropout", DROPOUT), ("num_prefix_tokens", "PatchDropout", None),
+    ("gamma_scale", "DropBlock2d", None), ("prob", "", None), ("p", "", None),
+    # train-time noise on a router's input
+    ("router_jitter_noise", "", ROUTER_NOISE), ("jitter_noise", "MixtralSparseMoeBlock", ROUTER_NOISE),
+    ("moe_jitter_eps", "DbrxRouter", ROUTER_NOISE), ("input_jitter_noise", "PhimoeTopKRouter", ROUTER_NOISE),
+    ("router_jitter_noise", "PhimoeTopKRouter", None), ("router_jitter_noise", "PhimoeConfig", None),  # a threshold
+    ("pos_embed_jitter", "", None),  # DINOv3's coordinate augmentation: neither knob
 ])
 def test_prob_kind_rule(attr, owner, kind):
     from surgery.regularizers.rates import prob_kind

@@ -1,27 +1,48 @@
-"""Dropout control (``apply(dropout=q)``) and stochastic-depth control (``apply(drop_path=r)``).
+"""Dropout control (``apply(dropout=q)``), stochastic-depth control (``apply(drop_path=r)``) and
+router-noise control (``apply(router_noise=e)``).
 
 Three places hold these probabilities in practice:
 
-1. modules of the ``nn.Dropout`` family (any ``_DropoutNd``): their ``p``; DropPath /
-   StochasticDepth modules (timm, torchvision, transformers' ``*DropPath``): their rate
-   (``drop_prob``, ``p``, ...);
+1. modules of the ``nn.Dropout`` family (any ``_DropoutNd``): their ``p``; other dropping modules
+   (timm's ``DropBlock2d`` and ``PatchDropout``, DeBERTa's ``StableDropout``, ``DropPath`` /
+   ``StochasticDepth`` modules of timm, torchvision and transformers): their rate (``drop_prob``,
+   ``prob``, ``p``, ...);
 2. plain numbers stored on other modules and read at call time (transformers: ``self.dropout``,
-   ``self.attention_dropout``, ``dropout_p``, ``layerdrop``; timm: ``self.drop_rate`` passed to
-   ``F.dropout``);
+   ``self.attention_dropout``, ``dropout_p``, ``layerdrop``, a MoE block's ``jitter_noise``; timm:
+   ``self.drop_rate`` passed to ``F.dropout``);
 3. fields of the model's (transformers) config, some of which are read during forward.
 
-:func:`prob_kind` is the one rule that tells the kinds apart, by name: an int/float in [0, 1]
-whose name contains ``dropout``, ``pdrop`` or ``drop_prob``, ends in ``drop_rate``/``droprate``,
-or whose last ``_``-separated word is ``drop`` is dropout; names like ``layerdrop``,
-``drop_path(_rate)``, ``drop_connect_rate``, ``stochastic_depth`` and every rate of a DropPath
-module are stochastic depth. ``surgery.train_noise`` checks the result by what the forward does.
+:func:`prob_kind` is the one rule that tells the kinds apart, by the name of the number and the
+class of the module holding it:
+
+* **stochastic depth** (``drop_path``): names like ``layerdrop``, ``drop_path(_rate)``,
+  ``drop_connect_rate``, ``stochastic_depth``, and the rate of a DropPath/StochasticDepth module
+  (a whole residual branch or layer is dropped);
+* **dropout** (``dropout``): names containing ``dropout``, ``pdrop`` or ``drop_prob``, ending in
+  ``drop_rate``/``droprate``, or whose last ``_``-separated word is ``drop``; and the rate (a number
+  named ``p``, ``*prob*``, ``*rate*`` or ``*drop*``) of any other module whose class is a dropping
+  layer (a class name containing ``Drop``): timm's ``PatchDropout`` (its ``prob`` drops tokens) and
+  ``DropBlock2d`` (its ``drop_prob`` drops blocks of activations) are dropout: they zero parts of
+  one example's activations, as ``nn.Dropout`` does, and keep every layer;
+* **router noise** (``router_noise``): names containing ``jitter_noise`` or ``jitter_eps``: the
+  train-time multiplicative noise U(1-e, 1+e) on a mixture-of-experts router's input (Mixtral,
+  MiniMax, Switch Transformers: ``router_jitter_noise`` copied to the block's ``jitter_noise``;
+  DBRX: ``ffn_config.moe_jitter_eps``; PhiMoE: ``input_jitter_noise``). A number so named that the
+  model also reads in eval is not noise and is never changed: PhiMoE's ``router_jitter_noise`` is
+  the masking threshold of its expert choice (``sparsemixer``), in eval as in training.
+
+A module that draws in every training forward with no number to turn it off (PhiMoE's router
+samples its experts) is recorded as left on with kind ``"sampling"``: ``describe`` names it.
+
+``surgery.train_noise`` checks the result by what the forward does; the tests check that the two
+agree on every zoo model and on real timm models.
 
 Each change becomes a record entry (``dropout`` for attributes, ``config`` for config fields;
-stochastic-depth entries carry ``"kind": "drop_path"``), undone by revert, export and convert.
-``r`` replaces every rate: a linear depth schedule (0 .. drop_path_rate) becomes ``r``
-everywhere, and blocks built without DropPath (rate 0 gives ``nn.Identity``) stay without it.
-The rates of a kind whose option was not given are recorded as ``left_on``, so ``describe``
-can say what randomness training still has.
+stochastic-depth and router-noise entries carry ``"kind": "drop_path"`` / ``"router_noise"``),
+undone by revert, export and convert. ``r`` replaces every rate: a linear depth schedule
+(0 .. drop_path_rate) becomes ``r`` everywhere, and blocks built without DropPath (rate 0 gives
+``nn.Identity``) stay without it. The rates of a kind whose option was not given are recorded as
+``left_on``, so ``describe`` can say what randomness training still has.
 """
 
 from __future__ import annotations
@@ -34,7 +55,7 @@ from torch import nn
 
 from ..configs import restore_config, set_path
 from ..errors import SurgeryError
-from ..record import DROP_PATH, DROPOUT
+from ..record import DROP_PATH, DROPOUT, ROUTER_NOISE
 from .base import Plan, Regularizer
 
 __all__ = ["Rates", "prob_kind", "find_probs", "layerdrop_rates", "DROPOUT_NAME", "DROP_PATH_NAME"]
@@ -42,26 +63,49 @@ __all__ = ["Rates", "prob_kind", "find_probs", "layerdrop_rates", "DROPOUT_NAME"
 DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|drop_?rate$|(?:^|_)drop$", re.IGNORECASE)
 DROP_PATH_NAME = re.compile(r"layer_?drop|drop_?path|path_?drop|stochastic_depth|drop_connect", re.IGNORECASE)
 LAYERDROP_NAME = re.compile(r"layer_?drop", re.IGNORECASE)  # rates read in forward (a whole layer per forward)
+NOISE_NAME = re.compile(r"jitter_?(?:noise|eps)", re.IGNORECASE)
 _DROP_PATH_CLASS = re.compile(r"DropPath|StochasticDepth", re.IGNORECASE)
-_PROB_NAME = re.compile(r"^p$|prob|rate|drop", re.IGNORECASE)  # a DropPath module's rate: drop_prob, p, ...
-OPTIONS = {DROPOUT: "dropout", DROP_PATH: "drop_path"}  # kind -> apply's option
+_DROP_CLASS = re.compile(r"Drop")  # a dropping layer: Dropout, DropBlock2d, PatchDropout, StableDropout, DropPath
+_PROB_NAME = re.compile(r"^p$|prob|rate|drop", re.IGNORECASE)  # a dropping module's rate: drop_prob, prob, p, ...
+# numbers named like noise that the model reads in eval too (owner class name -> names): never touched
+_READ_IN_EVAL = {"PhimoeTopKRouter": {"router_jitter_noise"}, "PhimoeConfig": {"router_jitter_noise"}}
+# modules that draw in every training forward with no number to turn it off (owner class name -> what they draw):
+# recorded as left on, so describe names them
+_SAMPLES = {"PhimoeTopKRouter": "expert choice sampled in training (sparsemixer's Gumbel draws)"}
+SAMPLING = "sampling"  # the left-on kind no option of apply controls
+OPTIONS = {DROPOUT: "dropout", DROP_PATH: "drop_path", ROUTER_NOISE: "router_noise"}  # kind -> apply's option
+_WHAT = {DROPOUT: "dropout (no nn.Dropout module, dropout attribute or config field)",
+         ROUTER_NOISE: "router noise (no jitter_noise/jitter_eps attribute or config field)"}
 
 
 def _is_prob(v: Any) -> bool:
     return type(v) in (int, float) and 0.0 <= v <= 1.0
 
 
+def _class_is(owner: Any, pattern: re.Pattern) -> bool:
+    return any(pattern.search(c.__name__) for c in type(owner).__mro__)
+
+
 def is_drop_path_module(mod: Any) -> bool:
     """A DropPath / StochasticDepth module (timm, torchvision, transformers' ``*DropPath``)."""
-    return any(_DROP_PATH_CLASS.search(c.__name__) for c in type(mod).__mro__)
+    return _class_is(mod, _DROP_PATH_CLASS)
+
+
+def _read_in_eval(attr: str, owner: Any) -> bool:
+    return any(attr in _READ_IN_EVAL.get(c.__name__, ()) for c in type(owner).__mro__)
 
 
 def prob_kind(attr: str, owner: Any = None) -> str | None:
-    """``"drop_path"``, ``"dropout"`` or None for a probability named ``attr`` held by ``owner``
-    (a module or a config)."""
-    if DROP_PATH_NAME.search(attr) or (_PROB_NAME.search(attr) and is_drop_path_module(owner)):
+    """``"drop_path"``, ``"dropout"``, ``"router_noise"`` or None for a probability named ``attr`` held
+    by ``owner`` (a module or a config): the rule of this module's docstring."""
+    rate = _PROB_NAME.search(attr) is not None
+    if DROP_PATH_NAME.search(attr) or (rate and is_drop_path_module(owner)):
         return DROP_PATH
-    return DROPOUT if DROPOUT_NAME.search(attr) else None
+    if DROPOUT_NAME.search(attr) or (rate and _class_is(owner, _DROP_CLASS)):
+        return DROPOUT
+    if NOISE_NAME.search(attr) and not _read_in_eval(attr, owner):
+        return ROUTER_NOISE
+    return None
 
 
 def _named_probs(obj: Any, kind: str) -> Iterator[tuple[str, float]]:
@@ -106,10 +150,10 @@ def _check_changes_something(kind: str, value: float, attrs, cfgs) -> None:
     """Refuse a rate > 0 that the model would never read in forward (the call would change nothing)."""
     if value == 0 or attrs:
         return
-    if kind == DROPOUT and not cfgs:
-        raise SurgeryError(f"dropout={value}: the model has no dropout (no nn.Dropout module, dropout attribute or "
-                           "config field), so nothing would change; leave dropout=None or add the dropout layers "
-                           "to the model")
+    if kind in _WHAT and not cfgs:
+        option = OPTIONS[kind]
+        raise SurgeryError(f"{option}={value}: the model has no {_WHAT[kind]}, so nothing would change; leave "
+                           f"{option}=None" + (" or add the dropout layers to the model" if kind == DROPOUT else ""))
     if kind == DROP_PATH and not any(LAYERDROP_NAME.search(path[-1]) for _, path, _ in cfgs):
         fields = ", ".join(f"{'.'.join(p)}={v}" for _, p, v in cfgs[:3]) or "none"
         raise SurgeryError(f"drop_path={value}: the model reads no stochastic-depth rate in forward (no DropPath "
@@ -135,7 +179,8 @@ class RatesPlan(Plan):
 
 
 class Rates(Regularizer):
-    """Every dropout probability (``dropout=``) and stochastic-depth rate (``drop_path=``), set."""
+    """Every dropout probability (``dropout=``), stochastic-depth rate (``drop_path=``) and router-noise
+    level (``router_noise=``), set."""
 
     name = "rates"
 
@@ -154,6 +199,10 @@ class Rates(Regularizer):
             tag = {} if kind == DROPOUT else {"kind": kind}
             plan.attrs += [{"module": n, "attr": a, "old": v, "new": value, **tag} for n, a, v in attrs]
             plan.fields += [{"module": m, "path": p, "old": v, "new": value, **tag} for m, p, v in cfgs]
+        samplers = [c for m in view.modules.values() for c in (c.__name__ for c in type(m).__mro__) if c in _SAMPLES]
+        if samplers:
+            plan.left_on.append({"kind": SAMPLING, "values": [], "modules": len(samplers), "config": 0,
+                                 "what": "; ".join(f"{c}: {_SAMPLES[c]}" for c in sorted(set(samplers)))})
         plan.claims = sorted({ch["module"] for ch in plan.attrs})
         return plan
 
