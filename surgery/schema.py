@@ -199,7 +199,7 @@ def _either(a: _Check, b: _Check) -> _Check:
     return _Check(lambda v: a(v) or b(v), f"{a.desc} or {b.desc}")
 
 
-KIND = _one_of("dropout", "drop_path")
+KIND = _one_of("dropout", "drop_path", "router_noise")  # record.DROPOUT, DROP_PATH, ROUTER_NOISE
 POOL = _one_of("first", "last")
 
 # list field -> {entry field: (check, required)}
@@ -212,7 +212,9 @@ _ENTRIES: dict[str, dict[str, tuple[_Check, bool]]] = {
                "kind": (KIND, False)},
     "msd": {"name": (STR, True), "k": (K, True), "p": (PROB, True), "layers": (_or_null(OBJECT), False)},
     "skipped": {"name": (STR, True), "reason": (STR, True)},
-    "left_on": {"kind": (KIND, True), "values": (VALUES, True), "modules": (COUNT, True), "config": (COUNT, True)},
+    "left_on": {"kind": (_one_of("dropout", "drop_path", "router_noise", "sampling"), True), "what": (STR, False),
+                "values": (_either(VALUES, _Check(lambda v: v == [], "[]")), True), "modules": (COUNT, True),
+                "config": (COUNT, True)},
 }
 # msd[i].layers (a layer-weighted MSD head, surgery/layer_msd.py)
 _LAYERS: dict[str, tuple[_Check, bool]] = {
@@ -224,7 +226,8 @@ _ARGS: dict[str, tuple[_Check, bool]] = {
     "msd": (COUNT, False), "msd_p": (PROB, False), "head": (_or_null(STR), False),
     "include": (_or_null(_either(STR, STRS)), False), "exclude": (_or_null(_either(STR, STRS)), False),
     "mixout_head": (BOOL, False), "mixout_tied": (BOOL, False), "target_dtype": (_or_null(STR), False),
-    "low_memory": (BOOL, False), "msd_layers": (BOOL, False), "msd_layer_p": (PROB, False), "msd_pool": (POOL, False)}
+    "low_memory": (BOOL, False), "msd_layers": (BOOL, False), "msd_layer_p": (PROB, False), "msd_pool": (POOL, False),
+    "router_noise": (_or_null(PROB), False)}
 
 
 def _check_fields(obj: dict, spec: dict[str, tuple[_Check, bool]], where: str) -> None:

@@ -292,10 +292,11 @@ KINDS = {
     "path": lambda v: isinstance(v, list) and v != [] and all(_is_text(x) and x for x in v),
     "strs": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
     "str-or-strs": lambda v: _is_text(v) or (isinstance(v, list) and all(_is_text(x) for x in v)),
-    "values": lambda v: isinstance(v, list) and v != [] and all(_is_num(x) for x in v),
+    "values": lambda v: isinstance(v, list) and all(_is_num(x) for x in v),  # [] for left-on "sampling"
     "object": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, list),
-    "kind": lambda v: v in ("dropout", "drop_path"),
+    "kind": lambda v: v in ("dropout", "drop_path", "router_noise"),
+    "left-kind": lambda v: v in ("dropout", "drop_path", "router_noise", "sampling"),
     "pool": lambda v: v in ("first", "last"),
     "lora": lambda v: v == "lora",
     "version": lambda v: type(v) is int and v == 1,
@@ -318,7 +319,7 @@ FIELDS += [("args", f, kind, False, nullable) for f, kind, nullable in [
     ("msd_p", "prob", False), ("head", "str", True), ("include", "str-or-strs", True),
     ("exclude", "str-or-strs", True), ("mixout_head", "bool", False), ("mixout_tied", "bool", False),
     ("target_dtype", "str", True), ("low_memory", "bool", False), ("msd_layers", "bool", False),
-    ("msd_layer_p", "prob", False), ("msd_pool", "pool", False)]]
+    ("msd_layer_p", "prob", False), ("msd_pool", "pool", False), ("router_noise", "prob", True)]]
 FIELDS += [("mixout", "name", "str", True, False), ("mixout", "p", "prob", True, False),
            ("mixout", "orig", "str", False, False), ("mixout", "transposed", "bool", False, False),
            ("mixout", "kind", "lora", False, False),
@@ -331,7 +332,8 @@ FIELDS += [("mixout", "name", "str", True, False), ("mixout", "p", "prob", True,
            ("msd", "name", "str", True, False), ("msd", "k", "k", True, False), ("msd", "p", "prob", True, False),
            ("msd", "layers", "object", False, True),
            ("skipped", "name", "str", True, False), ("skipped", "reason", "str", True, False),
-           ("left_on", "kind", "kind", True, False), ("left_on", "values", "values", True, False),
+           ("left_on", "kind", "left-kind", True, False), ("left_on", "values", "values", True, False),
+           ("left_on", "what", "str", False, False),
            ("left_on", "modules", "count", True, False), ("left_on", "config", "count", True, False)]
 FIELDS += [("layers", f, kind, f != "init", False) for f, kind in [
     ("backbone", "str"), ("n", "k"), ("p", "prob"), ("pool", "pool"), ("param", "str"), ("frozen", "strs"),
