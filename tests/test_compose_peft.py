@@ -356,3 +356,144 @@ def test_rdrop_runs_two_forwards_with_lora_mixout():
     strategy, why = surgery.rdrop_strategy(pm)
     assert (strategy, why) == ("separate", "Mixout bert.encoder.layer.0.attention.self.query.lora_A.default and 4 "
                                            "more draw noise once per forward for the whole batch")
+
+
+# ---- every adapter: several LoRA adapters, other tuners ------------------------------------------------
+
+def _two_adapters():
+    """A PEFT model with adapters 'default' (query, value) and 'b' (query only, rank 2), each with its
+    own head copy; B randomised so every adapter changes its layer."""
+    pm = _peft()
+    pm.add_adapter("b", LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=6, target_modules=["query"]))
+    _randomize_lora_b(pm)
+    return pm
+
+
+LORA_A_B = [SELF.format(i, "query.lora_A.b") for i in (0, 1)]
+
+
+def test_every_lora_adapter_is_mixed_and_an_activated_one_trains_mixed():
+    pm = _two_adapters()
+    assert pm.active_adapter == "default" and not any(p.requires_grad for n, p in pm.named_parameters() if ".b." in n)
+    classes, state, params = _classes(pm), _state(pm), [id(p) for p in pm.parameters()]
+    surgery.apply(pm, mixout=0.4)
+    rec = surgery.get_record(pm)
+    assert sorted(m["name"] for m in rec.mixout) == sorted(LORA_A + LORA_A_B + ["classifier.modules_to_save.default",
+                                                                              "classifier.modules_to_save.b"])
+    inner = _inner(pm)
+    assert all(isinstance(inner.get_submodule(n), LoraMixout) for n in LORA_A + LORA_A_B)
+    assert type(inner.classifier.modules_to_save["b"]) is MixLinear  # the inactive head copy too
+    assert not any("lora_A.b" in s["name"] or "modules_to_save.b" in s["name"] for s in rec.skipped)
+
+    # PEFT makes adapter b (and its head copy) train; its training forward is Mixout on W0 + s_b B_b A_b exactly
+    pm.set_adapter("b")
+    pm.train()
+    layer = inner.bert.encoder.layer[0].attention.self.query
+    assert layer.active_adapters == ["b"] and layer.lora_A["b"].weight.requires_grad
+    A, B = layer.lora_A["b"].weight, layer.lora_B["b"].weight
+    W0, b0, s = layer.base_layer.weight, layer.base_layer.bias, layer.scaling["b"]
+    layer.lora_dropout["b"].p = 0.0  # PEFT's own dropout on the adapter input, off for the comparison
+    x = torch.randn(3, 7, 32)
+    torch.manual_seed(11)
+    y = layer(x)
+    torch.manual_seed(11)
+    mask = torch.empty(32).bernoulli_(0.6).div_(0.6)
+    assert 0 < int((mask == 0).sum()) < 32
+    torch.testing.assert_close(y, F.linear(x, W0 + s * B @ A @ torch.diag(mask), b0), rtol=0, atol=1e-6)
+    assert not torch.allclose(y, F.linear(x, W0 + s * B @ A, b0))
+    head = inner.classifier.modules_to_save["b"]
+    b = batch("bert")
+    _train_step(pm, b)  # trains adapter b; its head copy's target stays frozen and untouched
+    assert not head.mixout_target.requires_grad and torch.equal(head.mixout_target, state[
+        "base_model.model.classifier.modules_to_save.b.weight"])
+
+    # revert gives back every adapter's Linear and head copy, the same Parameters
+    layer.lora_dropout["b"].p = 0.1
+    surgery.revert(pm)
+    assert _classes(pm) == classes and [id(p) for p in pm.parameters()] == params and list(pm.state_dict()) == list(state)
+    assert _no_surgery_layers(pm)
+
+
+def test_frozen_active_adapter_is_left_alone():
+    """An adapter loaded for inference (active, frozen) is left alone, like every frozen weight."""
+    pm = _peft()
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(False)
+    surgery.apply(pm, mixout=0.1)
+    rec = surgery.get_record(pm)
+    assert [m["name"] for m in rec.mixout] == ["classifier.modules_to_save.default"]
+    assert {s["name"] for s in rec.skipped} >= set(LORA_A)
+
+
+def _tuner(kind):
+    from peft import AdaLoraConfig, IA3Config, LoHaConfig
+    return {
+        "adalora": AdaLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], total_step=10),
+        "ia3": IA3Config(task_type="SEQ_CLS", target_modules=["query", "value", "output.dense"],
+                         feedforward_modules=["output.dense"]),
+        "loha": LoHaConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]),
+        "lora_embedding": LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["word_embeddings", "query"]),
+    }[kind]
+
+
+def _tuner_message(what, layer, more, exclude, them="them"):
+    return (f"mixout cannot mix PEFT adapter 'default' ({what}) of layer {layer!r}{more}: it trains, and Mixout is "
+            "defined here for plain layers and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter "
+            f"is not. Pass exclude={exclude!r} to leave {them} alone (describe then lists {them})")
+
+
+Q0 = "bert.encoder.layer.0.attention.self.query"
+TUNERS = [
+    ("adalora", _tuner_message("peft.tuners.adalora.layer.SVDLinear, trainable lora_A, lora_B, lora_E", Q0,
+                               " (and 3 more PEFT layers like it)", ["query", "value"]), ["query", "value"]),
+    ("ia3", _tuner_message("peft.tuners.ia3.layer.Linear, trainable ia3_l", Q0, " (and 7 more PEFT layers like it)",
+                           ["self.query", "self.value", "output.dense"]), ["self.query", "self.value", "output.dense"]),
+    ("loha", _tuner_message("peft.tuners.loha.layer.Linear, trainable hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b", Q0,
+                            " (and 3 more PEFT layers like it)", ["query", "value"]), ["query", "value"]),
+    ("lora_embedding", _tuner_message("peft.tuners.lora.layer.Embedding, trainable lora_embedding_A, lora_embedding_B",
+                                      "bert.embeddings.word_embeddings", "", ["word_embeddings"], them="it"),
+     ["word_embeddings"]),
+]
+
+
+@pytest.mark.parametrize("kind, message, exclude", TUNERS, ids=[t[0] for t in TUNERS])
+def test_other_tuners_are_refused_then_excluded_and_named(kind, message, exclude):
+    """Adapters held in ParameterDicts (AdaLoRA, IA3, LoHa, LoRA on an embedding) have no Linear to swap:
+    refused before anything changes; excluded, they are named in the record and by describe."""
+    pm = get_peft_model(build("bert"), _tuner(kind))
+    _refused(pm, message)
+    classes = _classes(pm)
+    surgery.apply(pm, mixout=0.1, exclude=exclude)
+    rec = surgery.get_record(pm)
+    left = [s for s in rec.skipped if "not selected by include/exclude" in s["reason"]]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    trained = {n for n, m in _inner(pm).named_modules()
+               if isinstance(m, BaseTunerLayer) and any(p.requires_grad for p in m.parameters())
+               and not any(isinstance(c, LoraMixout) for c in m.modules())}  # LoRA Linear layers are mixed
+    assert trained and {s["name"] for s in left} == trained  # every trainable adapter layer, each named
+    assert any(line.startswith("  left alone (PEFT adapter 'default'") or line.startswith("  left alone: ")
+               and "PEFT adapter 'default'" in line for line in surgery.describe(pm).splitlines())
+    surgery.revert(pm)
+    assert _classes(pm) == classes
+
+
+def test_an_inactive_adapter_of_another_tuner_is_refused():
+    """An inactive IA3 adapter is frozen now, but set_adapter() would make it train without Mixout."""
+    from peft import IA3Config
+    pm = get_peft_model(build("bert"), IA3Config(task_type="SEQ_CLS", target_modules=["query"], feedforward_modules=[]))
+    pm.add_adapter("b", IA3Config(task_type="SEQ_CLS", target_modules=["query"], feedforward_modules=[]))
+    for n, p in pm.named_parameters():
+        if "ia3_l" in n:
+            p.requires_grad_(False)  # the active adapter frozen (loaded for inference): left alone
+    with pytest.raises(SurgeryError) as e:
+        surgery.apply(pm, mixout=0.1)
+    assert str(e.value) == (
+        f"mixout cannot mix PEFT adapter 'b' (peft.tuners.ia3.layer.Linear) of layer {Q0!r} (and 1 more PEFT layers "
+        "like it): it is inactive, and set_adapter() would make it train, and Mixout is defined here for plain layers "
+        "and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter is not. Pass exclude=['query'] to "
+        "leave them alone (describe then lists them)")
+    pm.delete_adapter("b")
+    surgery.apply(pm, mixout=0.1)
+    assert {s["reason"] for s in surgery.get_record(pm).skipped if s["name"].endswith("query")} == {
+        "PEFT adapter 'default' (peft.tuners.ia3.layer.Linear): frozen, requires_grad=False: Mixout would not change it"}

@@ -1,4 +1,4 @@
-"""Mixout on PEFT LoRA adapters.
+"""Mixout on PEFT adapters: what is mixed, what is refused, what is left alone.
 
 A LoRA layer computes ``y = W0 x + s B A x``: ``W0`` the frozen base (pretrained) weight,
 ``A`` (r, in) and ``B`` (out, r) the adapter, ``s`` its scaling. Mixout as the paper defines
@@ -18,55 +18,164 @@ pretrained one, whatever the adapter held at apply time); in eval the layer is t
 LoRA layer bitwise; ``p = 1`` gives ``W0`` alone. Several active adapters are mixed
 independently, one mask each.
 
-Supported: PEFT's LoRA ``Linear`` layers, vanilla LoRA (no DoRA or other variant), not
-merged, with a frozen base layer. A trainable Linear inside any other PEFT layer is refused
-with an error naming the layer to exclude.
+**Every adapter.** PEFT trains the active adapter and freezes the others; ``set_adapter(name)``
+makes ``name`` trainable. So every adapter that trains now *or is inactive* is mixed: its
+``lora_A`` becomes a ``LoraMixout`` (an inactive adapter's is simply not called) and its
+``modules_to_save`` copy of the head a ``MixLinear``. An active adapter whose weights are frozen
+(loaded for inference) is left alone, as every frozen weight is. Adapters added after ``apply``
+are not mixed: add them first.
+
+**Other tuners.** Mixout is defined here for vanilla LoRA adapters of ``Linear`` layers (no DoRA
+or other variant, not merged, on a frozen base layer). Any other PEFT adapter that trains or is
+inactive (AdaLoRA's ``lora_A``/``lora_E``/``lora_B``, IA3's ``ia3_l``, LoHa, LoKr, VeRA, LoRA on
+an embedding, trainable tokens ...: parameters held in a ``ParameterDict`` or layers that are not
+a LoRA ``Linear`` pair) is refused, naming the layer and ``exclude=[...]``. An excluded or
+unselected one is listed in the record's ``skipped`` with the reason, so ``describe`` names it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import SurgeryError
 from ..patterns import ancestors
-from ..wrappers import _cls, peft_tuner_layer_type
+from ..wrappers import _cls, is_layer_wrapper, peft_tuner_layer_type
 
-__all__ = ["tuner_layers", "lora_role"]
+__all__ = ["PeftLayers", "tuner_layers", "lora_role"]
+
+_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
+_LORA_PAIR = ("lora_A", "lora_B")
+_VARIANT_PARTS = ("lora_magnitude_vector",)  # DoRA: lora_role refuses the adapter with its variant named
 
 
-def tuner_layers(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Every PEFT tuner layer (LoRA, IA3, ...) among ``modules`` by dotted name; empty without peft."""
-    base = peft_tuner_layer_type()
-    if base is None:
-        return {}
-    return {n: m for n, m in modules.items() if isinstance(m, base)}
+@dataclass
+class PeftLayers:
+    """The PEFT layer wrappers of a model (tuner layers and ``modules_to_save`` wrappers) by dotted
+    name, and the adapters Mixout leaves alone (record ``skipped`` entries)."""
+
+    layers: dict[str, nn.Module] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _is_lora_linear(layer: nn.Module) -> bool:
+    return type(layer) is _cls(*_LORA_LINEAR)
+
+
+def _active(layer: nn.Module) -> list[str]:
+    try:
+        return list(layer.active_adapters)
+    except (AttributeError, TypeError):
+        return []
+
+
+def _kind(layer: nn.Module) -> str:
+    return f"{type(layer).__module__}.{type(layer).__qualname__}"
+
+
+def tuner_layers(view, include=None, exclude=None) -> PeftLayers:
+    """Every PEFT layer wrapper in ``view`` (empty without peft), after checking the adapters that no
+    Linear holds.
+
+    ``include``/``exclude`` are the compiled Mixout patterns (``match(name) -> bool`` or None). Each
+    adapter of a PEFT tuner layer other than a vanilla LoRA ``lora_A``/``lora_B`` pair (those are
+    walked as Linear layers, see :func:`lora_role`) is grouped by layer and adapter name:
+
+    * it trains, or is inactive (``set_adapter`` would make it train), and is selected: refused;
+    * it trains or is inactive but is not selected: a ``skipped`` entry (excluded);
+    * it is active and frozen: a ``skipped`` entry (frozen).
+
+    Raises:
+        SurgeryError: a selected adapter that trains (or can) and that Mixout cannot mix, naming
+            its layers and ``exclude=[...]``.
+    """
+    if peft_tuner_layer_type() is None:
+        return PeftLayers()
+    layers = {n: m for n, m in view.modules.items() if is_layer_wrapper(m)}
+    tuners = {n: m for n, m in layers.items() if isinstance(m, peft_tuner_layer_type())}
+    groups: dict[tuple[str, str], dict] = {}  # (layer name, adapter) -> what the adapter holds
+    for pname, prm in view.params.items():
+        owner = next((a for a in ancestors(pname)[1:] if a in tuners), None)
+        if owner is None:
+            continue
+        layer, rel = tuners[owner], pname[len(owner) + 1:]
+        attr, _, rest = rel.partition(".")
+        if attr == "base_layer" or not rest:  # the wrapped layer (walked as a layer), or a plain attribute
+            continue
+        if _is_lora_linear(layer) and attr in _LORA_PAIR + _VARIANT_PARTS:
+            continue
+        adapter = rest.split(".")[0]
+        g = groups.setdefault((owner, adapter), {"trains": [], "module": f"{owner}.{attr}"})
+        if prm.requires_grad and attr not in g["trains"]:
+            g["trains"].append(attr)
+    refused, skipped = [], []
+    for (owner, adapter), g in groups.items():
+        layer = tuners[owner]
+        inactive = adapter not in _active(layer)
+        what = f"PEFT adapter {adapter!r} ({_kind(layer)}{', trainable ' + ', '.join(g['trains']) if g['trains'] else ''})"
+        if not (g["trains"] or inactive):
+            skipped.append({"name": owner, "reason": f"{what}: frozen, requires_grad=False: Mixout would not change it"})
+            continue
+        selected = (include is None or include(g["module"])) and not (exclude is not None and exclude(g["module"]))
+        if not selected:
+            skipped.append({"name": owner, "reason": f"{what}: not selected by include/exclude; Mixout is not "
+                                                     "defined for this adapter type"})
+            continue
+        refused.append((owner, what, inactive and not g["trains"]))
+    if refused:
+        owner, what, inactive = refused[0]
+        owners = list(dict.fromkeys(o for o, _, _ in refused))
+        more = f" (and {len(owners) - 1} more PEFT layers like it)" if len(owners) > 1 else ""
+        when = "is inactive, and set_adapter() would make it train" if inactive else "trains"
+        them = "them" if len(owners) > 1 else "it"
+        raise SurgeryError(
+            f"mixout cannot mix {what} of layer {owner!r}{more}: it {when}, and Mixout is defined here for plain "
+            "layers and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter is not. Pass "
+            f"exclude={_exclude_hint(owners, view.modules)!r} to leave {them} alone (describe then lists {them})")
+    return PeftLayers(layers, skipped)
+
+
+def _exclude_hint(owners: list[str], names) -> list[str]:
+    """The shortest ``exclude`` list selecting exactly ``owners``: their last name parts (as PEFT's own
+    ``target_modules`` name them), as few as match no other module, else the full names."""
+    for k in range(1, max(o.count(".") for o in owners) + 1):
+        suffixes = list(dict.fromkeys(".".join(o.split(".")[-k:]) for o in owners))
+        if {n for n in names if any(n == x or n.endswith("." + x) for x in suffixes)} == set(owners):
+            return suffixes
+    return owners
 
 
 def _trains(linear) -> bool:
     return linear is not None and linear.weight.requires_grad
 
 
-def lora_role(tuners: dict[str, nn.Module], name: str, linear: nn.Linear) -> str | None:
+def lora_role(tuners: PeftLayers, name: str, linear: nn.Linear) -> str | None:
     """How ``apply`` treats the Linear ``name`` when Mixout selects it.
 
-    Returns None for a layer outside PEFT tuner layers, or one whose adapter does not train
-    (the ordinary rules apply: a frozen weight is left alone); ``"lora"`` for the ``lora_A``
-    of a LoRA adapter that trains (mixed with :class:`LoraMixout`); ``"part"`` for its
-    ``lora_B`` (covered by the ``lora_A`` entry).
+    Returns None for a layer outside PEFT layers, or one whose adapter is active and does not
+    train (the ordinary rules apply: a frozen weight is left alone); ``"lora"`` for the
+    ``lora_A`` of a LoRA adapter that trains or is inactive (mixed with :class:`LoraMixout`);
+    ``"part"`` for its ``lora_B`` (covered by the ``lora_A`` entry); ``"copy"`` for the
+    ``modules_to_save`` copy of an inactive adapter (a ``MixLinear``, though frozen until
+    ``set_adapter`` activates it).
 
     Raises:
         SurgeryError: a trainable Linear inside a PEFT layer whose Mixout is not defined
             here (DoRA or another LoRA variant, a merged adapter, a trainable base layer under
             an adapter, a non-LoRA tuner), naming the layer to exclude.
     """
-    owner = next((a for a in ancestors(name)[1:] if a in tuners), None)
+    owner = next((a for a in ancestors(name)[1:] if a in tuners.layers), None)
     if owner is None:
         return None
-    layer, rel = tuners[owner], name[len(owner) + 1:]
+    layer, rel = tuners.layers[owner], name[len(owner) + 1:]
     kind, _, adapter = rel.partition(".")
-    is_lora = type(layer) is _cls("peft.tuners.lora.layer", "Linear")
-    if is_lora and kind in ("lora_A", "lora_B") and adapter in layer.lora_A and adapter in layer.lora_B:
-        if not (_trains(layer.lora_A[adapter]) or _trains(layer.lora_B[adapter])):
+    if not isinstance(layer, peft_tuner_layer_type()):  # a modules_to_save wrapper: the original and a copy per adapter
+        inactive = kind == "modules_to_save" and adapter.split(".")[0] not in _active(layer)
+        return "copy" if inactive else None
+    is_lora = _is_lora_linear(layer)
+    if is_lora and kind in _LORA_PAIR and adapter in layer.lora_A and adapter in layer.lora_B:
+        if not (_trains(layer.lora_A[adapter]) or _trains(layer.lora_B[adapter]) or adapter not in _active(layer)):
             return None
         if kind == "lora_B":
             return "part"
@@ -88,4 +197,3 @@ def lora_role(tuners: dict[str, nn.Module], name: str, linear: nn.Linear) -> str
                        f"({type(layer).__module__}.{type(layer).__qualname__}), "
                        "for which Mixout is not defined (surgery mixes plain layers and vanilla LoRA adapters of "
                        f"Linear layers). Pass exclude=[{owner!r}] to leave it alone")
-

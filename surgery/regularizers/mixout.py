@@ -115,8 +115,9 @@ class Mixout(Regularizer):
                 raise HeadError(f"mixout_head=False leaves the task head a plain layer, but {e}") from None
         under_head = compile_pattern([head], names, "head") if head else None
         freezes = {n: why for p in earlier for n, why in p.freezes.items()}
-        tuners = tuner_layers(view.modules)
+        tuners = tuner_layers(view, inc, exc)  # PEFT layers; refuses adapters Mixout cannot mix (regularizers/lora.py)
         plan = MixoutPlan(p=opts.mixout, head=head, target_dtype=opts.target_dtype, low_memory=opts.low_memory)
+        plan.skipped += tuners.skipped  # adapters left alone, with the reason
         for name, m in view.modules.items():
             if not name or (inc and not inc(name)) or (exc and exc(name)):
                 continue
