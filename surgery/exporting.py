@@ -1,10 +1,13 @@
 """``surgery.export``: the plain (reverted) weights of a surgered model, written as
-safetensors without touching the model.
+safetensors without touching the model; :func:`plain_state_dict`, the same weights for any
+framework's own save.
 
 Nothing is reverted and nothing is copied in memory: the state_dict's tensors are the
 model's own, Mixout targets are skipped, and each remaining tensor's bytes go to disk one
 at a time (see ``checkpoint.write_safetensors``). A Mixout layer keeps its weight under the
 original key, so the file holds exactly what ``surgery.revert`` followed by a save would.
+A ``PeftModel`` is written as its own ``save_pretrained`` writes it, without the targets: the
+adapter checkpoint ``PeftModel.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import re
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,9 +28,11 @@ from .checkpoint.common import CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointErr
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
 from .configs import restore_config
 from .errors import SurgeryError, SurgeryTypeError
-from .record import get_record, no_plain_form, unwrap
+from .layers.mixout import MixLinear
+from .record import TARGET_SUFFIX, get_record, no_plain_form, unwrap
+from .wrappers import _cls, chain
 
-__all__ = ["export", "export_sharded"]
+__all__ = ["export", "export_sharded", "plain_state_dict", "writes_directory", "adapter_model"]
 
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
@@ -39,6 +45,70 @@ def _is_pretrained(model: nn.Module) -> bool:
 def _plain_state_dict(model: nn.Module, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state_dict (or ``sd``) without Mixout targets (the model's own tensors, no copies)."""
     return {k: v for k, v in (model.state_dict() if sd is None else sd).items() if not is_target_key(k)}
+
+
+def plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict of the plain model, for any framework's own save: ``model.state_dict()`` (or
+    ``state_dict``) without the Mixout targets; the tensors are the model's own (no copies), under the
+    keys of the model as given (``model.`` / ``module.`` prefixes of wrappers kept).
+
+    It is what ``surgery.revert(model)`` followed by ``model.state_dict()`` would give: dropout
+    changes and multi-sample-dropout heads hold no tensors. Use it where a framework saves a
+    state_dict you hand it (``accelerator.save(surgery.exporting.plain_state_dict(model), path)``,
+    ``torch.save``, a Lightning ``on_save_checkpoint``). A transformers or PEFT model's config and
+    adapter files need :func:`export`, which also restores the config.
+
+    Raises:
+        SurgeryTypeError: ``model`` is not an ``nn.Module``.
+        SurgeryError: a model with a layer-weighted MSD head (``msd_layers=True``), which a plain
+            state_dict cannot hold.
+    """
+    if not isinstance(model, nn.Module):
+        raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    why = no_plain_form(get_record(model, required=False), "surgery.exporting.plain_state_dict")
+    if why:
+        raise SurgeryError(why)
+    return _plain_state_dict(model, state_dict)
+
+
+def adapter_model(model: nn.Module) -> nn.Module | None:
+    """The ``PeftModel`` whose ``save_pretrained`` writes ``model``'s adapter checkpoint (``model`` itself
+    or the one inside its DDP/compile/... wrappers), or None."""
+    peft_cls = _cls("peft.peft_model", "PeftModel")
+    return next((m for m in chain(model) if isinstance(peft_cls, type) and isinstance(m, peft_cls)), None)
+
+
+def writes_directory(model: nn.Module) -> bool:
+    """Whether :func:`export` writes ``model`` as a directory (a transformers or PEFT model) rather than
+    one ``.safetensors`` file."""
+    return adapter_model(model) is not None or _is_pretrained(unwrap(model))
+
+
+@contextmanager
+def _targets_hidden(model: nn.Module):
+    """While inside, the ``state_dict()`` of ``model`` and of each of its modules leaves out the Mixout
+    targets (a state-dict post-hook on every Mixout layer, removed on exit; nothing else changes).
+    PEFT's save reads the state_dict of each ``modules_to_save`` copy itself, so a plain state_dict
+    handed to it is not enough."""
+    def drop(module, sd, prefix, local_metadata):
+        sd.pop(prefix + TARGET_SUFFIX, None)
+
+    handles = [m.register_state_dict_post_hook(drop) for m in model.modules() if isinstance(m, MixLinear)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _export_adapter(peft: nn.Module, path: Path, state_dict=None) -> Path:
+    if path.exists() and not path.is_dir():
+        raise SurgeryError(f"{path} is a file; export of a PEFT model writes an adapter directory that "
+                           "PeftModel.from_pretrained loads: give a directory path")
+    kwargs = {} if state_dict is None else {"state_dict": _plain_state_dict(peft, state_dict)}
+    with _targets_hidden(peft):
+        peft.save_pretrained(str(path), **kwargs)
+    return path
 
 
 def _untie(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -155,15 +225,19 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
 
     Args:
         model: a model, surgered or not (also inside DDP/compile wrappers).
-        path: for a transformers ``PreTrainedModel``, a directory that ``from_pretrained``
+        path: for a PEFT model (a ``PeftModel``), the adapter directory its ``save_pretrained`` writes (``adapter_config.json``,
+            ``adapter_model.safetensors``, a subdirectory per further adapter), which
+            ``PeftModel.from_pretrained`` loads with plain PEFT: the adapters and the
+            ``modules_to_save`` copies without Mixout targets, exactly what ``revert`` then
+            ``save_pretrained`` would write. For a transformers ``PreTrainedModel``, a directory that ``from_pretrained``
             loads with plain transformers: ``config.json`` with the original dropout values
             and no ``surgery`` record, ``generation_config.json`` for generative models, and
             ``model.safetensors`` with tied weights stored once as ``save_pretrained`` stores
             them. Files already in the directory are kept (like ``save_pretrained``), except
             earlier weights this export replaces. For any other ``nn.Module``, a
             ``.safetensors`` file with the original state_dict keys.
-        max_shard_size: transformers models only: shard the weights (``"5GB"`` or bytes)
-            and write ``model.safetensors.index.json``; default one file.
+        max_shard_size: transformers models only (not adapters): shard the weights (``"5GB"`` or
+            bytes) and write ``model.safetensors.index.json``; default one file.
         progress: called with the number of bytes written, as they are written.
         state_dict: write these tensors instead of ``model.state_dict()`` (e.g. the full state dict
             gathered from an FSDP2 model: :func:`export_sharded` does that).
@@ -173,7 +247,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
 
     Raises:
         SurgeryTypeError: ``model`` is not an ``nn.Module``.
-        SurgeryError: ``path`` of the wrong kind (a file for a transformers model, no
+        SurgeryError: ``path`` of the wrong kind (a file for a transformers or PEFT model, no
             ``.safetensors`` suffix for another module); a model with a layer-weighted MSD
             head (``msd_layers=True``), which a plain checkpoint cannot hold.
         CheckpointError: a tensor safetensors cannot store, or a failed write.
@@ -185,7 +259,13 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
     if why:
         raise SurgeryError(why)
     path = Path(path)
+    peft = adapter_model(model)
+    if peft is not None and max_shard_size is not None:
+        raise SurgeryError("max_shard_size shards a full model's weights; a PEFT model is exported as its adapter "
+                           "checkpoint, one file per adapter: leave max_shard_size out")
     try:
+        if peft is not None:
+            return _export_adapter(peft, path, state_dict)
         if _is_pretrained(root):
             return _export_pretrained(root, path, max_shard_size, progress, state_dict)
         return _export_module(root, path, progress, state_dict)
