@@ -185,6 +185,10 @@ def test_trainer_refuses_bad_setups(tmp_path):
     with pytest.raises(SurgeryError, match="alpha"):
         surgery.SurgeryTrainer(model=surgered(), args=trainer_args(str(tmp_path), 1), train_dataset=dataset(),
                                rdrop_alpha=float("nan"))
+    with pytest.raises(SurgeryError, match=r"label_smoothing_factor=0.1 \(the Trainer's label smoothing\) would be "
+                                           "silently dropped"):  # R-Drop trains on the model's own loss
+        surgery.SurgeryTrainer(model=surgered(), args=trainer_args(str(tmp_path), 1, label_smoothing_factor=0.1),
+                               train_dataset=dataset(), rdrop_alpha=1.0)
     surgery.SurgeryTrainer(model=surgered(), args=trainer_args(str(tmp_path / "a"), 1, save_steps=1),
                            train_dataset=dataset(4)).train()
     ckpt = str(tmp_path / "a" / "checkpoint-1")

@@ -17,7 +17,8 @@ from ..record import get_record, unwrap
 from .losses import check_alpha, check_task, logits_of, msd_sample_loss, rdrop_loss
 from .rdrop import STRATEGIES, call, rdrop_forward
 
-__all__ = ["compute_loss", "msd_loss", "TrainingLoss", "infer_task", "consistency_mask"]
+__all__ = ["compute_loss", "msd_loss", "TrainingLoss", "infer_task", "consistency_mask", "shifts_labels",
+           "next_token"]
 
 
 def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, task: str = "classification",
@@ -43,6 +44,11 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
             ``score`` to every token and then pick the last one:
             ``lambda s: s[:, torch.arange(B), last_index]``).
 
+    A causal language model (transformers' ``...ForCausalLM``, or a decoder-only
+    ``...ForConditionalGeneration``) scores token ``t + 1`` with the output at position ``t``:
+    its own loss shifts ``labels`` by one, and so does this function when the target is
+    ``batch["labels"]`` (an explicit ``target`` is taken as already aligned with the outputs).
+
     Raises:
         NotSurgeredError / SurgeryError: the model has no MSD head (call
             ``surgery.apply(model, msd=K)`` first), it is in eval mode, the head ran more
@@ -53,12 +59,13 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
     if rec is None or not rec.msd:
         raise (NotSurgeredError if rec is None else SurgeryError)(
             f"{type(model).__name__} has no multi-sample-dropout head; call surgery.apply(model, msd=K) first")
-    forward_batch = batch
+    forward_batch, shift = batch, False
     if target is None:
-        if not (isinstance(batch, dict) and "labels" in batch):
+        if not (isinstance(batch, Mapping) and "labels" in batch):
             raise SurgeryError("msd_loss needs a target: pass target=... or a dict batch with 'labels'")
         forward_batch = {k: v for k, v in batch.items() if k != "labels"}
         target = batch["labels"]
+        shift = shifts_labels(model)
     with msd_samples(model) as got:
         if not model.training:
             raise SurgeryError("model is in eval mode, where the MSD head takes no samples; call model.train() first")
@@ -74,6 +81,8 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
     samples = got[0]
     if postprocess is not None:
         samples = postprocess(samples)
+    if shift:
+        samples, target = next_token(samples, target)
     if (loss_fn is None and isinstance(samples, torch.Tensor) and isinstance(target, torch.Tensor)
             and task == "classification" and (target.dtype.is_floating_point or target.dtype.is_complex)):
         per_sample = tuple(samples.shape[1:])
@@ -94,6 +103,34 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
             "the last token's score); pass postprocess= to map the (K, B, ...) samples to per-sample logits"
         )
     return msd_sample_loss(samples, target, task=task, loss_fn=loss_fn, ignore_index=ignore_index), outputs
+
+
+def shifts_labels(model: nn.Module) -> bool:
+    """True for a transformers causal language model, whose own loss scores ``labels[:, t + 1]`` with
+    the logits at position ``t`` (transformers' ``ForCausalLMLoss``): a ``...ForCausalLM`` class, or
+    a decoder-only ``...ForConditionalGeneration`` (vision-language models). Encoder-decoder models
+    shift their decoder inputs instead, never the labels."""
+    inner = unwrap(model)
+    kind = getattr(inner, "loss_type", None)
+    cfg = getattr(inner, "config", None)
+    return kind == "ForCausalLM" or (kind == "ForConditionalGeneration"
+                                     and not getattr(cfg, "is_encoder_decoder", False))
+
+
+def next_token(samples: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample outputs ``(K, B, T, ...)`` and ``labels`` ``(B, T)`` aligned as a causal LM's loss
+    aligns them: the outputs at positions ``0 .. T-2`` against the labels at ``1 .. T-1``.
+
+    Raises:
+        SurgeryError: the outputs are not per-token (``(K, B, T, ...)`` against ``(B, T)`` labels).
+    """
+    if not (isinstance(samples, torch.Tensor) and isinstance(labels, torch.Tensor) and labels.dim() == 2
+            and samples.dim() >= 4 and tuple(samples.shape[1:3]) == tuple(labels.shape)):
+        raise SurgeryError(
+            "a causal language model's labels are its next tokens (B, T), scored by the per-token outputs "
+            f"(K, B, T, vocab), but the head's samples have shape {tuple(getattr(samples, 'shape', ()))} and the labels "
+            f"{tuple(getattr(labels, 'shape', ()))}; put the MSD head on the LM head (head='lm_head')")
+    return samples[:, :, :-1], labels[:, 1:]
 
 
 class TrainingLoss(NamedTuple):
@@ -194,7 +231,7 @@ def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, 
         labels = batch["labels"]
         fwd = {k: v for k, v in batch.items() if k != "labels"}
         if alpha == 0.0:
-            loss, out = _msd_loss(model, fwd, labels, task=task)
+            loss, out = _msd_loss(model, batch, task=task)  # the target is batch["labels"] (shifted for a causal LM)
             return TrainingLoss(loss, loss.detach(), None, out)
         with msd_samples(model) as got:
             out1, out2 = rdrop_forward(model, fwd, strategy=strategy)
@@ -202,7 +239,10 @@ def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, 
             raise SurgeryError(f"the multi-sample-dropout head ran {len(got)} times in two R-Drop passes; expected one "
                                "call per forward")
         samples = got[0] if len(got) == 1 else torch.cat(got, dim=1)  # (K, 2B, ...) in both strategies
-        task_loss = msd_sample_loss(samples, torch.cat([labels, labels]), task=task)
+        target = torch.cat([labels, labels])
+        if shifts_labels(model):
+            samples, target = next_token(samples, target)
+        task_loss = msd_sample_loss(samples, target, task=task)
         logits = logits_of(out1, "model output")
     decoder = bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
     consistency = rdrop_loss(out1, out2, task=task, alpha=1.0, mask=consistency_mask(batch, logits, decoder=decoder))

@@ -4,7 +4,14 @@
 your own): the R-Drop and multi-sample-dropout losses (:func:`surgery.compute_loss`), checkpoints
 that resume with the Mixout targets, a check that a resumed model carries the checkpoint's surgery,
 per-rank mask seeds, and a ``save_model()`` you call that writes a plain checkpoint.
-:class:`SurgeryTrainer` is the mixin on ``transformers.Trainer``.
+:class:`SurgeryTrainer` is the mixin on ``transformers.Trainer``; :func:`trainer_class` puts it on
+any other (``surgery.trainer_class(trl.SFTTrainer)``).
+
+Saves: the ``save_model()`` you call (and hub uploads) write the plain model with
+:func:`surgery.export` (a PEFT model: its plain adapter checkpoint); the periodic
+``checkpoint-N`` folders keep the surgered form (Mixout targets, and the record: in
+``config.json`` for a transformers model, in the ``model.safetensors`` header for another
+module, in ``surgery.json`` beside a PEFT adapter checkpoint), which resume checks and needs.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ from ..checkpoint.save import save
 from ..distributed import refuse_deepspeed
 from ..errors import SurgeryError
 from .. import exporting
-from ..record import get_record, no_plain_form
-from .compute import compute_loss
+from ..record import Record, get_record, no_plain_form, unwrap
+from ..wrappers import _cls
+from .compute import compute_loss, shifts_labels
 from .hub import push_from_checkpoint
 from .losses import check_alpha, check_task
 from .rdrop import STRATEGIES
 from .state import check_same_surgery, checkpoint_record
 
-__all__ = ["SurgeryTrainerMixin", "SurgeryTrainer", "RankSeedCallback", "trainer_class"]
+__all__ = ["SurgeryTrainerMixin", "SurgeryTrainer", "RankSeedCallback", "trainer_class", "RECORD_FILE"]
+
+RECORD_FILE = "surgery.json"  # the record beside a PEFT adapter checkpoint (which has no config.json)
 
 
 class RankSeedCallback(TrainerCallback):
@@ -41,6 +51,29 @@ class RankSeedCallback(TrainerCallback):
 
 def _is_pretrained(model) -> bool:
     return isinstance(model, PreTrainedModel)
+
+
+def _saved_record(checkpoint: str) -> dict | None:
+    """The record a checkpoint folder carries: ``surgery.json`` beside a PEFT adapter checkpoint, else
+    :func:`~surgery.training.state.checkpoint_record`."""
+    path = os.path.join(checkpoint, RECORD_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return Record.from_dict(f.read()).to_dict()
+    return checkpoint_record(checkpoint)
+
+
+def _fused_lm_head(model) -> bool:
+    """Whether TRL replaced ``model``'s forward with its fused LM head (``trl.trainer.utils.add_fused_lm_head``,
+    which SFT/DPO/GRPO/... trainers install): in training it computes the log-probabilities from
+    ``get_output_embeddings().weight`` directly, never calling that module."""
+    fn = getattr(vars(model).get("forward"), "__func__", None)
+    return (fn is not None and str(getattr(fn, "__globals__", {}).get("__name__", "")).startswith("trl.")
+            and "fused" in getattr(getattr(fn, "__code__", None), "co_name", ""))
+
+
+def _module_name(root, module) -> str | None:
+    return next((n for n, m in root.named_modules() if m is module), None)
 
 
 class SurgeryTrainerMixin:
@@ -85,6 +118,8 @@ class SurgeryTrainerMixin:
             if rec is None or not rec.msd:
                 raise SurgeryError("msd_loss=True needs a multi-sample-dropout head; call "
                                    "surgery.apply(model, msd=K) first")
+        if self.rdrop_alpha > 0 or self.msd_loss:  # before the base trainer prepares anything
+            self._check_own_loss(kwargs.get("args", args[1] if len(args) > 1 else None), kwargs.get("compute_loss_func"))
         self._pushing = False
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled and get_record(self.model, required=False) is not None:
@@ -97,14 +132,79 @@ class SurgeryTrainerMixin:
             # it then gets no num_items_in_batch and returns its per-batch mean too.
             self.model_accepts_loss_kwargs = False
             self.loss_is_scaled_for_ga = False
+        if not (self.rdrop_alpha > 0 or self.msd_loss):
+            self._check_fused_head()
         if seed_per_rank:
             self.add_callback(RankSeedCallback())
         self._parts: dict[str, list[float]] = {}
+
+    def _check_own_loss(self, targs, compute_loss_func) -> None:
+        """R-Drop and the MSD loss train on the model's own loss (its forward with ``labels``) plus their
+        terms, in place of the trainer's training loss: refuse a trainer whose loss is something else.
+
+        Raises:
+            SurgeryError: label smoothing, ``compute_loss_func``, an SFT ``loss_type`` other than
+                ``"nll"``, or a Trainer subclass with its own ``compute_loss`` (DPO, GRPO, ...).
+        """
+        why = None
+        smoothing = getattr(targs, "label_smoothing_factor", 0)
+        if smoothing:
+            why = f"label_smoothing_factor={smoothing} (the Trainer's label smoothing)"
+        elif compute_loss_func is not None:
+            why = "compute_loss_func"
+        else:
+            sft = _cls("trl.trainer.sft_trainer", "SFTTrainer")
+            mro = type(self).__mro__
+            for cls in mro[mro.index(SurgeryTrainerMixin) + 1:]:
+                if cls is Trainer:
+                    break
+                if "compute_loss" not in vars(cls):
+                    continue
+                if cls is sft:  # SFT's loss is the model's next-token NLL unless loss_type says otherwise
+                    loss_type = getattr(targs, "loss_type", "nll")
+                    if loss_type != "nll":
+                        why = f"SFTConfig(loss_type={loss_type!r})"
+                        break
+                    continue
+                why = f"{cls.__module__}.{cls.__qualname__}.compute_loss (its own training loss)"
+                break
+        if why is not None:
+            raise SurgeryError(
+                "rdrop_alpha/msd_loss train on the model's own loss (its forward with labels) plus surgery's term, in "
+                f"place of the trainer's training loss, but this trainer's loss is not the model's own: {why} would be "
+                "silently dropped. Leave rdrop_alpha/msd_loss off here, or compute the loss yourself in a compute_loss "
+                "override with surgery.rdrop_forward/surgery.rdrop_loss or surgery.msd_samples")
+
+    def _check_fused_head(self) -> None:
+        """Refuse surgery on the LM head when the trainer trains through TRL's fused LM head, which reads the
+        head's weight directly: a Mixout layer or MSD head there would never run in training.
+
+        Raises:
+            SurgeryError: a Mixout layer or MSD head on the output embeddings of a model with TRL's fused LM head.
+        """
+        rec = get_record(self.model, required=False)
+        root = unwrap(self.model)
+        if rec is None or not _fused_lm_head(root) or not hasattr(root, "get_output_embeddings"):
+            return
+        head = _module_name(root, root.get_output_embeddings())
+        if not head:
+            return
+        on = [f"Mixout on {e['name']!r}" for e in rec.mixout if e["name"] == head or e["name"].startswith(head + ".")]
+        on += [f"the multi-sample-dropout head {e['name']!r}" for e in rec.msd if e["name"] == head]
+        if on:
+            raise SurgeryError(
+                f"{type(self).__name__} trains through TRL's fused LM head: the model's forward computes the "
+                f"log-probabilities from {head}.weight directly and never calls {head!r}, so {on[0]} would not run in "
+                f"training. Apply surgery without it (surgery.revert(model), then surgery.apply(model, ..., "
+                f"exclude=[{head!r}]) for Mixout, or no msd head on {head!r}), or train with rdrop_alpha > 0 or "
+                "msd_loss=True, whose training forwards are the model's own")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or (self.rdrop_alpha == 0 and not self.msd_loss):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        if shifts_labels(model) and "use_cache" not in inputs:  # a causal LM: no KV cache in training (as SFT does)
+            inputs = {**inputs, "use_cache": False}
         r = compute_loss(model, inputs, rdrop_alpha=self.rdrop_alpha, msd_loss=self.msd_loss, task=self.task,
                          strategy=self.rdrop_strategy)
         self._parts.setdefault("task_loss", []).append(r.task_loss.item())
@@ -124,7 +224,7 @@ class SurgeryTrainerMixin:
         if isinstance(ckpt, bool) and ckpt:
             ckpt = get_last_checkpoint(self.args.output_dir)
         if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
-            check_same_surgery(self.model, checkpoint_record(os.fspath(ckpt)), where=f"checkpoint {ckpt!r}")
+            check_same_surgery(self.model, _saved_record(os.fspath(ckpt)), where=f"checkpoint {ckpt!r}")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _plain_output(self) -> bool:
@@ -135,8 +235,9 @@ class SurgeryTrainerMixin:
 
     def _write_plain(self, output_dir: str) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        # a module that is not a transformers model gets what the Trainer writes for it: model.safetensors
-        path = output_dir if _is_pretrained(model) else os.path.join(output_dir, "model.safetensors")
+        # a transformers model: a model directory; a PEFT model: its adapter directory; any other module gets
+        # what the Trainer writes for it: model.safetensors
+        path = output_dir if exporting.writes_directory(model) else os.path.join(output_dir, "model.safetensors")
         if self.is_fsdp_enabled:  # every rank gathers the full state dict, the saving rank exports it
             exporting.export_sharded(self.model, path, should_save=self.args.should_save)
         elif self.args.should_save:
@@ -147,13 +248,26 @@ class SurgeryTrainerMixin:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save(self, output_dir=None, state_dict=None):
-        """Periodic checkpoints of a surgered module that is not a transformers model: the Trainer
-        would write a bare state dict, which resume, ``surgery inspect`` and ``surgery convert``
-        could not tell from a plain one; write it with the record in the header metadata instead
-        (:func:`surgery.checkpoint.save`), the rest as the Trainer does."""
+        """Periodic checkpoints of a surgered model the Trainer cannot tag with its record.
+
+        * A PEFT model: the Trainer writes its adapter checkpoint (the ``modules_to_save`` copies
+          with their Mixout targets, which resume loads), and no ``config.json``; the record goes
+          beside it as ``surgery.json``, which the resume check reads.
+        * A module that is not a transformers model: the Trainer would write a bare state dict, which
+          resume, ``surgery inspect`` and ``surgery convert`` could not tell from a plain one; write it
+          with the record in the header metadata instead (:func:`surgery.checkpoint.save`), the rest as
+          the Trainer does.
+        """
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if state_dict is not None or _is_pretrained(model) or get_record(model, required=False) is None \
-                or not self.args.should_save:
+        rec = get_record(model, required=False)
+        if exporting.adapter_model(model) is not None:
+            out = super()._save(output_dir, state_dict=state_dict)
+            if rec is not None and self.args.should_save:
+                with open(os.path.join(output_dir if output_dir is not None else self.args.output_dir, RECORD_FILE),
+                          "w", encoding="utf-8") as f:
+                    f.write(rec.to_json())
+            return out
+        if state_dict is not None or _is_pretrained(model) or rec is None or not self.args.should_save:
             return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
