@@ -438,9 +438,9 @@ def _tuner(kind):
 
 
 def _tuner_message(what, layer, more, exclude, them="them"):
-    return (f"mixout cannot mix PEFT adapter 'default' ({what}) of layer {layer!r}{more}: it trains, and Mixout is "
-            "defined here for plain layers and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter "
-            f"is not. Pass exclude={exclude!r} to leave {them} alone (describe then lists {them})")
+    return (f"mixout cannot mix PEFT adapter 'default' ({what}) of layer {layer!r}{more}: it trains, but Mixout is "
+            "defined here only for plain layers and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this "
+            f"adapter is not. Pass exclude={exclude!r} to leave {them} alone (describe then lists {them})")
 
 
 Q0 = "bert.encoder.layer.0.attention.self.query"
@@ -490,9 +490,9 @@ def test_an_inactive_adapter_of_another_tuner_is_refused():
         surgery.apply(pm, mixout=0.1)
     assert str(e.value) == (
         f"mixout cannot mix PEFT adapter 'b' (peft.tuners.ia3.layer.Linear) of layer {Q0!r} (and 1 more PEFT layers "
-        "like it): it is inactive, and set_adapter() would make it train, and Mixout is defined here for plain layers "
-        "and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter is not. Pass exclude=['query'] to "
-        "leave them alone (describe then lists them)")
+        "like it): it is inactive and would train after set_adapter(), but Mixout is defined here only for plain "
+        "layers and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter is not. Pass "
+        "exclude=['query'] to leave them alone (describe then lists them)")
     pm.delete_adapter("b")
     surgery.apply(pm, mixout=0.1)
     assert {s["reason"] for s in surgery.get_record(pm).skipped if s["name"].endswith("query")} == {

@@ -127,11 +127,11 @@ def tuner_layers(view, include=None, exclude=None) -> PeftLayers:
         owner, what, inactive = refused[0]
         owners = list(dict.fromkeys(o for o, _, _ in refused))
         more = f" (and {len(owners) - 1} more PEFT layers like it)" if len(owners) > 1 else ""
-        when = "is inactive, and set_adapter() would make it train" if inactive else "trains"
+        when = "is inactive and would train after set_adapter()" if inactive else "trains"
         them = "them" if len(owners) > 1 else "it"
         raise SurgeryError(
-            f"mixout cannot mix {what} of layer {owner!r}{more}: it {when}, and Mixout is defined here for plain "
-            "layers and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter is not. Pass "
+            f"mixout cannot mix {what} of layer {owner!r}{more}: it {when}, but Mixout is defined here only for "
+            "plain layers and vanilla LoRA adapters (lora_A/lora_B Linear layers), which this adapter is not. Pass "
             f"exclude={_exclude_hint(owners, view.modules)!r} to leave {them} alone (describe then lists {them})")
     return PeftLayers(layers, skipped)
 
