@@ -47,7 +47,7 @@ _LAZY = {
     "trainer_class": "training.trainer",
     "seed_rank": "training.state", "rank": "training.state", "save_training_state": "training.state",
     "load_training_state": "training.state", "check_same_surgery": "training.state",
-    "param_groups": "training.groups",
+    "param_groups": "training.groups", "plain_state_dict": "exporting",
     "load_pretrained": "loading",
 }
 
