@@ -93,6 +93,22 @@ def _drop_path_lines(rec: Record) -> list[str]:
     return lines
 
 
+def _experts_lines(rec: Record) -> list[str]:
+    """Fused experts and routers among the Mixout layers (``surgery.regularizers.experts``)."""
+    kinds: dict[str, int] = {}
+    for m in rec.mixout:
+        if isinstance(m.get("params"), list):
+            kinds[m.get("kind")] = kinds.get(m.get("kind"), 0) + 1
+    lines = []
+    if kinds.get("experts") or kinds.get("router"):
+        lines.append(f"  experts: {_count(kinds.get('experts', 0), 'fused-experts module')} mixed per expert and "
+                     f"input neuron, {_count(kinds.get('router', 0), 'router')} per input neuron (biases plain)")
+    if kinds.get("lora"):
+        lines.append(f"  LoRA on experts: {_count(kinds['lora'], 'module')} mix their W0 + delta toward the frozen "
+                     "base W0, per expert and input neuron (no target copy)")
+    return lines
+
+
 def _layer_msd_lines(h: dict) -> list[str]:
     L = h["layers"]
     where = "position 0" if L["pool"] == "first" else "the last non-padding token"
@@ -103,6 +119,34 @@ def _layer_msd_lines(h: dict) -> list[str]:
         lines.append("    bypassed, frozen while installed: "
                      + ", ".join(group_names(sorted({n.rsplit(".", 1)[0] for n in L["frozen"]}))))
     return lines
+
+
+def _pct(n: int, total: int) -> str:
+    share = 100 * n / total if total else 0.0
+    return f"{share:.1f}%" if share >= 0.1 or not n else "<0.1%"
+
+
+def _coverage_lines(rec: Record) -> list[str]:
+    """One line (two when long): the share of the trainable weights each regularizer covers, and the kinds
+    of trainable weights Mixout leaves plain (the record's ``coverage``, written by
+    ``surgery.regularizers.coverage``, which also names them; nothing for a record without one, or with
+    one that is not what apply writes)."""
+    cov = rec.coverage
+    num = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not isinstance(cov, dict) or not num(cov.get("trainable")):
+        return []
+    total = cov["trainable"]
+    covers = [f"{label} {_pct(cov[key], total)}" for key, label in (("mixout", "mixout"),
+              ("msd", "multi-sample dropout (the head)")) if num(cov.get(key))]
+    if not covers:
+        return []
+    first = f"  coverage of the {total:,} trainable weights: " + ", ".join(covers)
+    left = cov.get("left")
+    if not (isinstance(left, list) and left and all(
+            isinstance(e, dict) and isinstance(e.get("kind"), str) and num(e.get("weights")) for e in left)):
+        return [first]
+    rest = "left plain by mixout: " + ", ".join(f"{e['kind']} {_pct(e['weights'], total)}" for e in left)
+    return [f"{first}; {rest}"] if len(first) + len(rest) < 150 else [first, f"    {rest}"]
 
 
 def target_bytes(model) -> tuple[int, int | None]:
@@ -151,10 +195,12 @@ def describe(model_or_record: Any) -> str:
         extra += f" (sharded: {_mib(local_bytes)} on this rank)" if local_bytes is not None else ""
         lines.append(f"  mixout p={'/'.join(map(str, ps))} on {len(rec.mixout)} layers{extra}:")
         lines += [f"    {g}" for g in group_names([m["name"] for m in rec.mixout])]
-        n_lora = sum(m.get("kind") == "lora" for m in rec.mixout)
+        n_lora = sum(m.get("kind") == "lora" and "params" not in m for m in rec.mixout)
         if n_lora:
             lines.append(f"  LoRA: {n_lora} lora_A layers mix their layer's W0 + s*B@A toward the frozen base weight "
                          "W0 (no target copy)")
+        lines += _experts_lines(rec)
+    lines += _coverage_lines(rec)
     drop = [c for c in rec.dropout if c.get("kind", DROPOUT) == DROPOUT]
     fields = [c for c in rec.config if c.get("kind", DROPOUT) == DROPOUT]
     if drop or fields:

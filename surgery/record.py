@@ -70,6 +70,9 @@ class Record:
     msd: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     left_on: list[dict[str, Any]] = field(default_factory=list)  # train-mode randomness not asked about
+    # share of the trainable weights each regularizer covers, and what Mixout leaves plain, by kind
+    # (surgery.regularizers.coverage); {} when not computed, and then not written
+    coverage: dict[str, Any] = field(default_factory=dict)
     # where a sub-model sits in the model apply ran on (its config carries this part of the record,
     # names relative to it); "" for the record of the model itself, and then not written
     scope: str = ""
@@ -79,7 +82,7 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name != "handles" and (f.name != "scope" or self.scope)}
+             if f.name != "handles" and (f.name not in ("scope", "coverage") or getattr(self, f.name))}
         return {"format": FORMAT, **json.loads(json.dumps(d))}
 
     def to_json(self) -> str:

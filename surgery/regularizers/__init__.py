@@ -6,6 +6,8 @@ freezes the layers it bypasses (Mixout leaves them alone), an MSD head names the
 """
 
 from .base import Plan, Regularizer
+from .coverage import Coverage
+from .experts import ExpertsMixout
 from .layer_msd import LayerWeightedMSD
 from .mixout import Mixout
 from .msd import MSD
@@ -13,4 +15,4 @@ from .rates import Rates
 
 __all__ = ["REGULARIZERS", "Plan", "Regularizer"]
 
-REGULARIZERS: tuple[Regularizer, ...] = (LayerWeightedMSD(), MSD(), Mixout(), Rates())
+REGULARIZERS: tuple[Regularizer, ...] = (LayerWeightedMSD(), MSD(), ExpertsMixout(), Mixout(), Rates(), Coverage())

@@ -118,8 +118,9 @@ class Mixout(Regularizer):
         tuners = tuner_layers(view, inc, exc)  # PEFT layers; refuses adapters Mixout cannot mix (regularizers/lora.py)
         plan = MixoutPlan(p=opts.mixout, head=head, target_dtype=opts.target_dtype, low_memory=opts.low_memory)
         plan.skipped += tuners.skipped  # adapters left alone, with the reason
+        taken = {n for p in earlier for n in getattr(p, "takes", ())}  # fused experts, PEFT ParamWrapper adapters
         for name, m in view.modules.items():
-            if not name or (inc and not inc(name)) or (exc and exc(name)):
+            if not name or name in taken or (inc and not inc(name)) or (exc and exc(name)):
                 continue
             if isinstance(m, LAYERS):
                 raise SurgeryError(f"{name!r} is already a Mixout layer ({type(m).__name__}) that no live surgery "
@@ -143,7 +144,7 @@ class Mixout(Regularizer):
                 plan.skipped.append({"name": name, "reason": why})
                 continue
             plan.swaps.append((name, m, role))
-        if not plan.swaps:
+        if not plan.swaps and not any(getattr(p, "takes", None) is not None and p.claims for p in earlier):
             skipped = ", ".join(s["name"] for s in plan.skipped[:5])
             raise SurgeryError(f"mixout={opts.mixout} selected no nn.Linear/Conv1D layer"
                                + (f" (skipped: {skipped})" if skipped else "") + "; check include/exclude")
@@ -170,6 +171,8 @@ class Mixout(Regularizer):
     def revert(self, root, rec):
         layers = {}
         for m in rec.mixout:  # at its name, inside a PEFT wrapper put there, or where an unwrapped wrapper was
+            if "params" in m:  # fused experts and routers: surgery.regularizers.experts
+                continue
             found, here = find_layers(root, m["name"], LAYERS)
             if not found and m.get("kind") != "lora":  # a LoRA adapter merged and unloaded leaves nothing to undo
                 raise SurgeryError(f"cannot revert: Mixout layer {m['name']!r} is missing or was replaced after apply "

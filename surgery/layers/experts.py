@@ -1,0 +1,327 @@
+"""Mixout on Parameters a module reads in its own forward: fused mixture-of-experts tensors and routers.
+
+transformers 5 stores the experts of a mixture-of-experts layer fused, one 3-D Parameter per
+projection (``gate_up_proj`` of shape ``(E, 2I, H)``, ``down_proj`` of shape ``(E, H, I)``; GPT-OSS
+stores them ``(E, in, out)``), and its router as a 2-D ``weight`` ``(E, H)`` read with
+``F.linear`` by a module that is not an ``nn.Linear``. Their forwards are many (an eager loop
+over experts, ``batched_mm``, ``grouped_mm``, hub kernels, chosen by
+``config._experts_implementation``), so the layer does not compute them: it hands the module's
+own forward the *mixed* tensor in place of the Parameter. In a training forward every mixed
+Parameter ``W`` (and its frozen target ``T``) becomes::
+
+    W_mix = T + M * (W - T) / (1 - p),   M ~ Bernoulli(1 - p), one value per expert and input neuron
+
+(per input neuron for a router), drawn once per forward and shared by the batch, exactly as
+:class:`~surgery.layers.mixout.MixLinear` draws it for a Linear; the forward reads ``W_mix``
+wherever it reads ``self.<name>``. The gradient is exact: ``dL/dW = M / (1 - p) * dL/dW_mix``,
+one elementwise pass, in float32 for bf16/fp16 weights and rounded once. Eval and ``p == 0``
+call the module's forward untouched (the plain model bitwise); ``p == 1`` uses the target alone.
+
+The swap follows the Linear rule: :meth:`MixoutParams.from_module` builds an instance of a subclass
+of the module's own class (``Mixout<Class>``) that shares the Parameter, buffer and submodule
+objects and the hook dictionaries (:func:`~surgery.layers.mixout.share_hooks`) and adds one frozen
+Parameter ``mixout_target`` holding every mixed Parameter's target, ``(E, sum of the per-expert
+sizes)`` (its state_dict key ``<module>.mixout_target`` is a Mixout target's key, dropped by export
+and ``surgery convert``; dim 0 is the experts dim, so FSDP2 shards it with the weights);
+:meth:`MixoutParams.to_module` gives back the original object holding the current Parameters.
+
+With ``low_memory`` the mixed tensor is not kept for backward: the tensors the forward saves that
+are views of it are recomputed from ``W``, ``T`` and the mask when backward needs them.
+
+Under a PEFT ``ParamWrapper`` (LoRA on ``target_parameters``) the module reads its weight as
+``W0 + delta`` (a parametrization PEFT installs for each forward); the layer then mixes that
+effective weight toward the frozen base ``W0`` itself (no target copy): ``W0 + M * delta / (1 - p)``,
+the LoRA rule of :mod:`surgery.regularizers.lora`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..arguments import check_p
+from ..errors import SurgeryError
+from ..record import TARGET_SUFFIX
+from .mixout import _check_target, _mix, _scale, share_hooks
+
+__all__ = ["MixoutParams", "mixout_class"]
+
+# attributes MixoutParams adds to the instance; to_module copies everything else back
+_OWN = ("_original", "mixout_p", "mixout_low_memory", "mixout_layout", "mixout_base", "_frozen_warning",
+        "_record_name")
+
+
+class _Active(threading.local):
+    """The mixed tensors of the forwards running in this thread, by ``id(module)``."""
+
+    def __init__(self):
+        self.by_module: dict[int, dict[str, torch.Tensor]] = {}
+
+
+_ACTIVE = _Active()
+
+
+class _MixParam(torch.autograd.Function):
+    """``T + s * (W - T)`` with the exact gradient ``s * g`` for ``W`` (``T`` and ``s`` take none)."""
+
+    @staticmethod
+    def forward(ctx, weight, target, s):
+        ctx.save_for_backward(s)
+        return _mix(target, weight, s)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (s,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        if g.dtype == s.dtype:
+            return g * s, None, None
+        # float32 scale, bf16/fp16 gradient: the product in float32, rounded once into the gradient's dtype
+        return torch.mul(g, s, out=torch.empty_like(g, memory_format=torch.contiguous_format)), None, None
+
+
+class _Saved:
+    """What the low-memory pack hook keeps instead of a view of a mixed tensor."""
+
+    __slots__ = ("i", "size", "stride", "offset")
+
+    def __init__(self, i, t):
+        self.i, self.size, self.stride, self.offset = i, t.size(), t.stride(), t.storage_offset()
+
+
+def _recompute_hooks(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """``saved_tensors_hooks`` that keep no view of a mixed tensor for backward: such a view is saved as
+    its geometry and rebuilt from ``(mixed, weight, target, s)``'s weight, target and mask when backward
+    unpacks it (the rebuilt tensor is kept while this forward's views of it are still to be unpacked)."""
+    ptrs = {m.untyped_storage().data_ptr(): i for i, (m, _, _, _) in enumerate(parts) if m.numel()}
+    inputs = [(w, t, s) for _, w, t, s in parts]
+    left = [0] * len(parts)
+    cache: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        try:
+            i = ptrs.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError, TypeError):  # a tensor without plain storage
+            return t
+        if i is None:
+            return t
+        left[i] += 1
+        return _Saved(i, t)
+
+    def unpack(x):
+        if not isinstance(x, _Saved):
+            return x
+        full = cache.get(x.i)
+        if full is None:
+            w, t, s = inputs[x.i]
+            with torch.no_grad():
+                full = _mix(t, w, s)
+            cache[x.i] = full
+        left[x.i] -= 1
+        if left[x.i] <= 0:
+            cache.pop(x.i, None)
+        return full.as_strided(x.size, x.stride, x.offset)
+
+    return pack, unpack
+
+
+class MixoutParams(nn.Module):
+    """Mixout on Parameters that a module's own forward reads (fused experts, routers); see the module doc.
+
+    Never instantiated directly: :func:`mixout_class` derives ``Mixout<Class>`` from this and the
+    module's class, and :meth:`from_module` builds the swap-in from an existing module.
+
+    Attributes:
+        mixout_p: the Mixout probability.
+        mixout_layout: ``((name, axes), ...)``: each mixed Parameter and the dims its mask varies
+            along (the experts dim and the input-neuron dim; the input-neuron dim for a router).
+        mixout_base: True when the target is the frozen base Parameter under a PEFT parametrization
+            (no ``mixout_target`` copy), False for a module holding a ``mixout_target``.
+        mixout_low_memory: recompute the mixed tensors in backward instead of keeping them.
+    """
+
+    def __getattribute__(self, name: str) -> Any:
+        # in a training forward the module's own code reads the mixed tensor wherever it reads the Parameter
+        # (a PEFT parametrization's property included, hence __getattribute__ and not __getattr__)
+        by_module = _ACTIVE.by_module
+        if by_module:
+            own = by_module.get(id(self))
+            if own is not None and name in own:
+                return own[name]
+        return super().__getattribute__(name)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, p: float, layout: Sequence[tuple[str, Sequence[int]]], *,
+                    base: bool = False, target_dtype: torch.dtype | None = None,
+                    low_memory: bool = False) -> "MixoutParams":
+        """The swap-in for ``module``, sharing its Parameters, buffers, submodules and hooks.
+
+        Args:
+            module: the module whose forward reads the Parameters named in ``layout``.
+            p: Mixout probability in [0, 1].
+            layout: ``(name, axes)`` per mixed Parameter: the dims its mask varies along. Every mixed
+                Parameter has the same leading dim (the experts).
+            base: mix toward the frozen Parameter itself (under a PEFT parametrization), no target copy.
+            target_dtype: dtype of the target copy (default: the Parameters' common dtype, exact).
+            low_memory: recompute the mixed tensors in backward.
+
+        Raises:
+            SurgeryError: the mixed Parameters do not share their leading dim or their device.
+        """
+        p = check_p(p, "p")
+        layout = tuple((name, tuple(axes)) for name, axes in layout)
+        weights = [module._parameters[name] for name, _ in layout]
+        lead = {w.shape[0] for w in weights}
+        if len(lead) != 1 or len({w.device for w in weights}) != 1:
+            raise SurgeryError(f"{type(module).__name__}: the mixed Parameters {[n for n, _ in layout]} do not share "
+                               "their leading (experts) dim and device, so they cannot share one target")
+        new = object.__new__(mixout_class(type(module)))
+        state = vars(new)
+        state.update(vars(module))
+        for key in ("_parameters", "_buffers", "_modules"):
+            state[key] = dict(vars(module)[key])
+        state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+        share_hooks(module, new)
+        state.update(_original=module, mixout_p=p, mixout_layout=layout, mixout_base=base,
+                     mixout_low_memory=low_memory)
+        if not base:
+            dtype = target_dtype
+            if dtype is None:
+                dtype = weights[0].dtype
+                for w in weights[1:]:
+                    dtype = torch.promote_types(dtype, w.dtype)  # exact for every weight
+            n = lead.pop()
+            target = torch.empty(n, sum(w[0].numel() for w in weights) if n else 0, dtype=dtype,
+                                 device=weights[0].device)
+            for (w, (lo, hi)) in zip(weights, new._offsets()):
+                target[:, lo:hi].copy_(w.detach().reshape(n, -1))
+            new.register_parameter(TARGET_SUFFIX, nn.Parameter(target, requires_grad=False))
+        new.train(module.training)
+        return new
+
+    def _offsets(self) -> list[tuple[int, int]]:
+        out, lo = [], 0
+        for name, _ in self.mixout_layout:
+            w = self._weight(name)
+            hi = lo + math.prod(w.shape[1:])
+            out.append((lo, hi))
+            lo = hi
+        return out
+
+    def _weight(self, name: str) -> torch.Tensor:
+        """The Parameter ``name`` (the frozen original when a PEFT parametrization is on)."""
+        if parametrize.is_parametrized(self, name):
+            return self.parametrizations[name].original
+        return self._parameters[name]
+
+    def targets(self) -> dict[str, torch.Tensor]:
+        """Each mixed Parameter's target (views into ``mixout_target``; the frozen base under PEFT)."""
+        if self.mixout_base:
+            return {name: self._weight(name) for name, _ in self.mixout_layout}
+        t = self._parameters[TARGET_SUFFIX]
+        out = {}
+        for (name, _), (lo, hi) in zip(self.mixout_layout, self._offsets()):
+            out[name] = t[:, lo:hi].view(self._weight(name).shape)
+        return out
+
+    @property
+    def orig(self) -> str:
+        """Dotted class name of the module :meth:`to_module` gives back (the record's ``orig``)."""
+        cls = type(vars(self)["_original"])
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def to_module(self) -> nn.Module:
+        """The original module (same object and class) holding this module's current Parameters, buffers,
+        submodules and attributes, without the target."""
+        orig = vars(self)["_original"]
+        for key, value in vars(self).items():
+            if key in _OWN:
+                continue
+            if key in ("_parameters", "_buffers", "_modules"):
+                kept = {k: v for k, v in value.items() if k != TARGET_SUFFIX or key != "_parameters"}
+                vars(orig)[key].clear()
+                vars(orig)[key].update(kept)
+            else:
+                vars(orig)[key] = value
+        return orig
+
+    def forward(self, *args, **kwargs):
+        if not self.training or self.mixout_p == 0.0:
+            return super().forward(*args, **kwargs)
+        mixed, parts = {}, []
+        for (name, axes), target in zip(self.mixout_layout, self.targets().values()):
+            weight = getattr(self, name)  # the Parameter, or PEFT's W0 + delta
+            if not torch.compiler.is_compiling():
+                _check_target(weight, target)
+            if not weight.requires_grad:
+                self._warn_frozen()
+            shape = [n if d in axes else 1 for d, n in enumerate(weight.shape)]
+            if self.mixout_p == 1.0:
+                s = torch.zeros(shape, device=weight.device, dtype=torch.float64 if weight.dtype == torch.float64
+                                else torch.float32)
+            else:
+                s = _scale(self.mixout_p, math.prod(shape), weight).view(shape)
+            mixed[name] = _MixParam.apply(weight, target, s)
+            parts.append((mixed[name], weight, target, s))
+        by_module = _ACTIVE.by_module
+        before = by_module.get(id(self))
+        by_module[id(self)] = mixed
+        try:
+            if self.mixout_low_memory:
+                with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(parts)):
+                    return super().forward(*args, **kwargs)
+            return super().forward(*args, **kwargs)
+        finally:
+            if before is None:
+                by_module.pop(id(self), None)
+            else:
+                by_module[id(self)] = before
+
+    def _warn_frozen(self) -> None:
+        """Once per ``apply``: a Mixout layer is training with a frozen weight (see ``MixLinear``)."""
+        state = vars(self).setdefault("_frozen_warning", {})
+        if not state and not self.mixout_base:
+            state["warned"] = True
+            warnings.warn(
+                f"surgery: Mixout layer {vars(self).get('_record_name', '?')!r} (and maybe others) holds a frozen "
+                "weight (requires_grad=False): Mixout does not train it, and on an untrained weight it is the identity. "
+                "This happens when the model is frozen after surgery.apply: unfreeze it, or call surgery.revert(model) "
+                "first and apply to the model as it will train", UserWarning, stacklevel=3)
+
+    def __reduce_ex__(self, protocol):
+        # pickled as the original class plus the Mixout state: the derived class is rebuilt on load
+        state = dict(vars(self))
+        return _rebuild, (type(vars(self)["_original"]), state)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        names = ", ".join(n for n, _ in self.mixout_layout)
+        return (f"{s}, " if s else "") + f"mixout_p={self.mixout_p} on {names}" + \
+            (", low_memory=True" if self.mixout_low_memory else "")
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def mixout_class(cls: type) -> type:
+    """``Mixout<cls>``: :class:`MixoutParams` in front of ``cls`` (one class per ``cls``)."""
+    if issubclass(cls, MixoutParams):
+        raise SurgeryError(f"{cls.__name__} already mixes its Parameters")
+    sub = _CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Mixout{cls.__name__}", (MixoutParams, cls), {"__module__": __name__})
+        _CLASSES[cls] = sub
+    return sub
+
+
+def _rebuild(cls: type, state: dict) -> nn.Module:
+    new = object.__new__(mixout_class(cls))
+    vars(new).update(state)
+    return new
