@@ -14,6 +14,7 @@ from zoo import NAMES, ZOO, batch, build
 
 import surgery
 from surgery.layers.mixout import is_conv1d
+from surgery.regularizers.experts import classify
 from surgery.record import TARGET_SUFFIX
 
 
@@ -45,8 +46,8 @@ def structure(model: nn.Module):
 
 
 def n_linear(model: nn.Module) -> int:
-    """Linear-like layers: each is either mixed or listed as left alone, with its reason."""
-    return sum(1 for _, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m))
+    """Linear-like layers, fused experts and routers: each is either mixed or listed as left alone, with its reason."""
+    return sum(1 for _, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m) or classify(m))
 
 
 def train_steps(model: nn.Module, inputs: dict, opt: torch.optim.Optimizer, steps: int = 3) -> list[float]:
@@ -242,7 +243,7 @@ def test_gradient_checkpointing_enabled_before_apply(name):
     assert all(torch.equal(ckpt[k], plain[k]) for k in plain)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2-lm"])  # nn.Linear and Conv1D (transposed)
+@pytest.mark.parametrize("name", ["bert", "gpt2-lm", "mixtral", "gpt-oss"])  # Linear, Conv1D, fused experts
 def test_low_memory_mixout_under_checkpointing_matches_plain(name):
     plain, loss, _ = _grads(name, False, seed=0)
     low, loss_low, _ = _grads(name, True, seed=0, low_memory=True)

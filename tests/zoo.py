@@ -52,6 +52,13 @@ def _bertlike(**extra) -> dict[str, Any]:
                 attention_probs_dropout_prob=P, **extra)
 
 
+def _moe(**extra) -> dict[str, Any]:
+    """A mixture-of-experts decoder: 4 experts, 2 per token, every layer sparse unless ``extra`` says otherwise."""
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                num_key_value_heads=2, max_position_embeddings=MAXPOS, num_experts_per_tok=2, attention_dropout=P,
+                pad_token_id=0) | extra
+
+
 ZOO: dict[str, Spec] = {
     "bert": Spec("bert", "BertForSequenceClassification", _bertlike(classifier_dropout=P, type_vocab_size=2)),
     "roberta": Spec("roberta", "RobertaForSequenceClassification", _bertlike(classifier_dropout=P, pad_token_id=1)),
@@ -137,6 +144,24 @@ ZOO: dict[str, Spec] = {
                  dict(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                       window_size=4, hidden_dropout_prob=P, attention_probs_dropout_prob=P, drop_path_rate=P),
                  inputs="image"),
+    # mixture of experts: fused 3-D expert tensors and non-Linear routers (surgery.regularizers.experts). Mixtral's
+    # router_jitter_noise (train-time noise on the router input) is off here: it is neither dropout nor drop-path
+    "mixtral": Spec("mixtral", "MixtralForSequenceClassification",
+                    _moe(num_local_experts=4, intermediate_size=24, router_jitter_noise=0.0)),
+    "qwen3-moe": Spec("qwen3_moe", "Qwen3MoeForSequenceClassification",
+                      _moe(num_experts=4, moe_intermediate_size=12, intermediate_size=FFN, head_dim=8)),
+    "olmoe": Spec("olmoe", "OlmoeForCausalLM",
+                  _moe(num_experts=4, intermediate_size=24, bos_token_id=2, eos_token_id=2),
+                  inputs="causal_lm", head=False),
+    "deepseek-v3": Spec("deepseek_v3", "DeepseekV3ForSequenceClassification",  # layer 0 dense, layer 1 MoE
+                        _moe(n_routed_experts=4, moe_intermediate_size=12, intermediate_size=FFN, num_key_value_heads=HEADS,
+                             n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                             q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "gpt-oss": Spec("gpt_oss", "GptOssForSequenceClassification",  # experts stored (E, in, out), with biases
+                    _moe(num_local_experts=4, intermediate_size=24, head_dim=8, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "convnext": Spec("convnext", "ConvNextForImageClassification",  # no dropout at all, DropPath only
                      dict(num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[16, 32], depths=[2, 2], image_size=16,
                           drop_path_rate=P),

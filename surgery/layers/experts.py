@@ -157,17 +157,45 @@ class MixoutParams(nn.Module):
                 return own[name]
         return super().__getattribute__(name)
 
+    @staticmethod
+    def make_target(module: nn.Module, layout: Sequence[tuple[str, Sequence[int]]],
+                    target_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen copy of the Parameters ``layout`` names: ``(E, sum of their per-expert sizes)``.
+
+        Raises:
+            SurgeryError: the Parameters do not share their leading (experts) dim and device.
+        """
+        weights = [module._parameters[name] for name, _ in layout]
+        lead = {w.shape[0] for w in weights}
+        if len(lead) != 1 or len({w.device for w in weights}) != 1:
+            raise SurgeryError(f"{type(module).__name__}: the mixed Parameters {[n for n, _ in layout]} do not share "
+                               "their leading (experts) dim and device, so they cannot share one target")
+        dtype = target_dtype
+        if dtype is None:
+            dtype = weights[0].dtype
+            for w in weights[1:]:
+                dtype = torch.promote_types(dtype, w.dtype)  # exact for every weight
+        n = lead.pop()
+        target = torch.empty(n, sum(math.prod(w.shape[1:]) for w in weights), dtype=dtype, device=weights[0].device)
+        lo = 0
+        for w in weights:
+            hi = lo + math.prod(w.shape[1:])
+            target[:, lo:hi].copy_(w.detach().reshape(n, -1))
+            lo = hi
+        return nn.Parameter(target, requires_grad=False)
+
     @classmethod
     def from_module(cls, module: nn.Module, p: float, layout: Sequence[tuple[str, Sequence[int]]], *,
-                    base: bool = False, target_dtype: torch.dtype | None = None,
-                    low_memory: bool = False) -> "MixoutParams":
-        """The swap-in for ``module``, sharing its Parameters, buffers, submodules and hooks.
+                    target: torch.Tensor | None = None, base: bool = False,
+                    target_dtype: torch.dtype | None = None, low_memory: bool = False) -> "MixoutParams":
+        """The swap-in for ``module``, sharing its Parameters, buffers, submodules, attributes and hooks.
 
         Args:
             module: the module whose forward reads the Parameters named in ``layout``.
             p: Mixout probability in [0, 1].
             layout: ``(name, axes)`` per mixed Parameter: the dims its mask varies along. Every mixed
                 Parameter has the same leading dim (the experts).
+            target: the target copy, as :meth:`make_target` makes it (default: made here).
             base: mix toward the frozen Parameter itself (under a PEFT parametrization), no target copy.
             target_dtype: dtype of the target copy (default: the Parameters' common dtype, exact).
             low_memory: recompute the mixed tensors in backward.
@@ -177,11 +205,8 @@ class MixoutParams(nn.Module):
         """
         p = check_p(p, "p")
         layout = tuple((name, tuple(axes)) for name, axes in layout)
-        weights = [module._parameters[name] for name, _ in layout]
-        lead = {w.shape[0] for w in weights}
-        if len(lead) != 1 or len({w.device for w in weights}) != 1:
-            raise SurgeryError(f"{type(module).__name__}: the mixed Parameters {[n for n, _ in layout]} do not share "
-                               "their leading (experts) dim and device, so they cannot share one target")
+        if not base and target is None:
+            target = cls.make_target(module, layout, target_dtype)
         new = object.__new__(mixout_class(type(module)))
         state = vars(new)
         state.update(vars(module))
@@ -192,27 +217,21 @@ class MixoutParams(nn.Module):
         state.update(_original=module, mixout_p=p, mixout_layout=layout, mixout_base=base,
                      mixout_low_memory=low_memory)
         if not base:
-            dtype = target_dtype
-            if dtype is None:
-                dtype = weights[0].dtype
-                for w in weights[1:]:
-                    dtype = torch.promote_types(dtype, w.dtype)  # exact for every weight
-            n = lead.pop()
-            target = torch.empty(n, sum(w[0].numel() for w in weights) if n else 0, dtype=dtype,
-                                 device=weights[0].device)
-            for (w, (lo, hi)) in zip(weights, new._offsets()):
-                target[:, lo:hi].copy_(w.detach().reshape(n, -1))
-            new.register_parameter(TARGET_SUFFIX, nn.Parameter(target, requires_grad=False))
+            if target.shape != (module._parameters[layout[0][0]].shape[0], sum(n for _, n in new._sizes())):
+                raise ValueError(f"target shape {tuple(target.shape)} does not fit the Parameters {layout}")
+            new.register_parameter(TARGET_SUFFIX, target if isinstance(target, nn.Parameter)
+                                   else nn.Parameter(target.detach(), requires_grad=False))
         new.train(module.training)
         return new
 
+    def _sizes(self) -> list[tuple[str, int]]:
+        return [(name, math.prod(self._weight(name).shape[1:])) for name, _ in self.mixout_layout]
+
     def _offsets(self) -> list[tuple[int, int]]:
         out, lo = [], 0
-        for name, _ in self.mixout_layout:
-            w = self._weight(name)
-            hi = lo + math.prod(w.shape[1:])
-            out.append((lo, hi))
-            lo = hi
+        for _, n in self._sizes():
+            out.append((lo, lo + n))
+            lo += n
         return out
 
     def _weight(self, name: str) -> torch.Tensor:

@@ -117,17 +117,18 @@ class ExpertsPlan(Plan):
     swaps: list[tuple[str, nn.Module, tuple, str, bool, bool]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     takes: list[str] = field(default_factory=list)  # modules the Linear rule leaves to this plan
-    built: list[nn.Module] = field(default_factory=list)
+    targets: list[Any] = field(default_factory=list)
 
     def build(self) -> None:
-        """The swap-ins, their targets allocated (the step that can run out of memory)."""
-        self.built = [MixoutParams.from_module(m, self.p, layout, base=base, target_dtype=self.target_dtype,
-                                               low_memory=self.low_memory)
-                      for _, m, layout, _, base, _ in self.swaps]
+        """The targets, allocated (the step that can run out of memory)."""
+        self.targets = [None if base else MixoutParams.make_target(m, layout, self.target_dtype)
+                        for _, m, layout, _, base, _ in self.swaps]
 
     def install(self, view, rec) -> None:
         frozen_warning: dict = {}
-        for (name, old, layout, kind, base, transposed), layer in zip(self.swaps, self.built):
+        for (name, old, layout, kind, base, transposed), target in zip(self.swaps, self.targets):
+            # built now, not in build(): the module's attributes as apply leaves them (its config copy)
+            layer = MixoutParams.from_module(old, self.p, layout, target=target, base=base, low_memory=self.low_memory)
             parent, _, child = name.rpartition(".")
             setattr(view.root.get_submodule(parent), child, layer)
             rec.mixout.append({"name": name, "p": self.p, "orig": _qualname(old), "kind": "lora" if base else kind,

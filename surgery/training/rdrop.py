@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError, SurgeryTypeError
+from ..layers.experts import MixoutParams
 from ..layers.mixout import LoraMixout, MixLinear
 from ..outputs import map_tensors
 from ..record import unwrap
@@ -35,7 +36,8 @@ def rdrop_strategy(model: nn.Module) -> tuple[str, str]:
     view = View(unwrap(model))
     shared = []
     for name, mod in view.modules.items():
-        if isinstance(mod, (MixLinear, LoraMixout)) and mod.training and mod.p > 0:
+        if mod.training and (isinstance(mod, (MixLinear, LoraMixout)) and mod.p > 0
+                             or isinstance(mod, MixoutParams) and mod.mixout_p > 0):  # fused experts, routers
             shared.append(f"Mixout {name}")
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
             shared.append(f"BatchNorm {name}")
