@@ -43,10 +43,10 @@ def _lora_b(name: str) -> str:
     return f"{head}.lora_B.{adapter}"
 
 
-def _covered_by_mixout(view, rec) -> set[str]:
-    """Names of the Parameters the record's Mixout entries mix."""
+def _covered_by_mixout(view, rec, wrappers) -> set[str]:
+    """Names of the Parameters the record's Mixout entries mix (``wrappers``: PEFT ParamWrappers by the
+    module they wrapped when apply planned)."""
     out: set[str] = set()
-    wrappers = None
     for m in rec.mixout:
         name, kind = m["name"], m.get("kind")
         if "params" not in m:
@@ -56,7 +56,6 @@ def _covered_by_mixout(view, rec) -> set[str]:
         elif kind != "lora":
             out.update(f"{name}.{k}" for k in m["params"])
         else:  # expert tensors under PEFT ParamWrappers: their adapters
-            wrappers = _param_wrappers(view) if wrappers is None else wrappers
             for wname, w in wrappers.get(id(view.modules.get(name)), []):
                 if w.parameter_name in m["params"]:
                     out.update(n for n, _ in w.named_parameters(prefix=wname) if ".lora_A." in n or ".lora_B." in n)
@@ -94,6 +93,7 @@ def _kind(view, name: str) -> str:
 @dataclass
 class CoveragePlan(Plan):
     frozen: set[str] = field(default_factory=set)  # Parameters other plans freeze while installed
+    wrappers: dict = field(default_factory=dict)  # PEFT ParamWrappers by the module they wrap, before any swap
 
     def install(self, view, rec) -> None:
         trainable: dict[str, int] = {}
@@ -105,7 +105,7 @@ class CoveragePlan(Plan):
         first = {n: view.param_names[id(view.params[n])][0] for n in view.params}
         cov: dict = {"trainable": sum(trainable.values())}
         if rec.mixout:
-            mixed = {first[n] for n in _covered_by_mixout(view, rec) if n in first} & trainable.keys()
+            mixed = {first[n] for n in _covered_by_mixout(view, rec, self.wrappers) if n in first} & trainable.keys()
             cov["mixout"] = sum(trainable[n] for n in mixed)
             left: dict[str, list[str]] = {}
             for name in trainable:
@@ -127,4 +127,4 @@ class Coverage(Regularizer):
     def plan(self, view, opts, earlier: Sequence[Plan]) -> CoveragePlan | None:
         if not earlier:
             return None
-        return CoveragePlan(frozen={n for p in earlier for n in p.freezes})
+        return CoveragePlan(frozen={n for p in earlier for n in p.freezes}, wrappers=_param_wrappers(view))
