@@ -25,7 +25,12 @@ non-zero rates of a kind whose option was not given (``describe`` reports it).
 
 A Mixout entry with ``"kind": "lora"`` names the ``lora_A.<adapter>`` layer of a PEFT LoRA
 layer: Mixout on that layer's effective weight toward its frozen base weight, no target
-copy (see :mod:`surgery.lora`). Every other Mixout layer adds one frozen Parameter,
+copy (see :mod:`surgery.lora`). An entry with ``"params"`` names a fused-experts module or a
+router (``"kind": "experts"`` / ``"router"``, the mixed Parameters listed; ``"kind": "lora"`` for expert
+tensors under a PEFT ``ParamWrapper``, no target; see :mod:`surgery.regularizers.experts`); its target
+packs every listed Parameter's, ``(E, sum of the per-expert sizes)``. ``coverage`` (optional) says
+which share of the trainable weights each regularizer covers and what Mixout leaves plain, by kind
+(:mod:`surgery.regularizers.coverage`). Every other Mixout layer adds one frozen Parameter,
 ``<name>.mixout_target`` (the frozen pretrained weight, same shape/dtype as
 ``<name>.weight``, ``requires_grad=False``), to the state_dict. Nothing
 else changes keys: MSD heads are hooks, dropout changes are attribute values.

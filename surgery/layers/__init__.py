@@ -1,3 +1,3 @@
-"""What a surgered model runs in forward: the Mixout layers (:mod:`.mixout`), the multi-sample
-dropout hooks (:mod:`.msd`) and the layer-weighted head's pooling (:mod:`.layer_pool`).
-``surgery.regularizers`` decides where they go."""
+"""What a surgered model runs in forward: the Mixout layers (:mod:`.mixout`; fused experts and
+routers: :mod:`.experts`), the multi-sample dropout hooks (:mod:`.msd`) and the layer-weighted
+head's pooling (:mod:`.layer_pool`). ``surgery.regularizers`` decides where they go."""

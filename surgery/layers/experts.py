@@ -68,11 +68,16 @@ _ACTIVE = _Active()
 
 
 class _MixParam(torch.autograd.Function):
-    """``T + s * (W - T)`` with the exact gradient ``s * g`` for ``W`` (``T`` and ``s`` take none)."""
+    """``T + s * (W - T)`` with the exact gradient ``s * g`` for ``W`` (``T`` and ``s`` take none).
+
+    The gradient is written once, in ``W``'s memory layout (a float32 product rounded once into a bf16/fp16
+    gradient), so that ``AccumulateGrad`` takes it as it is: the plain layer pays that same pass to bring a
+    transposed gradient (``grouped_mm`` of ``W.transpose``) into ``W``'s layout."""
 
     @staticmethod
     def forward(ctx, weight, target, s):
         ctx.save_for_backward(s)
+        ctx.layout = weight.stride()
         return _mix(target, weight, s)
 
     @staticmethod
@@ -81,10 +86,8 @@ class _MixParam(torch.autograd.Function):
         (s,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        if g.dtype == s.dtype:
-            return g * s, None, None
-        # float32 scale, bf16/fp16 gradient: the product in float32, rounded once into the gradient's dtype
-        return torch.mul(g, s, out=torch.empty_like(g, memory_format=torch.contiguous_format)), None, None
+        out = torch.empty_strided(g.shape, ctx.layout, dtype=g.dtype, device=g.device)
+        return torch.mul(g, s, out=out), None, None
 
 
 class _Saved:
