@@ -18,7 +18,6 @@ import weakref
 import pytest
 import torch
 import transformers
-from conftest import assert_untouched, snapshot
 from torch import nn
 from zoo import ZOO, batch, build
 

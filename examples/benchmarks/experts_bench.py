@@ -31,7 +31,6 @@ import torch
 
 from common import interleaved, machine_line, mib, set_threads, table
 
-import surgery
 from surgery.layers.experts import MixoutParams
 
 P = 0.1
