@@ -185,6 +185,7 @@ STRS = _Check(lambda v: isinstance(v, list) and all(_text(k) for k in v), "a lis
 VALUES = _Check(lambda v: isinstance(v, list) and len(v) > 0 and all(_finite(x) for x in v),
                 "a non-empty list of finite numbers")
 OBJECT = _Check(lambda v: isinstance(v, dict), "a JSON object")
+LIST = _Check(lambda v: isinstance(v, list), "a list")
 
 
 def _one_of(*values: str) -> _Check:
@@ -205,7 +206,7 @@ POOL = _one_of("first", "last")
 # list field -> {entry field: (check, required)}
 _ENTRIES: dict[str, dict[str, tuple[_Check, bool]]] = {
     "mixout": {"name": (STR, True), "p": (PROB, True), "orig": (STR, False), "transposed": (BOOL, False),
-               "kind": (_one_of("lora"), False)},
+               "kind": (_one_of("lora", "experts", "router"), False), "params": (PATH, False)},
     "dropout": {"module": (STR, True), "attr": (STR, True), "old": (NUMBER, True), "new": (_or_null(NUMBER), False),
                 "kind": (KIND, False)},
     "config": {"path": (PATH, True), "old": (NUMBER, True), "new": (_or_null(NUMBER), False), "module": (STR, False),
@@ -216,6 +217,11 @@ _ENTRIES: dict[str, dict[str, tuple[_Check, bool]]] = {
                 "values": (_either(VALUES, _Check(lambda v: v == [], "[]")), True), "modules": (COUNT, True),
                 "config": (COUNT, True)},
 }
+# coverage (surgery/regularizers/coverage.py): trainable weights each regularizer covers, and what Mixout leaves
+# plain by kind; {} or absent when apply planned nothing
+_COVERAGE: dict[str, tuple[_Check, bool]] = {
+    "trainable": (COUNT, True), "mixout": (COUNT, False), "msd": (COUNT, False), "left": (LIST, False)}
+_LEFT: dict[str, tuple[_Check, bool]] = {"kind": (STR, True), "weights": (COUNT, True), "names": (STRS, True)}
 # msd[i].layers (a layer-weighted MSD head, surgery/layer_msd.py)
 _LAYERS: dict[str, tuple[_Check, bool]] = {
     "backbone": (STR, True), "n": (K, True), "p": (PROB, True), "pool": (POOL, True), "param": (STR, True),
@@ -279,6 +285,15 @@ def check_record(d: Any) -> None:
     if not isinstance(args, dict):
         raise ValueError(f"record field 'args' must be a JSON object, not {short(args)}")
     _check_fields(args, _ARGS, "record field args")
+    cov = d.get("coverage", {})
+    if not isinstance(cov, dict):
+        raise ValueError(f"record field 'coverage' must be {OBJECT.desc}, not {short(cov)}")
+    if cov:
+        _check_fields(cov, _COVERAGE, "record field coverage")
+        for i, e in enumerate(cov.get("left", [])):
+            if not isinstance(e, dict):
+                raise ValueError(f"record field coverage.left[{i}] must be {OBJECT.desc}, not {short(e)}")
+            _check_fields(e, _LEFT, f"record field coverage.left[{i}]")
     for field, spec in _ENTRIES.items():
         entries = d.get(field, [])
         if not isinstance(entries, list):

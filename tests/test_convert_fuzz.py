@@ -298,13 +298,14 @@ KINDS = {
     "kind": lambda v: v in ("dropout", "drop_path", "router_noise"),
     "left-kind": lambda v: v in ("dropout", "drop_path", "router_noise", "sampling"),
     "pool": lambda v: v in ("first", "last"),
-    "lora": lambda v: v == "lora",
+    "lora": lambda v: v in ("lora", "experts", "router"),
     "version": lambda v: type(v) is int and v == 1,
     "format": lambda v: v == "surgery",
 }
 LAYERS = {"backbone": "bert", "n": 3, "p": 0.2, "pool": "first", "init": -3.0, "param": "layer_pool.layer_weights",
           "frozen": ["bert.pooler.dense.weight"]}
-ENTRY = {"mixout": {"name": "enc.0", "p": 0.1, "orig": "torch.nn.Linear", "transposed": False, "kind": "lora"},
+ENTRY = {"mixout": {"name": "enc.0", "p": 0.1, "orig": "torch.nn.Linear", "transposed": False, "kind": "lora",
+                    "params": ["gate_up_proj"]},
          "dropout": {"module": "drop", "attr": "p", "old": 0.1, "new": 0.0, "kind": "dropout"},
          "config": {"module": "", "path": ["hidden_dropout_prob"], "old": 0.1, "new": 0.0, "kind": "dropout"},
          "msd": {"name": "head", "k": 2, "p": 0.1, "layers": LAYERS},
@@ -322,7 +323,7 @@ FIELDS += [("args", f, kind, False, nullable) for f, kind, nullable in [
     ("msd_layer_p", "prob", False), ("msd_pool", "pool", False), ("router_noise", "prob", True)]]
 FIELDS += [("mixout", "name", "str", True, False), ("mixout", "p", "prob", True, False),
            ("mixout", "orig", "str", False, False), ("mixout", "transposed", "bool", False, False),
-           ("mixout", "kind", "lora", False, False),
+           ("mixout", "kind", "lora", False, False), ("mixout", "params", "path", False, False),
            ("dropout", "module", "str", True, False), ("dropout", "attr", "str", True, False),
            ("dropout", "old", "num", True, False), ("dropout", "new", "num", False, True),
            ("dropout", "kind", "kind", False, False),
@@ -335,6 +336,11 @@ FIELDS += [("mixout", "name", "str", True, False), ("mixout", "p", "prob", True,
            ("left_on", "kind", "left-kind", True, False), ("left_on", "values", "values", True, False),
            ("left_on", "what", "str", False, False),
            ("left_on", "modules", "count", True, False), ("left_on", "config", "count", True, False)]
+COVERAGE = {"trainable": 10, "mixout": 6, "msd": 2, "left": [{"kind": "norms", "weights": 4, "names": ["ln.weight"]}]}
+FIELDS += [("top", "coverage", "object", False, False)]
+FIELDS += [("coverage", f, kind, f == "trainable", False) for f, kind in [
+    ("trainable", "count"), ("mixout", "count"), ("msd", "count"), ("left", "list")]]
+FIELDS += [("left", f, kind, True, False) for f, kind in [("kind", "str"), ("weights", "count"), ("names", "strs")]]
 FIELDS += [("layers", f, kind, f != "init", False) for f, kind in [
     ("backbone", "str"), ("n", "k"), ("p", "prob"), ("pool", "pool"), ("param", "str"), ("frozen", "strs"),
     ("init", "num")]]
@@ -353,6 +359,9 @@ def _record_with(where, field, value):
     elif where == "layers":
         rec["msd"] = [json.loads(json.dumps(ENTRY["msd"]))]
         target = rec["msd"][0]["layers"]
+    elif where in ("coverage", "left"):
+        rec["coverage"] = json.loads(json.dumps(COVERAGE))
+        target = rec["coverage"] if where == "coverage" else rec["coverage"]["left"][0]
     else:
         rec[where] = [json.loads(json.dumps(ENTRY[where]))]
         target = rec[where][0]

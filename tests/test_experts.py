@@ -527,12 +527,13 @@ def test_coverage_counts_every_trainable_weight_once(name, kwargs, kinds):
     assert back.coverage == cov and line in surgery.describe(back).splitlines()
 
 
-def test_a_malformed_coverage_is_not_described():
+def test_a_malformed_coverage_is_refused_naming_the_field():
     model = build("bert")
     surgery.apply(model, mixout=0.1)
     d = surgery.get_record(model).to_dict()
     d["coverage"] = {"trainable": "many", "mixout": [1]}
-    assert "coverage" not in surgery.describe(d)
+    with pytest.raises(ValueError, match="record field coverage.trainable must be a non-negative integer"):
+        surgery.describe(d)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -558,3 +559,53 @@ def test_export_and_convert_drop_the_expert_targets(name, tmp_path):
         assert not any(k.endswith(TARGET_SUFFIX) for k in loaded.state_dict())
         with torch.no_grad():
             assert torch.equal(loaded.eval()(**inputs).logits, ref)
+
+
+# ---- modules whose swap could not be exact: refused before anything changes ---------------------------------
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return w * 1.0
+
+
+@pytest.mark.parametrize("spoil, message", [
+    ("copy", r"'model.layers.0.mlp.experts' is already a Mixout layer \(MixoutMixtralExperts\) that no live surgery"),
+    ("compile", r"mixout cannot mix 'model.layers.0.mlp.experts': it was compiled on its own"),
+    ("forward", r"mixout cannot mix 'model.layers.0.mlp.experts': its forward is replaced on the instance"),
+    ("parametrize", r"mixout cannot mix 'model.layers.0.mlp.experts': its Parameters are parametrized"),
+])
+def test_an_experts_module_whose_swap_could_not_be_exact_is_refused(spoil, message, untouched):
+    model = build("mixtral")
+    e = model.model.layers[0].mlp.experts
+    if spoil == "copy":
+        other = build("mixtral")
+        surgery.apply(other, mixout=0.1)
+        model.model.layers[0].mlp.experts = copy.deepcopy(other.model.layers[0].mlp.experts)
+        vars(model.model.layers[0].mlp.experts)["config"] = model.config  # not a record-carrying config
+    elif spoil == "compile":
+        e.compile()
+    elif spoil == "forward":
+        e.forward = lambda *a: a[0]
+    else:
+        torch.nn.utils.parametrize.register_parametrization(e, "down_proj", _Scale())
+    check = untouched(model)
+    with pytest.raises(SurgeryError, match=message):
+        surgery.apply(model, mixout=0.1)
+    check()
+    surgery.apply(model, mixout=0.1, exclude=["model.layers.0.mlp.experts"])  # the fix the message names
+
+
+def test_a_forward_bound_on_the_instance_is_pointed_at_the_swap_in(masks):
+    import functools
+
+    model = build("mixtral")
+    e = model.model.layers[0].mlp.experts
+    e._old_forward = e.forward  # how accelerate's add_hook_to_module wraps forward
+    e.forward = functools.partial(lambda module, *a, **k: module._old_forward(*a, **k), e)
+    surgery.apply(model, mixout=0.3)
+    swapped = model.model.layers[0].mlp.experts
+    assert vars(swapped)["forward"].args[0] is swapped and swapped._old_forward.__self__ is swapped
+    swapped.train()(*experts_inputs(swapped))
+    assert len(masks) == 2  # the swap-in's own forward ran, mixing
+    surgery.revert(model)
+    assert model.model.layers[0].mlp.experts is e and vars(e)["forward"].args[0] is e

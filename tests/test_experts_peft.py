@@ -174,8 +174,8 @@ class Net(nn.Module):
 def test_lora_on_an_undeclared_layout_is_refused_naming_the_layer(untouched):
     pm = get_peft_model(Net(), LoraConfig(r=2, target_modules=[], target_parameters=["experts.gate_up_proj"]))
     check = untouched(pm.base_model.model)
-    with pytest.raises(SurgeryError, match=r"mixout cannot mix 'experts.lora_A.default'.*ParamWrapper.*"
-                                           r"exclude=\['experts'\]"):
+    with pytest.raises(SurgeryError, match=r"mixout cannot mix PEFT adapter 'default' \(peft.tuners.lora.layer."
+                                           r"ParamWrapper.* of layer 'experts'.*exclude=\['experts'\]"):
         surgery.apply(pm, mixout=0.3)
     check()
     pm.base_model.model.classifier.requires_grad_(True)
@@ -211,3 +211,16 @@ def test_apply_then_get_peft_model_mixes_the_effective_weight_toward_the_copied_
     assert torch.allclose(out, ref, atol=1e-6)
     surgery.revert(pm)
     assert type(pm.base_model.model.model.layers[0].mlp.experts.get_base_layer()).__name__ == "MixtralExperts"
+
+
+def test_an_inactive_adapter_is_mixed_too_so_set_adapter_trains_it_mixed(masks):
+    pm = _peft()
+    pm.add_adapter("b", LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_proj"],
+                                   target_parameters=PARAMS))
+    pm.set_adapter("default")
+    surgery.apply(pm, mixout=0.3)
+    assert [m["kind"] for m in surgery.get_record(pm).mixout if "params" in m] == ["lora", "lora"]
+    pm.set_adapter("b")
+    pm.train()
+    pm(**batch("mixtral")).loss.backward()
+    assert len(masks) == 4  # two layers, two expert tensors each, mixed under adapter b

@@ -19,9 +19,9 @@ call the module's forward untouched (the plain model bitwise); ``p == 1`` uses t
 
 The swap follows the Linear rule: :meth:`MixoutParams.from_module` builds an instance of a subclass
 of the module's own class (``Mixout<Class>``) that shares the Parameter, buffer and submodule
-objects and the hook dictionaries (:func:`~surgery.layers.mixout.share_hooks`) and adds one frozen
-Parameter ``mixout_target`` holding every mixed Parameter's target, ``(E, sum of the per-expert
-sizes)`` (its state_dict key ``<module>.mixout_target`` is a Mixout target's key, dropped by export
+objects, the hook dictionaries and its other attributes (:func:`~surgery.layers.mixout.carry_over`)
+and adds one frozen Parameter ``mixout_target`` holding every mixed Parameter's target, ``(E, sum of
+the per-expert sizes)`` (its state_dict key ``<module>.mixout_target`` is a Mixout target's key, dropped by export
 and ``surgery convert``; dim 0 is the experts dim, so FSDP2 shards it with the weights);
 :meth:`MixoutParams.to_module` gives back the original object holding the current Parameters.
 
@@ -48,14 +48,9 @@ from torch.nn.utils import parametrize
 from ..arguments import check_p
 from ..errors import SurgeryError
 from ..record import TARGET_SUFFIX
-from .mixout import _check_target, _mix, _scale, share_hooks
+from .mixout import _MODULE_STATE, _check_target, _mix, _scale, carry_over
 
 __all__ = ["MixoutParams", "mixout_class"]
-
-# attributes MixoutParams adds to the instance; to_module copies everything else back
-_OWN = ("_original", "mixout_p", "mixout_low_memory", "mixout_layout", "mixout_base", "_frozen_warning",
-        "_record_name")
-
 
 class _Active(threading.local):
     """The mixed tensors of the forwards running in this thread, by ``id(module)``."""
@@ -212,11 +207,11 @@ class MixoutParams(nn.Module):
             target = cls.make_target(module, layout, target_dtype)
         new = object.__new__(mixout_class(type(module)))
         state = vars(new)
-        state.update(vars(module))
+        state.update({k: v for k, v in vars(module).items() if k in _MODULE_STATE})
         for key in ("_parameters", "_buffers", "_modules"):
             state[key] = dict(vars(module)[key])
         state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-        share_hooks(module, new)
+        carry_over(module, new)  # hooks shared; its other attributes (config, flags, library attributes) carried
         state.update(_original=module, mixout_p=p, mixout_layout=layout, mixout_base=base,
                      mixout_low_memory=low_memory)
         if not base:
@@ -260,18 +255,15 @@ class MixoutParams(nn.Module):
         return f"{cls.__module__}.{cls.__qualname__}"
 
     def to_module(self) -> nn.Module:
-        """The original module (same object and class) holding this module's current Parameters, buffers,
-        submodules and attributes, without the target."""
+        """The original module (same object and class) holding this module's current Parameters (without
+        the target), buffers and submodules, in this module's training mode."""
         orig = vars(self)["_original"]
-        for key, value in vars(self).items():
-            if key in _OWN:
-                continue
-            if key in ("_parameters", "_buffers", "_modules"):
-                kept = {k: v for k, v in value.items() if k != TARGET_SUFFIX or key != "_parameters"}
-                vars(orig)[key].clear()
-                vars(orig)[key].update(kept)
-            else:
-                vars(orig)[key] = value
+        for key in ("_parameters", "_buffers", "_modules"):
+            kept = {k: v for k, v in vars(self)[key].items() if not (key == "_parameters" and k == TARGET_SUFFIX)}
+            vars(orig)[key].clear()
+            vars(orig)[key].update(kept)
+        orig._is_full_backward_hook = self._is_full_backward_hook
+        orig.train(self.training)
         return orig
 
     def forward(self, *args, **kwargs):

@@ -20,11 +20,14 @@ Which modules, found by what they are (no list of class names):
   ``"router"``) leaves routers alone. Routers that are ``nn.Linear`` modules are Linear layers.
 
 The rules of :mod:`surgery.regularizers.mixout` apply (``include``/``exclude``, frozen weights, the
-task head with ``mixout_head=False``, tied weights, modules registered twice). Under PEFT's
-``ParamWrapper`` (LoRA on ``target_parameters``) the frozen expert tensors are mixed as their LoRA
-layer's effective weight ``W0 + delta`` toward ``W0`` (see :mod:`surgery.layers.experts`), and this
-plan takes the wrapper's ``lora_A``/``lora_B`` from the Linear rule; a merged adapter, or a base
-tensor that trains beside its adapter, is refused naming the layer.
+task head with ``mixout_head=False``, tied weights, modules registered twice), and so do its refusals of
+a swap that could not be exact (a module compiled on its own, a forward replaced on the instance, a
+parametrized Parameter, a Mixout swap-in no live surgery owns). Under PEFT's ``ParamWrapper`` (LoRA on
+``target_parameters``) the frozen expert tensors are mixed as their LoRA layer's effective weight
+``W0 + delta`` toward ``W0`` (see :mod:`surgery.layers.experts`) when an adapter trains or is inactive
+(``set_adapter`` would make it train), and this plan takes the wrappers' ``lora_A``/``lora_B`` from the
+Linear rule; a merged adapter, or a base tensor that trains beside its adapter, is refused naming the
+layer.
 
 Record entries (in ``mixout``): ``{"name", "p", "orig", "kind": "experts" | "router", "params":
 [mixed Parameter names], "transposed"}``, the target at ``<name>.mixout_target``; under PEFT
@@ -37,10 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..arguments import check_materialised
 from ..errors import SurgeryError
 from ..layers.experts import MixoutParams
+from ..layers.mixout import rebindable
 from ..patterns import compile_pattern, find_head
 from ..wrappers import _cls, find_layers
 from .base import Plan, Regularizer
@@ -90,6 +95,32 @@ def classify(m: nn.Module) -> Found | None:
     return None
 
 
+def _unswappable(name: str, m: nn.Module) -> None:
+    """Refuse a module whose swap could not be exact (the Linear rule's checks, for these modules).
+
+    Raises:
+        SurgeryError: a module that is already a Mixout swap-in no live surgery owns, whose Parameters
+            are parametrized, that was compiled on its own, or whose forward is replaced on the instance.
+    """
+    if isinstance(m, MixoutParams):
+        raise SurgeryError(f"{name!r} is already a Mixout layer ({type(m).__name__}) that no live surgery of this "
+                           "model owns (a copy of a surgered model's module?); build the model from plain modules, "
+                           f"or pass exclude=[{name!r}]")
+    why = None
+    if parametrize.is_parametrized(m):
+        why = ("its Parameters are parametrized (torch.nn.utils.parametrize), recomputed from other tensors at every "
+               "forward", "remove the parametrization first")
+    elif vars(m).get("_compiled_call_impl") is not None:
+        why = ("it was compiled on its own with module.compile(), whose compiled call runs the module being replaced",
+               "apply surgery first, then compile (or compile the whole model)")
+    elif vars(m).get("forward") is not None and not rebindable(vars(m)["forward"], m):
+        why = ("its forward is replaced on the instance by code that surgery cannot point at the new module",
+               "remove that override before apply")
+    if why:
+        raise SurgeryError(f"mixout cannot mix {name!r}: {why[0]}. Pass exclude=[{name!r}] to leave it alone, or "
+                           f"{why[1]}")
+
+
 def _qualname(m: Any) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
 
@@ -107,6 +138,16 @@ def _param_wrappers(view) -> dict[int, list[tuple[str, nn.Module]]]:
 
 def _trains(linear) -> bool:
     return linear is not None and linear.weight.requires_grad
+
+
+def _wants(wrapper: nn.Module, adapter: str) -> bool:
+    """An adapter of a PEFT ``ParamWrapper`` that trains, or is inactive (``set_adapter`` would make it
+    train): mixed, as :mod:`surgery.regularizers.lora` mixes every such LoRA adapter."""
+    try:
+        inactive = adapter not in wrapper.active_adapters
+    except (AttributeError, TypeError):
+        inactive = False
+    return inactive or _trains(wrapper.lora_A[adapter]) or (adapter in wrapper.lora_B and _trains(wrapper.lora_B[adapter]))
 
 
 @dataclass
@@ -184,7 +225,7 @@ class ExpertsMixout(Regularizer):
                                  "the projections transformers' experts interface declares, so Mixout cannot mix them "
                                  "exactly"})
         lora = {w.parameter_name: (wname, w) for wname, w in wrapped if w.parameter_name in dict(f.layout)
-                and any(_trains(w.lora_A[a]) or (a in w.lora_B and _trains(w.lora_B[a])) for a in w.lora_A)}
+                and any(_wants(w, a) for a in w.lora_A)}
         why = None
         if under_head and under_head(name):
             why = "task head (mixout_head=False)"
@@ -194,6 +235,7 @@ class ExpertsMixout(Regularizer):
             plan.skipped.append({"name": name, "reason": why})
             return None
         if lora:
+            _unswappable(name, m)
             return ExpertsMixout._lora_swap(name, m, f, lora, plan)
         layout = []
         for k, axes in f.layout:
@@ -213,6 +255,7 @@ class ExpertsMixout(Regularizer):
                 plan.skipped.append({"name": name, "reason": "weight frozen, requires_grad=False: Mixout would not "
                                                              "change it"})
             return None
+        _unswappable(name, m)
         return name, m, tuple(layout), f.kind, False, f.transposed
 
     @staticmethod

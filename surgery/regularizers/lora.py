@@ -74,11 +74,13 @@ def _kind(layer: nn.Module) -> str:
     return f"{type(layer).__module__}.{type(layer).__qualname__}"
 
 
-def tuner_layers(view, include=None, exclude=None) -> PeftLayers:
+def tuner_layers(view, include=None, exclude=None, taken=frozenset()) -> PeftLayers:
     """Every PEFT layer wrapper in ``view`` (empty without peft), after checking the adapters that no
     Linear holds.
 
-    ``include``/``exclude`` are the compiled Mixout patterns (``match(name) -> bool`` or None). Each
+    ``include``/``exclude`` are the compiled Mixout patterns (``match(name) -> bool`` or None); ``taken``
+    names modules another Mixout plan mixes (the adapters of PEFT ``ParamWrapper`` layers on fused
+    experts: :mod:`surgery.regularizers.experts`). Each
     adapter of a PEFT tuner layer other than a vanilla LoRA ``lora_A``/``lora_B`` pair (those are
     walked as Linear layers, see :func:`lora_role`) is grouped by layer and adapter name:
 
@@ -97,7 +99,7 @@ def tuner_layers(view, include=None, exclude=None) -> PeftLayers:
     groups: dict[tuple[str, str], dict] = {}  # (layer name, adapter) -> what the adapter holds
     for pname, prm in view.params.items():
         owner = next((a for a in ancestors(pname)[1:] if a in tuners), None)
-        if owner is None:
+        if owner is None or any(a in taken for a in ancestors(pname)[1:]):
             continue
         layer, rel = tuners[owner], pname[len(owner) + 1:]
         attr, _, rest = rel.partition(".")

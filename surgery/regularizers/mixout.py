@@ -115,10 +115,10 @@ class Mixout(Regularizer):
                 raise HeadError(f"mixout_head=False leaves the task head a plain layer, but {e}") from None
         under_head = compile_pattern([head], names, "head") if head else None
         freezes = {n: why for p in earlier for n, why in p.freezes.items()}
-        tuners = tuner_layers(view, inc, exc)  # PEFT layers; refuses adapters Mixout cannot mix (regularizers/lora.py)
+        taken = {n for p in earlier for n in getattr(p, "takes", ())}  # fused experts, PEFT ParamWrapper adapters
+        tuners = tuner_layers(view, inc, exc, taken)  # PEFT layers; refuses adapters Mixout cannot mix (lora.py)
         plan = MixoutPlan(p=opts.mixout, head=head, target_dtype=opts.target_dtype, low_memory=opts.low_memory)
         plan.skipped += tuners.skipped  # adapters left alone, with the reason
-        taken = {n for p in earlier for n in getattr(p, "takes", ())}  # fused experts, PEFT ParamWrapper adapters
         for name, m in view.modules.items():
             if not name or name in taken or (inc and not inc(name)) or (exc and exc(name)):
                 continue
