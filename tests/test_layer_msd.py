@@ -1,4 +1,4 @@
-"""The layer-weighted multi-sample-dropout head (``apply(msd=K, msd_layers=True)``): equal to the seed's
+"""The layer-weighted multi-sample-dropout head (``apply(msd=K, msd_layers=True)``): equal to the QUEST solution's
 CustomRoberta for the same masks, batched, the eval formula, the zoo encoders and a custom module, the
 training integrations, bad input, revert/export/convert refusals, optimiser groups."""
 
@@ -137,7 +137,7 @@ def test_training_forward_equals_the_seed_for_the_same_masks(name, monkeypatch):
     # the reference: the backbone replayed from the same RNG state (its own dropout masks), the head's masks injected
     torch.manual_seed(7)
     ref, ref_samples, ref_inputs = custom_roberta(backbone, w, head, batch, layer_mask, sample_masks)
-    # what enters the head (the K dropped samples of the weighted CLS) is bitwise the seed's
+    # what enters the head (the K dropped samples of the weighted CLS) is bitwise the QUEST solution's
     assert torch.equal(calls[0], ref_inputs.reshape(K * b, hidden))
     # one (K*B)-row matmul against K B-row matmuls: the same products, summed in another blocking order
     torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-7)

@@ -14,7 +14,7 @@ change the cost). Three groups, each timed interleaved (see common.py):
    on ``[x; x]`` for this model) and with ``strategy="separate"`` (two forwards), against
    two plain passes with the loss written by hand, and a one-pass plain step;
 4. the layer-weighted MSD head (``apply(msd=5, msd_p=0.5, msd_layers=True)``, the QUEST
-   2nd-place head) against the plain MSD head with the same K and p, next to the seed's
+   2nd-place head) against the plain MSD head with the same K and p, next to the QUEST solution's
    code (``CustomBert``: a per-layer dropout loop and a loop over the K samples).
 """
 
@@ -68,7 +68,7 @@ def msd_loop_loss(k, p):
 
 
 def seed_layers_loss(k, p, layer_p):
-    """The seed's CustomBert head written as it is there: hidden states of all layers, a dropout call per
+    """The QUEST solution's CustomBert head written as it is there: hidden states of all layers, a dropout call per
     layer on its CLS vector, softmax-weighted sum, K dropout + classifier calls in a loop; mean of the K
     per-sample losses (the paper's form, as surgery's)."""
     def loss(model, b):
@@ -177,7 +177,7 @@ def main(argv=None):
         seed = seed_model(base)
         res = interleaved({"surgery MSD K=5 p=0.5 (plain head)": make_step(msd, batch, msd_loss),
                            "surgery layer-weighted MSD K=5 (msd_layers=True)": make_step(layers, batch, msd_loss),
-                           "seed's CustomBert head (Python loops)": make_step(seed, batch, seed_layers_loss(5, 0.5, 0.2)),
+                           "QUEST CustomBert head (Python loops)": make_step(seed, batch, seed_layers_loss(5, 0.5, 0.2)),
                            "plain head": make_step(plain, batch, plain_loss)}, rounds=args.rounds)
         report("4. Layer-weighted MSD head against the plain MSD head", res, "surgery MSD K=5 p=0.5 (plain head)")
 
