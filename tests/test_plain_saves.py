@@ -68,11 +68,17 @@ def _logits(model):
 
 
 def _files(path):
+    """Every file's bytes; an adapter_config.json parsed, lists sorted: PEFT writes set-valued fields
+    (target_modules, modules_to_save) in the set's iteration order, which depends on the hash seed and
+    on how the set was built (a deepcopy rebuilds it), not on the save."""
     out = {}
     for root, _, names in os.walk(path):
         for n in names:
             full = os.path.join(root, n)
-            out[os.path.relpath(full, path)] = open(full, "rb").read()
+            data = open(full, "rb").read()
+            if n == "adapter_config.json":
+                data = {k: sorted(v) if isinstance(v, list) else v for k, v in json.loads(data).items()}
+            out[os.path.relpath(full, path)] = data
     return out
 
 
