@@ -49,10 +49,24 @@ def _handler(signum, frame):
         raise KeyboardInterrupt
 
 
+def _unraisable(hook):
+    """``sys.unraisablehook`` that stays quiet about our own ``KeyboardInterrupt``: a signal that lands
+    in a weakref callback or a ``__del__`` (importlib's module-lock callback, say) raises there, Python
+    can only print it ("Exception ignored in ..."), and the flag already carries it to exit 130."""
+    def quiet(unraisable):
+        if issubclass(unraisable.exc_type, KeyboardInterrupt) and STATE.interrupted:
+            return
+        hook(unraisable)
+    quiet.surgery = True
+    return quiet
+
+
 def install() -> bool:
     """Install the handler for SIGINT and SIGTERM (main thread only); False where impossible."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    if not getattr(sys.unraisablehook, "surgery", False):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
     for s in SIGNALS:
         old = signal.signal(s, _handler)
         if old is not _handler:

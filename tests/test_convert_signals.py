@@ -123,3 +123,30 @@ def test_ctrl_c_at_random_moments(tmp_path):
             assert err.strip().splitlines() == ["surgery convert: interrupted; nothing was written to DST"], err
     assert snapshot(src) == before
     assert 130 in outcomes, outcomes
+
+
+def test_a_signal_landing_in_a_weakref_callback_prints_nothing(capsys):
+    """A signal that arrives while Python runs a weakref callback or a __del__ (seen in importlib's
+    module-lock callback at a random moment) raises KeyboardInterrupt where Python can only print it;
+    the flag already carries it to exit 130, so the installed unraisable hook keeps it quiet, and
+    prints everything else as before."""
+    import sys
+    import types
+
+    from surgery import interrupts
+
+    seen = []
+    hook = interrupts._unraisable(seen.append)
+    kb = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), object=None)
+    other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("x"), object=None)
+    old = interrupts.STATE.interrupted
+    try:
+        interrupts.STATE.interrupted = True
+        hook(kb)
+        hook(other)
+        interrupts.STATE.interrupted = False
+        hook(kb)  # a KeyboardInterrupt that no signal of ours explains is printed as usual
+    finally:
+        interrupts.STATE.interrupted = old
+    assert seen == [other, kb]
+    assert getattr(sys.unraisablehook, "surgery", False) is False or callable(sys.unraisablehook)
