@@ -125,12 +125,11 @@ def test_ctrl_c_at_random_moments(tmp_path):
     assert 130 in outcomes, outcomes
 
 
-def test_a_signal_landing_in_a_weakref_callback_prints_nothing(capsys):
+def test_a_signal_landing_in_a_weakref_callback_prints_nothing():
     """A signal that arrives while Python runs a weakref callback or a __del__ (seen in importlib's
     module-lock callback at a random moment) raises KeyboardInterrupt where Python can only print it;
     the flag already carries it to exit 130, so the installed unraisable hook keeps it quiet, and
     prints everything else as before."""
-    import sys
     import types
 
     from surgery import interrupts
@@ -149,4 +148,3 @@ def test_a_signal_landing_in_a_weakref_callback_prints_nothing(capsys):
     finally:
         interrupts.STATE.interrupted = old
     assert seen == [other, kb]
-    assert getattr(sys.unraisablehook, "surgery", False) is False or callable(sys.unraisablehook)
