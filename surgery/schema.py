@@ -222,7 +222,7 @@ _ENTRIES: dict[str, dict[str, tuple[_Check, bool]]] = {
 _COVERAGE: dict[str, tuple[_Check, bool]] = {
     "trainable": (COUNT, True), "mixout": (COUNT, False), "msd": (COUNT, False), "left": (LIST, False)}
 _LEFT: dict[str, tuple[_Check, bool]] = {"kind": (STR, True), "weights": (COUNT, True), "names": (STRS, True)}
-# msd[i].layers (a layer-weighted MSD head, surgery/layer_msd.py)
+# msd[i].layers (a layer-weighted MSD head, surgery/regularizers/layer_msd.py)
 _LAYERS: dict[str, tuple[_Check, bool]] = {
     "backbone": (STR, True), "n": (K, True), "p": (PROB, True), "pool": (POOL, True), "param": (STR, True),
     "frozen": (STRS, True), "init": (NUMBER, False)}

@@ -1,0 +1,133 @@
+"""The docs run: every ```python block of README.md and docs/*.md is executed, and every output the
+docs show is compared with what the code prints.
+
+A page is a script: its python blocks run in order, in one fresh interpreter whose working directory
+is a temporary folder (files a block writes are there for the next one). Two markers, HTML comments
+that do not show when the page is rendered, tie an output block to what printed it:
+
+* ``<!-- docs-test: output -->`` right before a ```text block: the block is what the python block
+  just above printed;
+* ``<!-- docs-test: command -->`` right before a ```text block whose first line is ``$ <command>``:
+  the rest of the block is what that command prints when run after the page's python blocks (only
+  ``surgery ...`` commands, run as ``python -m surgery ...``).
+
+Trailing spaces are ignored; nothing else is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\s*$")
+MARKER = re.compile(r"^<!--\s*docs-test:\s*(\w+)\s*-->\s*$")
+SEP = "\x1e--- docs-test block {} ---\x1e"
+
+
+@dataclass
+class Block:
+    lang: str
+    text: str
+    line: int
+    marker: str | None
+
+
+def blocks(path: Path) -> list[Block]:
+    """The fenced blocks of a markdown page, each with the marker comment right before it (if any)."""
+    out, lines, i = [], path.read_text(encoding="utf-8").splitlines(), 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+        marker = MARKER.match(prev)
+        j = i + 1
+        while j < len(lines) and not lines[j].startswith("```"):
+            j += 1
+        assert j < len(lines), f"{path.name}:{i + 1}: a fence that is never closed"
+        out.append(Block(m.group(1), "\n".join(lines[i + 1:j]), i + 1, marker.group(1) if marker else None))
+        i = j + 1
+    return out
+
+
+def _norm(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
+
+
+RUNNER = """
+import contextlib, io, json, sys
+blocks = json.loads(sys.argv[1])
+ns = {"__name__": "__main__"}
+for i, (line, code) in enumerate(blocks):
+    print(%r.format(i), flush=True)
+    exec(compile(code, f"{sys.argv[2]}:{line}", "exec"), ns)
+    sys.stdout.flush()
+""" % SEP
+
+
+def run_page(page: Path, cwd: Path) -> list[str]:
+    """Run the page's python blocks in order in one interpreter; the stdout of each block."""
+    code = [(b.line, b.text) for b in blocks(page) if b.lang == "python"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}
+    res = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(code), page.name], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{page.name}: a python block failed\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    parts = res.stdout.split("\n")
+    outs, current = [], None
+    for line in parts:
+        if line.startswith("\x1e--- docs-test block "):
+            current = []
+            outs.append(current)
+        elif current is not None:
+            current.append(line)
+    return ["\n".join(o) for o in outs]
+
+
+def _pages_with_python():
+    return [p for p in PAGES if any(b.lang == "python" for b in blocks(p))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", _pages_with_python(), ids=lambda p: p.name)
+def test_every_python_block_runs_and_prints_what_the_page_shows(page, tmp_path):
+    outputs = iter(run_page(page, tmp_path))
+    printed = None
+    for b in blocks(page):
+        if b.lang == "python":
+            printed = next(outputs)
+        elif b.marker == "output":
+            assert printed is not None, f"{page.name}:{b.line}: an output block with no python block above"
+            assert _norm(b.text) == _norm(printed), f"{page.name}:{b.line}: the page shows\n{b.text}\nthe code prints\n{printed}"
+        elif b.marker == "command":
+            first, _, shown = b.text.partition("\n")
+            assert first.startswith("$ surgery "), f"{page.name}:{b.line}: a command block starts with '$ surgery ...'"
+            argv = shlex.split(first[2:])[1:]
+            res = subprocess.run([sys.executable, "-m", "surgery", *argv], cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            got = res.stdout + res.stderr
+            assert _norm(shown) == _norm(got), f"{page.name}:{b.line}: `{first[2:]}` prints\n{got}"
+
+
+def test_markers_sit_on_the_blocks_they_describe():
+    for page in PAGES:
+        for b in blocks(page):
+            if b.marker is not None:
+                assert b.marker in ("output", "command") and b.lang == "text", f"{page.name}:{b.line}"
+
+
+def test_every_page_has_no_unknown_fence_language():
+    for page in PAGES:
+        for b in blocks(page):
+            assert b.lang in ("python", "bash", "text", "json", "toml", ""), f"{page.name}:{b.line}: ```{b.lang}"
