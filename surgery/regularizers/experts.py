@@ -42,13 +42,12 @@ from typing import Any, Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..arguments import check_materialised
 from ..errors import SurgeryError
 from ..layers.experts import MixoutParams
 from ..layers.mixout import rebindable
-from ..patterns import compile_pattern, find_head
 from ..wrappers import _cls, find_layers
 from .base import Plan, Regularizer
+from .selection import select
 
 __all__ = ["ExpertsMixout", "classify"]
 
@@ -189,15 +188,8 @@ class ExpertsMixout(Regularizer):
         found = {name: f for name, m in view.modules.items() if name and (f := classify(m)) is not None}
         if not found:
             return None
-        check_materialised(view.tensors())
-        names = list(view.modules)
-        inc = compile_pattern(opts.include, names, "include")
-        exc = compile_pattern(opts.exclude, names, "exclude")
-        head = next((p.head for p in earlier if p.head is not None), None)
-        if head is None:
-            head = find_head(view.modules, view.title, opts.head, required=False)
-        under_head = compile_pattern([head], names, "head") if head and not opts.mixout_head else None
-        freezes = {n: why for p in earlier for n, why in p.freezes.items()}
+        sel = select(view, opts, earlier)
+        inc, exc, under_head, freezes = sel.inc, sel.exc, sel.under_head, sel.freezes
         wrappers = _param_wrappers(view)
         plan = ExpertsPlan(p=opts.mixout, target_dtype=opts.target_dtype, low_memory=opts.low_memory)
         for name, f in found.items():

@@ -22,13 +22,12 @@ from typing import Any, Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..arguments import check_materialised
-from ..errors import HeadError, SurgeryError
+from ..errors import SurgeryError
 from ..layers.mixout import LoraMixout, MixLinear, is_conv1d, rebindable
-from ..patterns import compile_pattern, find_head
 from ..wrappers import find_layers
 from .base import Plan, Regularizer
 from .lora import lora_role, tuner_layers
+from .selection import select
 
 __all__ = ["Mixout", "LAYERS"]
 
@@ -94,27 +93,8 @@ class Mixout(Regularizer):
     def plan(self, view, opts, earlier: Sequence[Plan]) -> MixoutPlan | None:
         if opts.mixout == 0.0:
             return None
-        for name, m in view.modules.items():  # accelerate's offload keeps the weights out of memory, on meta
-            hook = vars(m).get("_hf_hook")
-            if any(getattr(h, "offload", False) for h in [hook, *getattr(hook, "hooks", ())]):
-                raise SurgeryError(f"module {name or view.title!r} is offloaded by accelerate (device_map with "
-                                   "'cpu' or 'disk' offload): its weights are loaded only for each forward, so Mixout "
-                                   "has no pretrained weights to copy as targets. Load the model without offloading "
-                                   "(device_map on devices that hold it), then apply")
-        check_materialised(view.tensors())
-        names = list(view.modules)
-        inc = compile_pattern(opts.include, names, "include")
-        exc = compile_pattern(opts.exclude, names, "exclude")
-        head = next((p.head for p in earlier if p.head is not None), None)
-        if head is None:
-            head = find_head(view.modules, view.title, opts.head, required=False)
-        if not opts.mixout_head and head is None:
-            try:
-                find_head(view.modules, view.title, None)
-            except HeadError as e:
-                raise HeadError(f"mixout_head=False leaves the task head a plain layer, but {e}") from None
-        under_head = compile_pattern([head], names, "head") if head else None
-        freezes = {n: why for p in earlier for n, why in p.freezes.items()}
+        sel = select(view, opts, earlier)
+        inc, exc, head, under_head, freezes = sel.inc, sel.exc, sel.head, sel.under_head, sel.freezes
         taken = {n for p in earlier for n in getattr(p, "takes", ())}  # fused experts, PEFT ParamWrapper adapters
         tuners = tuner_layers(view, inc, exc, taken)  # PEFT layers; refuses adapters Mixout cannot mix (lora.py)
         plan = MixoutPlan(p=opts.mixout, head=head, target_dtype=opts.target_dtype, low_memory=opts.low_memory)
@@ -159,7 +139,7 @@ class Mixout(Regularizer):
             return freezes[weight]
         if role is None and not m.weight.requires_grad:
             return "weight frozen, requires_grad=False: Mixout would not change it"
-        if under_head and under_head(name) and not opts.mixout_head:
+        if under_head and under_head(name):
             return "task head (mixout_head=False)"
         others = view.tied(weight)
         if others and not opts.mixout_tied:
