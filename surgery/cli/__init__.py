@@ -2,6 +2,7 @@
 
     surgery convert SRC DST     a surgered checkpoint -> a plain one
     surgery inspect SRC         what surgery a checkpoint holds
+    surgery compare ...         which regularizer helps on your data, at what cost
 
 ``main(argv)`` returns the exit status (the ``surgery`` console script and
 ``python -m surgery`` exit with it): 0 done, 2 bad input with one line on stderr naming
@@ -22,12 +23,13 @@ import traceback
 from .. import interrupts
 from ..checkpoint.atomic import os_error
 from ..checkpoint.common import one_line
+from .compare import Compare
 from .convert import Convert
 from .inspect import Inspect
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (Convert, Inspect)
+SUBCOMMANDS = (Convert, Inspect, Compare)
 _NAMES = {c.name for c in SUBCOMMANDS}
 
 
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = argparse.ArgumentParser(
         prog="surgery", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Checkpoints of models fine-tuned with surgery (Mixout, multi-sample dropout, dropout control).",
+        description="Checkpoints of models fine-tuned with surgery (Mixout, multi-sample dropout, dropout control), "
+                    "and a comparison of the regularizers on your own model and data.",
         epilog=textwrap.dedent("""\
             examples:
               # what surgery does this checkpoint hold?
@@ -44,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
               # a plain checkpoint that loads with plain transformers
               $ surgery convert out/checkpoint-500 plain-model
               $ python -c "from transformers import AutoModel; AutoModel.from_pretrained('plain-model')"
+              # which regularizer helps on your data, at what cost
+              $ surgery compare --model my-model --data train.csv
 
             Run `surgery <command> --help` for the options and examples of each command."""))
     from .. import __version__
     parser.add_argument("--version", action="version", version=f"surgery {__version__}")
-    sub = parser.add_subparsers(title="commands", metavar="{convert,inspect}")
+    sub = parser.add_subparsers(title="commands", metavar="{convert,inspect,compare}")
     for cls in SUBCOMMANDS:
         cls(sub, [common])
     return parser
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         cmd = _COMMAND[0] or next((a for a in (sys.argv[1:] if argv is None else argv) if a in _NAMES), "")
-        done = "; nothing was written to DST" if cmd == "convert" else ""
+        done = {"convert": "; nothing was written to DST",
+                "compare": "; the finished runs are saved: the same command resumes"}.get(cmd, "")
         print(f"surgery{' ' + cmd if cmd else ''}: interrupted{done}", file=sys.stderr)
         return 130
     finally:
