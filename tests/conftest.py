@@ -205,3 +205,15 @@ def import_timm():
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
     return timm
+
+
+# ---- tiny models train faster on one thread --------------------------------------------------------
+
+@pytest.fixture(name="one_torch_thread")
+def _one_torch_thread():
+    """torch on one intra-op thread for the test, restored after: tiny models lose more to thread
+    hand-offs than they gain (several times over on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
