@@ -3,7 +3,8 @@
     python examples/finetune.py                          # mixout 0.1, dropout 0, MSD K=8, 3 epochs
     python examples/finetune.py --mixout 0.3 --msd 0 --epochs 5 --out /tmp/run
 
-The job, end to end, offline (about 1-2 minutes on 2 CPU cores):
+The job, end to end, offline (about 40 s on 2 idle CPU cores; several minutes when other work shares
+them: see docs/evidence.md):
 
 1. loads the pretrained checkpoint with plain ``transformers`` (``AutoTokenizer`` from its
    ``tokenizer.json``, ``AutoModelForSequenceClassification`` with ``num_labels=1``: a fresh
@@ -18,8 +19,8 @@ The job, end to end, offline (about 1-2 minutes on 2 CPU cores):
 6. reloads the export and the converted checkpoint with plain ``transformers`` and prints
    that their predictions match the fine-tuned model's.
 
-The functions here (``load_model``, ``encode``, ``train``, ``predict`` ...) are reused by
-``compare_regularizers.py``.
+Which regularizer helps on this data, and at what cost, is ``compare_regularizers.py``'s question
+(``surgery compare`` on the same model and data).
 """
 
 from __future__ import annotations

@@ -559,28 +559,6 @@ def test_bf16_model():
     assert out.dtype == torch.bfloat16 and torch.equal(out, expect)
 
 
-# ---- the comparison's new row -------------------------------------------------------------------------------
-
-def test_compare_regularizers_runs_the_new_row_alone():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-    import compare_regularizers as cr
-
-    a = cr.parse_args(["--methods", "msd_layers", "--skip-baseline"])
-    assert a.methods == ["msd_layers"]
-    assert cr.parse_args(["--methods", "msd_layers"]).methods == ["baseline", "msd_layers"]
-    kwargs, alpha = cr.surgery_args("msd_layers", a)
-    assert kwargs == {"msd": 5, "msd_p": 0.5, "msd_layers": True, "msd_layer_p": 0.2} and alpha == 0.0
-    runs = [{"regime": "r", "method": "msd_layers", "seed": s, "final_val_mse": v} for s, v in enumerate([1.0, 1.2])]
-    table = cr.format_table(cr.summarize(runs, "r", ["msd_layers"]), {"name": "r", "train_size": 2, "epochs": 1},
-                            ["msd_layers"])
-    assert "1.100 ± 0.141" in table and "n/a (no baseline run)" in table
-    with pytest.raises(SystemExit):
-        cr.parse_args(["--layers-p", "1.5"])
-
-
 def test_a_deepcopy_of_the_surgered_model_computes_the_same():
     import copy
 
