@@ -27,13 +27,20 @@ FAMILIES = {
     "deberta-v2": (dict(model_type="deberta-v2", pooler_hidden_size=H, relative_attention=True, position_buckets=8,
                         pos_att_type=["p2c", "c2p"], type_vocab_size=0, **_BERTLIKE), False),
     "electra": (dict(model_type="electra", embedding_size=H, **_BERTLIKE), False),
-    "distilbert": (dict(model_type="distilbert", dim=H, n_layers=2, n_heads=2, hidden_dim=24, max_position_embeddings=64,
-                        dropout=0.1, attention_dropout=0.1, pad_token_id=0), False),
+    "distilbert": (dict(model_type="distilbert", dim=H, n_layers=2, n_heads=2, hidden_dim=24,
+                        max_position_embeddings=64, dropout=0.1, attention_dropout=0.1, pad_token_id=0), False),
     "gpt2": (dict(model_type="gpt2", n_embd=H, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1,
                   attn_pdrop=0.1, bos_token_id=1, eos_token_id=1), True),
     "llama": (dict(model_type="llama", hidden_size=H, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=1, max_position_embeddings=64, attention_dropout=0.1, bos_token_id=1,
                    eos_token_id=1), True),
+}
+# a model with stochastic depth (LayerDrop) and no layer-weighted head (an encoder-decoder): BART
+OTHERS = {
+    "bart": (dict(model_type="bart", d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=64,
+                  dropout=0.1, encoder_layerdrop=0.1, decoder_layerdrop=0.1, pad_token_id=0, bos_token_id=2,
+                  eos_token_id=3, decoder_start_token_id=3, forced_eos_token_id=3), False),
 }
 
 
@@ -55,8 +62,9 @@ def tokenizer(decoder: bool = False) -> PreTrainedTokenizerFast:
 def save_model(folder: Path, family: str = "bert", *, with_tokenizer: bool = True, head: bool = False,
                **overrides) -> Path:
     """A tiny random ``family`` model saved as a transformers folder: the backbone alone, as a pretrained
-    checkpoint comes (``head=True``: with a 2-label sequence-classification head)."""
-    fields, decoder = FAMILIES[family]
+    checkpoint comes (``head=True``: with a 2-label sequence-classification head). BART's classifier reads
+    the last eos token, [SEP] here, which every row ends with."""
+    fields, decoder = {**FAMILIES, **OTHERS}[family]
     fields = dict(fields, vocab_size=len(WORDS) + 4, num_labels=2, **overrides)
     config = AutoConfig.for_model(**fields)
     torch.manual_seed(0)

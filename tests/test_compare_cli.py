@@ -74,6 +74,18 @@ def test_regression_with_folds_scores_each_seed_over_its_folds(tmp_path, bert, c
     assert res["info"]["metric"] == "mse" and res["info"]["higher_is_better"] is False
 
 
+def test_the_python_function_shows_one_progress_bar_naming_the_run(tmp_path, bert, capsys):
+    from surgery.compare import compare
+
+    data = write(tmp_path / "d.csv", rows(30))
+    results = compare(model=str(bert), data=str(data), methods=["msd=2"], seeds=1, max_steps=4, evals=1,
+                      batch_size=8, out=str(tmp_path / "o"), progress=True)
+    out, err = capsys.readouterr()
+    assert "run 1/2: baseline, seed 0" in err and "run 2/2: msd=2, seed 0" in err  # one bar: its description moves
+    assert "/8 " in err and "/4 " not in err  # one total: the steps of every run
+    assert results["summary"][1]["method"] == "msd=2" and "run 2/2 msd=2, seed 0" in out
+
+
 def test_every_method_of_a_seed_sees_the_same_batches(tmp_path, bert, monkeypatch, capsys):
     import transformers
 
@@ -119,8 +131,9 @@ def test_ctrl_c_keeps_the_finished_runs_and_the_same_command_resumes(tmp_path, b
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == ("surgery compare: interrupted; the finished runs are saved: the same command "
-                                            "resumes") and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == "surgery compare: interrupted; the finished runs are saved: the same command resumes"
+    assert "Traceback" not in err
     saved = sorted(p.name for p in (interrupted / "runs").glob("*.json"))
     assert 1 <= len(saved) < 6 and not (interrupted / "results.json").exists()
     assert not [p for p in (interrupted / "runs").iterdir() if p.name.startswith(".")]  # no half-written file
@@ -138,10 +151,14 @@ def test_ctrl_c_keeps_the_finished_runs_and_the_same_command_resumes(tmp_path, b
 
 
 def test_a_different_command_on_the_same_folder_is_refused_in_one_line(tmp_path, bert, capsys):
-    data = write(tmp_path / "d.csv", rows(30))
-    argv = ["--model", str(bert), "--data", str(data), "--methods", "no_dropout", "--seeds", "1",
-            "--out", str(tmp_path / "o"), *TINY]
-    assert run(argv, capsys)[0] == 0
+    three = [{"text": r["text"], "label": i % 3} for i, r in enumerate(rows(36))]  # multi-class, int labels
+    data, dev = write(tmp_path / "d.csv", three[:30]), write(tmp_path / "dev.csv", three[30:])
+    argv = ["--model", str(bert), "--data", str(data), "--validation", str(dev), "--methods", "no_dropout",
+            "--seeds", "1", "--out", str(tmp_path / "o"), *TINY]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "classification (labels are the class ids 0..2); 3 classes" in out
+    assert f"30 training rows; 6 validation rows from {dev}" in out
     rc, out, err = run(argv, capsys)  # the same command again: nothing left to run, the report again
     assert rc == 0 and "2 already done there, resuming" in out and "run 1/2" not in out
     rc, out, err = run([*argv, "--seeds", "2", "--lr", "1e-4"], capsys)

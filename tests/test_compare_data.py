@@ -98,7 +98,8 @@ def test_a_stratified_split_keeps_the_class_shares_and_is_the_same_every_time(tm
     assert len(f.validation) == 25 and not set(f.train) & set(f.validation)
     assert Counter(labels.train[i] for i in f.validation) == {0: 20, 1: 5}
     assert make_folds(100, labels, s)[0].train == f.train
-    assert make_folds(100, labels, settings(tmp_path / "x.csv", validation_fraction=0.25, split_seed=4))[0].train != f.train
+    other = settings(tmp_path / "x.csv", validation_fraction=0.25, split_seed=4)
+    assert make_folds(100, labels, other)[0].train != f.train
 
 
 def test_k_folds_cover_every_row_once_stratified(tmp_path):

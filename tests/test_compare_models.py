@@ -45,6 +45,22 @@ def test_every_head_family_takes_every_default_method(folders, family):
     assert a.config.num_labels == 2 and a.config.id2label == {0: "neg", 1: "pos"}
 
 
+def test_the_default_set_adds_no_drop_path_and_leaves_out_what_the_model_cannot_take(tmp_path):
+    backbone = load_backbone(str(save_model(tmp_path / "bart", "bart")), CLASSES)
+    methods = check_methods(backbone, ())
+    assert [m.label for m in methods] == ["baseline", "no_dropout", "mixout=0.1", "msd=8", "rdrop=1", "no_drop_path"]
+    assert any(n.startswith("the default method msd_layers left out: backbone 'model' (BartModel) is an "
+                            "encoder-decoder model") for n in backbone.notes)
+    with pytest.raises(CompareError, match="method 'msd_layers' does not fit BartForSequenceClassification"):
+        check_methods(backbone, ["msd_layers"])  # asked for: refused
+
+
+def test_a_head_from_the_checkpoint_is_said(tmp_path):
+    backbone = load_backbone(str(save_model(tmp_path / "m", "bert", head=True)), CLASSES)
+    check_methods(backbone, ["no_dropout"])
+    assert "its task head comes from the checkpoint: the same start for every seed" in backbone.notes
+
+
 def test_regression_loads_a_one_output_head(folders):
     backbone = load_backbone(str(folders["roberta"]), SCORES)
     model = backbone.load(0)
@@ -160,3 +176,16 @@ def test_a_named_head_reaches_the_msd_methods(tmp_path, folders):
     with pytest.raises(CompareError, match="head='bert.nothing' names no module"):
         check_methods(backbone, ["msd=3"])
     assert parse_methods(["no_dropout"])[1].apply_kwargs(head="classifier") == {"dropout": 0.0}
+
+
+def test_the_device_is_chosen_and_named(monkeypatch):
+    from surgery.compare.machine import choose_device, describe_device
+
+    assert choose_device("cpu") == "cpu" and describe_device("cpu").startswith("CPU: ")
+    if not torch.cuda.is_available():
+        with pytest.raises(CompareError, match="--device cuda: torch sees no CUDA device here"):
+            choose_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    assert choose_device("auto") == "cuda" and choose_device("cpu") == "cpu"
+    assert describe_device("cuda") == f"GPU: NVIDIA H100 80GB HBM3 (cuda:0), torch {torch.__version__}"

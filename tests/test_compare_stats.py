@@ -70,7 +70,8 @@ def _runs(folds: int = 1) -> list[dict]:
                 shift = (fold - (folds - 1) / 2) * 0.01  # folds differ; their mean is the table's value
                 step = {"baseline": 0.2, "no_dropout": 0.2, "mixout=0.1": 0.22, "rdrop=1": 0.4}[label] * (1 + seed / 10)
                 runs.append({"method": label, "seed": seed, "fold": fold, "last": v + shift, "best": v + shift - 0.02,
-                             "step_seconds": step, "seconds": 60.0, "peak_memory": 1000 + (50 if "mixout" in label else 0),
+                             "step_seconds": step, "seconds": 60.0,
+                             "peak_memory": 1000 + (50 if "mixout" in label else 0),
                              "memory_kind": "process peak resident memory",
                              **({"export_bytes": 123, "export_form": "plain"} if seed == 0 and fold == 0 else {})})
     return runs

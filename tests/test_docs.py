@@ -131,3 +131,60 @@ def test_every_page_has_no_unknown_fence_language():
     for page in PAGES:
         for b in blocks(page):
             assert b.lang in ("python", "bash", "text", "json", "toml", ""), f"{page.name}:{b.line}: ```{b.lang}"
+
+
+# ---- links between the pages -------------------------------------------------------------------------
+
+LINK = re.compile(r"!?\[(?:[^\]]|\][^(])*\]\(([^)\s]+)\)")
+
+
+def _prose(path: Path) -> list[tuple[int, str]]:
+    """The lines of a page outside fenced blocks, with their numbers."""
+    out, fenced = [], False
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            out.append((i, line))
+    return out
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings: lowercased, punctuation but '-' and '_' dropped,
+    spaces to '-'; a repeated one gets -1, -2 ..."""
+    seen: dict[str, int] = {}
+    for _, line in _prose(path):
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", m.group(1))  # a link in a heading: its text
+        slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        if n:
+            seen[f"{slug}-{n}"] = 1
+    return set(seen)
+
+
+def test_anchors_are_githubs():
+    page = ROOT / "docs" / "training.md"
+    assert "the-multi-sample-dropout-loss-paper-form" in anchors(page)
+    assert "surgerycompute_loss-one-call-for-any-loop" in anchors(page)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_link_between_pages_leads_somewhere(page):
+    """Every relative link (and image) of README.md and docs/*.md names a file that exists and, with
+    '#anchor', a heading of that page."""
+    broken = []
+    for number, line in _prose(page):
+        for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):
+            if re.match(r"^[a-z]+:", target):
+                continue  # https:, mailto: ... (not checked offline)
+            file, _, anchor = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page
+            if not dest.exists():
+                broken.append(f"{page.name}:{number}: {target} (no file {file})")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{page.name}:{number}: {target} (no heading #{anchor} in {dest.name})")
+    assert not broken, "\n".join(broken)

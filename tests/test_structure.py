@@ -24,6 +24,7 @@ LAYERS = [
     ("engine", ["engine", "distributed", "noise"]),
     ("checkpoint I/O and export", ["checkpoint", "exporting", "loading"]),
     ("training", ["training"]),
+    ("comparison", ["compare"]),  # surgery compare: built on the public API (import surgery) and the errors
     ("face", ["cli", "__init__", "__main__"]),
 ]
 

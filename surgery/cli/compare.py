@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import textwrap
@@ -10,11 +11,12 @@ import textwrap
 from ._subcommand import Subcommand
 
 NEEDS = ("datasets", "sklearn", "scipy", "matplotlib", "tqdm", "accelerate")
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet", "disk")
 
 
 class Compare(Subcommand):
     name = "compare"
-    help = "fine-tune your model on your data with each regularizer, same seeds, and report what helps and what it costs"
+    help = "fine-tune your model on your data with each regularizer, same seeds: what helps, at what cost"
     usage = ("surgery compare --model DIR --data FILE [--methods SPEC ...] [--seeds N] [--out DIR] [--quick] "
              "[options]")
     description = textwrap.dedent("""\
@@ -51,7 +53,8 @@ class Compare(Subcommand):
           # the default methods, 5 seeds, on a CSV with 'text' and 'label' columns
           $ surgery compare --model my-model --data train.csv --out cmp
           # a sweep of Mixout's p, and Mixout replacing dropout; 10 seeds
-          $ surgery compare --model my-model --data train.csv --methods mixout=0.1,0.3,0.5 mixout=0.1+no_dropout --seeds 10
+          $ surgery compare --model my-model --data train.csv --seeds 10 \\
+              --methods mixout=0.1,0.3,0.5 mixout=0.1+no_dropout
           # sentence pairs, given validation data, macro F1
           $ surgery compare --model my-model --data train.jsonl --validation dev.jsonl --text-column premise \\
               --pair-column hypothesis --metric macro_f1
@@ -70,44 +73,49 @@ class Compare(Subcommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("what to compare")
-        g.add_argument("--model", required=True, help="model folder (with its tokenizer) or sentence-transformers folder")
-        g.add_argument("--data", required=True, help="CSV, TSV, JSON lines, parquet file or saved datasets folder")
+        g.add_argument("--model", required=True, metavar="DIR",
+                       help="model folder (with its tokenizer) or sentence-transformers folder")
+        g.add_argument("--data", required=True, metavar="FILE",
+                       help="CSV, TSV, JSON lines, parquet file or saved datasets folder")
         g.add_argument("--methods", nargs="+", metavar="SPEC", help="methods to compare with baseline (see above)")
-        g.add_argument("--seeds", type=int, help="seeds per method (default 5; --quick: 1)")
-        g.add_argument("--out", default="surgery-compare", help="output folder (default: %(default)s)")
+        g.add_argument("--seeds", type=int, metavar="N", help="seeds per method (default 5; --quick: 1)")
+        g.add_argument("--out", default="surgery-compare", metavar="DIR", help="output folder (default: %(default)s)")
         g.add_argument("--quick", action="store_true",
                        help="1 seed, 1 epoch of at most 100 steps, 3 evaluations, at most 1000 validation rows")
         g.add_argument("--overwrite", action="store_true", help="delete the runs of another comparison in --out")
         d = parser.add_argument_group("data")
-        d.add_argument("--validation", help="validation data (same format); default: split DATA")
-        d.add_argument("--text-column", help="default: text, sentence, sentence1, premise, question or query")
-        d.add_argument("--pair-column", help="second text of a pair (default: text_pair, sentence2 or hypothesis "
-                                             "beside text, sentence1 or premise)")
-        d.add_argument("--label-column", help="default: label, labels, score or target")
-        d.add_argument("--columns", help="comma-separated column names of a CSV/TSV without a header row")
-        d.add_argument("--format", choices=("csv", "tsv", "jsonl", "json", "parquet", "disk"),
-                       help="default: from the file name")
+        d.add_argument("--validation", metavar="FILE", help="validation data (same format); default: split DATA")
+        d.add_argument("--text-column", metavar="NAME",
+                       help="default: text, sentence, sentence1, premise, question or query")
+        d.add_argument("--pair-column", metavar="NAME", help="second text of a pair (default: text_pair, sentence2 "
+                                                             "or hypothesis beside text, sentence1 or premise)")
+        d.add_argument("--label-column", metavar="NAME", help="default: label, labels, score or target")
+        d.add_argument("--columns", metavar="A,B,...",
+                       help="comma-separated column names of a CSV/TSV without a header row")
+        d.add_argument("--format", choices=FORMATS, help="default: from the file name")
         d.add_argument("--task", choices=("auto", "classification", "regression"), default="auto")
         d.add_argument("--metric", choices=("accuracy", "macro_f1", "mse", "mae", "pearson", "spearman"),
                        help="default: accuracy (classification), mse (regression)")
-        d.add_argument("--validation-fraction", type=float, default=0.2, help="held out when no --validation "
-                                                                              "(default %(default)s)")
-        d.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of one split")
-        d.add_argument("--split-seed", type=int, default=0, help="seed of the split (default %(default)s)")
-        d.add_argument("--train-size", type=int, help="train on only this many rows (the small-data regime)")
-        d.add_argument("--max-validation", type=int, help="score on at most this many validation rows")
+        d.add_argument("--validation-fraction", type=float, default=0.2, metavar="F",
+                       help="held out when no --validation (default %(default)s)")
+        d.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation instead of one split")
+        d.add_argument("--split-seed", type=int, default=0, metavar="N", help="seed of the split (default %(default)s)")
+        d.add_argument("--train-size", type=int, metavar="N",
+                       help="train on only this many rows (the small-data regime)")
+        d.add_argument("--max-validation", type=int, metavar="N", help="score on at most this many validation rows")
         t = parser.add_argument_group("training (the same for every method)")
-        t.add_argument("--epochs", type=float, help="default 3 (--quick: 1)")
-        t.add_argument("--max-steps", type=int, help="at most this many optimizer steps (--quick: 100)")
-        t.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
-        t.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default %(default)s)")
-        t.add_argument("--weight-decay", type=float, default=0.01, help="default %(default)s")
-        t.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps, then linear decay "
-                                                                 "(default %(default)s)")
-        t.add_argument("--max-length", type=int, default=128, help="tokens per row (default %(default)s)")
-        t.add_argument("--evals", type=int, help="evaluations spread over each run (default 5; --quick: 3)")
-        t.add_argument("--head", help="the task head module for the MSD methods (default: found by name: classifier, "
-                                      "score, ...)")
+        t.add_argument("--epochs", type=float, metavar="E", help="default 3 (--quick: 1)")
+        t.add_argument("--max-steps", type=int, metavar="N", help="at most this many optimizer steps (--quick: 100)")
+        t.add_argument("--batch-size", type=int, default=32, metavar="N", help="default %(default)s")
+        t.add_argument("--lr", type=float, default=5e-5, metavar="LR", help="AdamW learning rate (default %(default)s)")
+        t.add_argument("--weight-decay", type=float, default=0.01, metavar="W", help="default %(default)s")
+        t.add_argument("--warmup", type=float, default=0.1, metavar="F",
+                       help="warm-up fraction of the steps, then linear decay (default %(default)s)")
+        t.add_argument("--max-length", type=int, default=128, metavar="N", help="tokens per row (default %(default)s)")
+        t.add_argument("--evals", type=int, metavar="N",
+                       help="evaluations spread over each run (default 5; --quick: 3)")
+        t.add_argument("--head", metavar="NAME",
+                       help="the task head module for the MSD methods (default: found by name: classifier, score ...)")
         t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: a GPU where torch sees one (default %(default)s)")
         t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,17 +128,11 @@ class Compare(Subcommand):
             raise CompareError(f"surgery compare needs {', '.join(missing)}: pip install \"finetune-surgery[compare]\"")
         from ..compare import compare
 
-        settings = Settings(
-            model=args.model, data=args.data, methods=tuple(args.methods or ()), out=args.out,
-            validation=args.validation, seeds=args.seeds, text_column=args.text_column, pair_column=args.pair_column,
-            label_column=args.label_column, columns=tuple(c.strip() for c in args.columns.split(","))
-            if args.columns is not None else None, format=args.format, task=args.task, metric=args.metric,
-            validation_fraction=args.validation_fraction, folds=args.folds, split_seed=args.split_seed,
-            train_size=args.train_size, max_validation=args.max_validation, epochs=args.epochs,
-            max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            warmup=args.warmup, max_length=args.max_length, evals=args.evals, device=args.device, head=args.head, quick=args.quick,
-            overwrite=args.overwrite, progress=False if args.no_progress else None, command=self.command(args))
-        compare(settings)
+        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+        options.update(methods=tuple(args.methods or ()), progress=False if args.no_progress else None,
+                       columns=tuple(c.strip() for c in args.columns.split(",")) if args.columns is not None else None,
+                       command=self.command(args))
+        compare(Settings(**options))
         return 0
 
     def command(self, args: argparse.Namespace) -> str:

@@ -52,7 +52,8 @@ KNOBS: dict[str, Knob] = {
     "rdrop": Knob("positive", 1.0, "R-Drop consistency weight alpha", "rdrop=1"),
 }
 
-ALIASES: dict[str, dict[str, float]] = {"baseline": {}, "no_dropout": {"dropout": 0.0}, "no_drop_path": {"drop_path": 0.0}}
+ALIASES: dict[str, dict[str, float]] = {"baseline": {}, "no_dropout": {"dropout": 0.0},
+                                        "no_drop_path": {"drop_path": 0.0}}
 
 # the layer-weighted head's defaults (the QUEST solution's): K=5 samples of p=0.5, each layer's vector at p=0.2
 LAYERS_DEFAULTS = {"msd": 5, "msd_p": 0.5, "msd_layer_p": 0.2}

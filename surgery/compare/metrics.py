@@ -29,7 +29,8 @@ class Metric:
             pred = p.argmax(-1) if p.ndim > 1 else p.astype(int)
             if self.name == "accuracy":
                 return float(skm.accuracy_score(y, pred))
-            return float(skm.f1_score(y, pred, average="macro", labels=np.unique(np.concatenate([y, pred])), zero_division=0))
+            seen = np.unique(np.concatenate([y, pred]))
+            return float(skm.f1_score(y, pred, average="macro", labels=seen, zero_division=0))
         p = p.reshape(len(y), -1)[:, 0] if p.ndim > 1 else p
         y = y.astype(np.float64)
         if self.name == "mse":

@@ -65,7 +65,7 @@ def _tokenizer(folder: Path, given: str):
 
     names = set(TOKENIZER_FILES)
     if not any((folder / n).is_file() for n in names):
-        raise CompareError(f"--model {given}: no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
+        raise CompareError(f"--model {given}: no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES[:4])} ...); "
                            "save it there with tokenizer.save_pretrained(DIR)")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
@@ -151,7 +151,8 @@ def load_backbone(given: str, labels, head: str | None = None) -> Backbone:
     model_type = getattr(config, "model_type", None)
     if model_type not in HEADS:
         raise CompareError(f"--model {given}: a {model_type!r} model, for which transformers has no "
-                           "AutoModelForSequenceClassification class; compare needs a model with a text-classification head")
+                           "AutoModelForSequenceClassification class; compare needs a model with a text-classification "
+                           "head")
     tok, tok_note = _tokenizer(folder, given)
     return Backbone(given, folder, tok, model_type, HEADS[model_type], labels.num_labels, labels.task, labels.names,
                     [n for n in (note, tok_note) if n], head=head)
@@ -176,8 +177,9 @@ def _probe_batch(backbone: Backbone):
 
 
 def check_methods(backbone: Backbone, specs) -> list[Method]:
-    """The methods of ``specs`` (the default set when empty; ``no_drop_path`` joins it where the model has
-    stochastic depth), each applied to the model once and reverted, before any training.
+    """The methods of ``specs`` (the default set when empty: ``no_drop_path`` joins it where the model has
+    stochastic depth, and a default method the model cannot take is left out with a note), each applied
+    to the model once, trained one step and reverted, before any training.
 
     Sets ``backbone.last_token``.
 
@@ -208,13 +210,24 @@ def check_methods(backbone: Backbone, specs) -> list[Method]:
         finally:
             surgery.revert(model)
     methods = parse_methods(specs or DEFAULT_METHODS)
-    has_drop_path = _try(model, Method("no_drop_path", {"drop_path": 0.0}), backbone, batch, check_noop=False)
-    if not specs and has_drop_path:
-        methods.append(parse_methods(["no_drop_path"])[-1])
+    if not specs:  # the default set: stochastic depth off too, where the model has some
+        off = parse_methods(["no_drop_path"])[-1]
+        try:
+            if _try(model, off, backbone, batch, check_noop=False):
+                methods.append(off)
+        except CompareError:
+            pass
+    fitting = []
     for m in methods:
-        if not m.is_baseline:
-            _try(model, m, backbone, batch, check_noop=True)
-    return methods
+        try:
+            if not m.is_baseline:
+                _try(model, m, backbone, batch, check_noop=True)
+            fitting.append(m)
+        except CompareError as e:
+            if specs:  # asked for: refused
+                raise
+            backbone.notes.append(f"the default method {m.label} left out: {str(e).split(': ', 1)[-1]}")
+    return fitting
 
 
 def _try(model, method: Method, backbone: Backbone, batch, *, check_noop: bool) -> bool:
@@ -251,7 +264,7 @@ def _try(model, method: Method, backbone: Backbone, batch, *, check_noop: bool) 
 
             model.train()
             try:
-                training_loss(model, batch, method, backbone)
+                training_loss(model, batch, method, backbone)[0].backward()
             except (SurgeryError, SurgeryTypeError, ValueError) as e:
                 raise CompareError(f"method {method.label!r} does not train {backbone.class_name}: "
                                    f"{' '.join(str(e).split())}") from None

@@ -137,7 +137,8 @@ def _rows(ds, source: str, settings) -> Table:
     elif settings.text_column is None and PAIR_NAMES.get(text) in cols:
         pair = PAIR_NAMES[text]
     if len({label, text, pair} - {None}) < 2 + (pair is not None):
-        raise CompareError(f"{source}: the text, pair and label columns must differ (got {text!r}, {pair!r}, {label!r})")
+        raise CompareError(f"{source}: the text, pair and label columns must differ (got {text!r}, {pair!r}, "
+                           f"{label!r})")
     texts = _texts(ds[text], text, source)
     pairs = _texts(ds[pair], pair, source) if pair is not None else None
     labels = list(ds[label])

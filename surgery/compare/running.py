@@ -178,6 +178,10 @@ def run_one(plan: RunPlan, backbone, train_ds, val_ds, metric, settings, device:
             lr_scheduler_type="linear", seed=plan.seed, data_seed=plan.seed, eval_strategy="no", save_strategy="no",
             logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=device == "cpu",
             dataloader_num_workers=0)
+        if device == "cuda" and args.n_gpu > 1:
+            # one GPU per comparison: the Trainer would wrap the model in nn.DataParallel, whose replica threads
+            # run the MSD head where msd_loss cannot see it, and the costs would be those of several GPUs
+            args._n_gpu = 1
         trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                    data_collator=DataCollatorWithPadding(backbone.tokenizer),
                                    compute_metrics=compute_metrics, callbacks=[watch], method=plan.method,

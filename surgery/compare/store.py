@@ -131,9 +131,11 @@ class Store:
         if old is None:
             return f"{where} (its {SETTINGS} is unreadable); {fix}"
         new = _normal(self.identity, self.defaults)
-        keys = [k for k in sorted(set(old) | set(new)) if old.get(k, self.defaults.get(k)) != new.get(k, self.defaults.get(k))]
-        shown = "; ".join(f"{k}: {_show(old.get(k, self.defaults.get(k)))} there, "
-                          f"{_show(new.get(k, self.defaults.get(k)))} here" for k in keys[:3])
+        def value(d, k):
+            return d.get(k, self.defaults.get(k))
+
+        keys = [k for k in sorted(set(old) | set(new)) if value(old, k) != value(new, k)]
+        shown = "; ".join(f"{k}: {_show(value(old, k))} there, {_show(value(new, k))} here" for k in keys[:3])
         more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
         return f"{where} ({shown}{more}); {fix}"
 
