@@ -42,7 +42,7 @@ def test_classification_of_text_pairs_writes_every_report(tmp_path, bert, capsys
     assert "the constant predictor (the majority class) scores 0.5" in out
     assert "run 4/4 msd=2, seed 1: accuracy last" in out
     table = out[out.index("method "):]
-    assert "last - baseline (95% t interval, df=1)" in table and table.count("\nmsd=2 ") == 1
+    assert "last - baseline [95% t interval, df=1]" in table and table.count("\nmsd=2 ") == 1
     res = json.loads((out_dir / "results.json").read_text())
     assert [r["method"] for r in res["summary"]] == ["baseline", "msd=2"]
     assert len(res["runs"]) == 4 and {(r["method"], r["seed"]) for r in res["runs"]} == {

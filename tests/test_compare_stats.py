@@ -103,6 +103,19 @@ def test_the_summary_pairs_by_seed_averages_folds_and_prices_against_baseline(fo
     assert rows["mixout=0.1"]["cost"]["peak_memory"] == 1050 and rows["baseline"]["cost"]["export_bytes"] == 123
 
 
+def test_on_a_cpu_the_costs_compare_cpu_time_per_step():
+    runs = _runs()
+    for r in runs:  # wall times inflated at random by other work; CPU times as the work is
+        r["step_cpu_seconds"] = {"rdrop=1": 0.2}.get(r["method"], 0.1)
+        r["step_seconds"] *= 1 + 3 * (r["seed"] % 2)
+    summary = summarize(runs, parse_methods(list(TABLE)[1:]), METRICS["mse"], constant=4.4, folds=1)
+    rows = {r["method"]: r["cost"] for r in summary}
+    assert rows["rdrop=1"]["clock"] == "step_cpu_seconds" and rows["rdrop=1"]["step_ratio"] == pytest.approx(2.0)
+    assert rows["mixout=0.1"]["step_ratio"] == pytest.approx(1.0) and rows["baseline"]["step_seconds"] == 0.1
+    runs[0]["step_cpu_seconds"] = None  # a run without it (a GPU run): wall time for all
+    assert summarize(runs, parse_methods(list(TABLE)[1:]), METRICS["mse"], 4.4, 1)[0]["cost"]["clock"] == "step_seconds"
+
+
 def test_a_method_that_learned_nothing_is_flagged_against_the_constant_predictor():
     summary = summarize(_runs(), parse_methods(list(TABLE)[1:]), METRICS["mse"], constant=1.0, folds=1)
     assert [r["beats_constant"] for r in summary] == [False, True, False, False]

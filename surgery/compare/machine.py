@@ -56,7 +56,8 @@ def describe_device(device: str) -> str:
     elif device == "mps":
         what = "GPU: Apple MPS"
     else:
-        what = f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        n = torch.get_num_threads()
+        what = f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {n} torch thread{'s' * (n != 1)}"
     return f"{what}, torch {torch.__version__}"
 
 

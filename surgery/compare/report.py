@@ -41,9 +41,9 @@ def fmt_diff(iv: dict | None) -> str:
 
 
 def _verdict(row: dict) -> str:
-    text = row["diff_last"]["verdict"] if row["diff_last"] else "(the reference)"
+    text = row["diff_last"]["verdict"] if row["diff_last"] else "reference"
     if not row["beats_constant"]:
-        text += "; NOT better than the constant predictor"
+        text += "; no better than the constant predictor"
     return text
 
 
@@ -67,7 +67,7 @@ def terminal_table(summary: list[dict], info: dict) -> str:
     """The results for the terminal: the score at the last and best evaluation, the paired difference to
     baseline with its interval and verdict, the costs."""
     metric = info["metric_title"]
-    rows = [["method", f"{metric} last", f"{metric} best", f"last - baseline ({_df(summary)})", "verdict",
+    rows = [["method", f"{metric} last", f"{metric} best", f"last - baseline [{_df(summary)}]", "verdict",
              "time/step", "peak memory", "checkpoint"]]
     for r in summary:
         c = r["cost"]
@@ -122,8 +122,10 @@ def markdown(summary: list[dict], info: dict, methods) -> str:
             "t interval; \"better\" or \"worse\" only where the interval excludes 0. The best evaluation is picked "
             "on the validation data itself, so it flatters every method alike; the verdict reads the last one.", ""]
     out += ["## Costs", "", cost_table(summary, info["device"]), ""]
-    out += [f"Time per step: forward, backward and optimizer step (the median step of a run, the median over runs); "
-            f"relative: the median of each run's ratio to the baseline run of the same seed. {info['load']} "
+    clock = ("the process's CPU time (all its threads), which other work on a shared CPU does not inflate the way "
+             "it does the wall time" if summary[0]["cost"].get("clock") == "step_cpu_seconds" else "wall time")
+    out += [f"Time per step: forward, backward and optimizer step, {clock} (the median step of a run, the median over "
+            f"runs); relative: the median of each run's ratio to the baseline run of the same seed. {info['load']}"
             f"Peak memory: {summary[0]['cost']['memory_kind']} during a run, median over runs. Checkpoint: the files "
             "`surgery.export` writes (what you ship); a model with no plain form (the layer-weighted head) is saved "
             "surgered with `save_pretrained`.", ""]

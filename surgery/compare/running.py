@@ -100,19 +100,21 @@ def _callback(plan: RunPlan, on_step):
 
     class Watch(TrainerCallback):
         def __init__(self):
-            self.durations: list[float] = []
+            self.durations: list[float] = []  # wall time of each step
+            self.cpu: list[float] = []  # CPU time of the process (all its threads) in each step
             self.evals: dict[int, dict] = {}
-            self._t = 0.0
+            self._t = self._c = 0.0
 
         def on_step_begin(self, args, state, control, **kw):
             if cuda and args.device.type == "cuda":
                 torch.cuda.synchronize()
-            self._t = time.perf_counter()
+            self._t, self._c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             if cuda and args.device.type == "cuda":
                 torch.cuda.synchronize()
             self.durations.append(time.perf_counter() - self._t)
+            self.cpu.append(time.process_time() - self._c)
             if state.global_step in plan.evals:
                 control.should_evaluate = True
             on_step(1)
@@ -201,8 +203,11 @@ def run_one(plan: RunPlan, backbone, train_ds, val_ds, metric, settings, device:
         "method": plan.method.label, "seed": plan.seed, "fold": plan.fold, "steps": plan.steps, "evals": evals,
         "last": values[-1], "best": values[best_i], "best_step": evals[best_i]["step"],
         "train_loss": float(out.training_loss), "seconds": time.perf_counter() - t0,
-        # the median step: a moment of contention on a shared machine moves it less than the mean
+        # the median step: a moment of contention on a shared machine moves it less than the mean; on a CPU the
+        # process's CPU time per step too, which the other work of a shared machine does not inflate as it does
+        # the wall time (it waits, and is not counted)
         "step_seconds": statistics.median(watch.durations), "mean_step_seconds": statistics.fmean(watch.durations),
+        "step_cpu_seconds": statistics.median(watch.cpu) if device == "cpu" else None,
         "peak_memory": peak.bytes, "memory_kind": peak.kind, "load_average": load,
     }
     if measure_export:

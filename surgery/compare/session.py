@@ -107,8 +107,9 @@ def _finish(c, runs: list[dict]) -> dict:
     draw(out / "figure.png", summary, results["runs"], c.info)
     print()
     print(terminal_table(summary, c.info))
+    clock = "CPU time" if summary[0]["cost"]["clock"] == "step_cpu_seconds" else "wall time"
     print(f"\n{c.metric.title}: mean ± sd over seeds; last - baseline: paired by seed, mean [95% interval] "
-          "(relative); time/step relative to baseline; peak memory: " + summary[0]["cost"]["memory_kind"]
+          f"(relative); time/step: {clock} relative to baseline; peak memory: " + summary[0]["cost"]["memory_kind"]
           + "; checkpoint: the exported model's files")
     print(f"wrote {', '.join(str(out / n) for n in OUTPUTS)} in {elapsed:.0f} s")
     return results
@@ -122,7 +123,8 @@ def _load_note(runs: list[dict], device: str) -> str:
     cores = os.cpu_count() or 0
     busy = max(loads) > 0.75 * cores
     return (f"Load average (1 minute) while the runs trained: {min(loads):.1f}-{max(loads):.1f} on {cores} cores"
-            + (": other work shared the CPU, so the time ratios carry that noise." if busy else ".") + " ")
+            + (": other work shared the CPU; the CPU time per step feels that less than the wall time does, but "
+               "not nothing (shared caches, memory bandwidth). " if busy else ". "))
 
 
 def _version(name: str) -> str:

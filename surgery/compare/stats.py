@@ -67,6 +67,13 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _clock(runs: list[dict]) -> str:
+    """The time per step the costs compare: the process's CPU time where every run has it (a CPU device:
+    the other work of a shared machine inflates wall time, not this), else the wall time (a GPU, with the
+    device synchronised)."""
+    return "step_cpu_seconds" if runs and all(r.get("step_cpu_seconds") for r in runs) else "step_seconds"
+
+
 def summarize(runs: list[dict], methods, metric, constant: float, folds: int) -> list[dict]:
     """One summary per method (baseline first): scores, the paired difference and verdict, the costs."""
     base_label = methods[0].label
@@ -92,11 +99,14 @@ def summarize(runs: list[dict], methods, metric, constant: float, folds: int) ->
             row[f"diff_{which}"] = iv
         mean_last = row["last"]["mean"]
         row["beats_constant"] = mean_last > constant if metric.higher_is_better else mean_last < constant
-        ratios = [r["step_seconds"] / base_runs[(r["seed"], r["fold"])]["step_seconds"] for r in mine
-                  if (r["seed"], r["fold"]) in base_runs and base_runs[(r["seed"], r["fold"])]["step_seconds"] > 0]
+        clock = _clock(runs)
+        ratios = [r[clock] / base_runs[(r["seed"], r["fold"])][clock] for r in mine
+                  if (r["seed"], r["fold"]) in base_runs and base_runs[(r["seed"], r["fold"])][clock] > 0]
         export = next((r for r in mine if r.get("export_bytes") is not None), None)
         row["cost"] = {
-            "step_seconds": _median(r["step_seconds"] for r in mine),
+            "clock": clock,
+            "step_seconds": _median(r[clock] for r in mine),
+            "step_wall_seconds": _median(r["step_seconds"] for r in mine),
             "step_ratio": _median(ratios),
             "peak_memory": _median(r.get("peak_memory") for r in mine),
             "memory_kind": mine[0].get("memory_kind"),
