@@ -11,6 +11,7 @@ import platform
 import sys
 import time
 
+from .. import interrupts
 from .settings import Settings
 
 __all__ = ["compare"]
@@ -69,6 +70,7 @@ def _run_all(c) -> list[dict]:
                           on_step=bar.update if bar is not None else (lambda n: None))
             measured.add(p.method.label)
             c.store.save(p.key, rec)
+            interrupts.test_hook("compare-saved")  # the signal tests interrupt here, a run saved, the next to come
             runs.append({"key": p.key, **rec})
             line = (f"  run {i}/{len(c.plans)} {p.method.label}, {where}: {c.metric.title} last {rec['last']:#.4g}, "
                     f"best {rec['best']:#.4g} (step {rec['best_step']}); {rec['seconds']:.0f} s")
