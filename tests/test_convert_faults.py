@@ -515,3 +515,125 @@ def test_every_operation_failed_in_turn(scratch, name, mode):
     total, results = sweep(sc, mode)
     broken = [f"#{n} {op}: {res.kind} {res.lines}: {bad}" for n, op, res, bad in results if bad]
     assert not broken, f"{len(broken)} of {total} runs broke a promise:\n" + "\n".join(broken[:40])
+
+
+def test_the_sweep_reaches_every_kind_of_operation(scratch):
+    """The counted operations of an overwrite include every kind the issue names, so the sweep
+    fails each of them (a wrapper that stopped counting, say after a rename, would show here)."""
+    sc = make_scenario(scratch, "dir-overwrite-sharded")
+    sc.watched = _names(sc.watch) - {"dst"}
+    _reset(sc)
+    with Faults() as fa:
+        assert sc.run().kind == "ok"
+    kinds = {name for name, _ in fa.log}
+    assert {"open", "read", "preadv", "write", "fsync", "renameat2", "unlink", "mkdir", "scandir", "listdir", "rmdir",
+            "copy_file_range", "stat", "lstat", "fstat", "close", "chmod", "fchmod", "utime", "builtins.open",
+            "file.write"} <= kinds, kinds
+    (scratch / "b").mkdir()
+    sc = make_scenario(scratch / "b", "dir-overwrite-single-rename")
+    sc.watched = _names(sc.watch) - {"dst"}
+    real, swap._renameat2 = swap._renameat2, _unsupported
+    try:
+        _reset(sc)
+        with Faults() as fa:
+            assert sc.run().kind == "ok"
+    finally:
+        swap._renameat2 = real
+    assert [name for name, _ in fa.log].count("rename") == 2  # DST aside, the new one in
+
+
+def _overwrite_with_old_copy_stuck(scratch):
+    """An overwrite whose removal of the old DST fails (every unlink inside it, twice)."""
+    sc = make_scenario(scratch, "dir-overwrite-sharded")
+    sc.watched = _names(sc.watch) - {"dst"}
+    _reset(sc)
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **k):
+        if k.get("dir_fd") is not None or ".surgery-tmp" in os.fspath(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_unlink(path, *a, **k)
+    return sc, unlink
+
+
+def test_an_old_copy_that_cannot_be_removed_is_named_and_the_exit_is_0(scratch, monkeypatch):
+    """The decided contract: once DST is the new checkpoint, exit 0, and a warning names what is left."""
+    sc, unlink = _overwrite_with_old_copy_stuck(scratch)
+    monkeypatch.setattr(os, "unlink", unlink)
+    res = sc.run()
+    monkeypatch.undo()
+    left = [n for n in _names(sc.watch) - sc.watched if n != "dst"]
+    assert res.rc == 0 and len(left) == 1 and left[0].startswith(".surgery-tmp-"), (res, left)
+    assert res.lines == [f"surgery convert: warning: DST was replaced, but the old copy could not be removed: "
+                         f"{sc.watch / left[0]}; remove it yourself"]
+    assert state(sc.dst)[2].keys() >= {"config.json", "model.safetensors.index.json", "tokenizer.json"}
+    assert "only-in-old.txt" in os.listdir(sc.watch / left[0])  # the old DST, kept under the name given
+
+
+def test_python_convert_warns_and_returns_the_notes(scratch, monkeypatch):
+    from surgery.checkpoint import convert
+
+    sc, unlink = _overwrite_with_old_copy_stuck(scratch)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.warns(CheckpointWarning, match="DST was replaced, but the old copy could not be removed"):
+        plan = convert(scratch / "src", sc.dst, overwrite=True)
+    assert len(plan.notes) == 1 and str(sc.watch / ".surgery-tmp-") in plan.notes[0]
+
+
+def test_a_signal_that_another_thread_receives_is_held_back_too():
+    """A SIGINT sent to the process goes to a thread that does not mask it (numpy's BLAS
+    threads exist once safetensors has been imported); CPython then runs the handler in the
+    main thread at once. signals_blocked() holds it back all the same, and delivers it once
+    afterwards."""
+    import threading
+    import time
+
+    from surgery.checkpoint.atomic import signal_pending, signals_blocked
+
+    seen = []
+    old = signal.signal(signal.SIGINT, lambda s, f: seen.append(s))
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    try:
+        with signals_blocked():
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while not signal_pending() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert signal_pending() and seen == []
+            time.sleep(0.01)
+            assert seen == []
+        assert seen == [signal.SIGINT]
+    finally:
+        stop.set()
+        t.join(5)
+        signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.parametrize("then_eof", [False, True], ids=["short-read", "short-then-end"])
+def test_a_short_read_of_the_header_length(scratch, monkeypatch, then_eof):
+    """A read may return fewer bytes than asked (libfiu's "reduce" faults do it; so does a file
+    that shrinks): the 8-byte header length is read in a loop, and a file that ends early is
+    one line naming it, exit 2 (it was "internal error: unpack requires a buffer of 8 bytes")."""
+    src = scratch / "one.safetensors"
+    src.write_bytes(st_bytes(tensors(), {"format": "pt"}))
+    real, calls = os.preadv, []
+
+    def preadv(fd, buffers, offset, *a):
+        if offset in (0, 3) and len(calls) < 2:  # the first read of the header length: 3 bytes, then the rest or nothing
+            calls.append(offset)
+            if offset == 3 and then_eof:
+                return 0
+            return real(fd, [memoryview(buffers[0])[:3]] if offset == 0 else buffers, offset, *a)
+        return real(fd, buffers, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    res = _cli(["convert", src, scratch / "plain.safetensors", "--quiet"])()
+    monkeypatch.undo()
+    if then_eof:
+        assert res.rc == 2 and res.lines == [f"surgery convert: error: {src}: the file ended early while being read "
+                                             "(truncated or changed during the conversion)"], res
+        assert not os.path.lexists(scratch / "plain.safetensors")
+    else:
+        assert res.rc == 0 and res.lines == [] and calls == [0, 3], (res, calls)

@@ -16,7 +16,7 @@ Modules: ``safetensors_file`` (the format), ``pickle_file`` (.bin/.pt, weights o
 """
 
 from .atomic import atomic_path
-from .common import CheckpointError, is_target_key
+from .common import CheckpointError, CheckpointWarning, is_target_key
 from .conversion import Plan, convert, execute, plan_convert, restore_config
 from .layout import Checkpoint, open_checkpoint
 from .pickle_file import load_state_dict_file
@@ -26,7 +26,7 @@ from .summary import format_inspect, inspect
 from .swap import commit
 
 __all__ = [
-    "CheckpointError", "TensorInfo", "SafetensorsFile", "Item", "read_header", "write_safetensors", "tensor_item",
-    "load_state_dict_file", "Checkpoint", "open_checkpoint", "is_target_key", "restore_config", "Plan",
+    "CheckpointError", "CheckpointWarning", "TensorInfo", "SafetensorsFile", "Item", "read_header",
+    "write_safetensors", "tensor_item", "load_state_dict_file", "Checkpoint", "open_checkpoint", "is_target_key", "restore_config", "Plan",
     "plan_convert", "execute", "convert", "inspect", "format_inspect", "save", "atomic_path", "commit",
 ]
