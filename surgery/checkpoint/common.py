@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from typing import Any
 
@@ -9,7 +11,8 @@ from ..errors import SurgeryError
 from ..record import TARGET_SUFFIX
 
 __all__ = ["CheckpointError", "is_target_key", "fmt_bytes", "printable", "one_line", "RECORD_METADATA_KEY", "SAFE_NAME", "SAFE_INDEX",
-           "BIN_NAME", "BIN_INDEX", "CONFIG_NAME", "PICKLE_SUFFIXES", "TRAINER_STATE", "OTHER_WEIGHTS"]
+           "BIN_NAME", "BIN_INDEX", "CONFIG_NAME", "PICKLE_SUFFIXES", "TRAINER_STATE", "OTHER_WEIGHTS",
+           "CheckpointWarning", "lexists", "lstat_or_none"]
 
 RECORD_METADATA_KEY = "surgery"  # safetensors header metadata entry holding Record.to_json()
 SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -30,6 +33,38 @@ class CheckpointError(SurgeryError):
     def __init__(self, path: Any, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
+
+
+class CheckpointWarning(UserWarning):
+    """A write that put DST in place but could not finish something after it (the old copy
+    not removed, the folder not synced): DST is the new checkpoint; the warning names what is
+    left."""
+
+
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)  # nothing there (an overlong name cannot be)
+
+
+def lstat_or_none(path: Any) -> os.stat_result | None:
+    """``os.lstat(path)``, or None when nothing is there. Unlike ``os.path.lexists`` (which
+    answers False for any error), a failure to look (an I/O error) raises: "absent" is never
+    concluded from a failing disk.
+
+    Raises:
+        OSError: any error but "no such file", "a part of the path is not a folder" and "name
+            too long".
+    """
+    try:
+        return os.lstat(path)
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return None
+        raise
+
+
+def lexists(path: Any) -> bool:
+    """``os.path.lexists`` that raises on an I/O error instead of answering False (see
+    :func:`lstat_or_none`)."""
+    return lstat_or_none(path) is not None
 
 
 def fmt_bytes(n: int) -> str:

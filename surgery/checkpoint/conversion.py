@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import configs, interrupts
 from ..record import CONFIG_KEY, TARGET_SUFFIX, Record, no_plain_form
-from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os_error, remove, remove_parents,
-                     signal_pending, signals_blocked, write_json)
-from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
-                     is_target_key, printable)
+from .atomic import check_dst, close_quietly, fsync_dir, os_error, signal_pending, signals_blocked, write_json
+from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError,
+                     CheckpointWarning, fmt_bytes, is_target_key, lexists, printable)
 from .layout import Checkpoint, _Items, _Source, open_checkpoint
 from .leftovers import Leftover, find_leftovers, remove_leftovers
 from .modes import copy_mode, data_mode, dir_mode, umask
 from .safetensors_file import Progress, copy_range, write_safetensors
+from .swap import Staging
 from .trust import SourceTree
 
 __all__ = ["restore_config", "Plan", "plan_convert", "execute", "convert"]
@@ -64,6 +65,7 @@ class Plan:
     index: dict[str, Any] | None  # DST index (sharded)
     warnings: list[str]
     leftovers: list[Leftover] = field(default_factory=list)  # temporaries of earlier runs beside DST
+    notes: list[str] = field(default_factory=list)  # what could not be finished once DST was in place
 
     @property
     def kept_bytes(self) -> int:
@@ -133,10 +135,14 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
             outside it (unless ``allow_external_hard_links``).
     """
     src, dst = Path(src), Path(dst)
-    if os.path.lexists(src):
-        check_dst(src, dst, overwrite)
-    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
-                         allow_external_hard_links=allow_external_hard_links)
+    try:
+        if lexists(src):
+            check_dst(src, dst, overwrite)
+        ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
+                             allow_external_hard_links=allow_external_hard_links)
+    except OSError as e:  # an I/O error while looking at SRC or DST: one error naming the file, in words
+        name, problem = os_error(e, dst=src)
+        raise CheckpointError(name, problem) from None
     try:
         if ck.is_dir and dst.suffix == ".safetensors":
             raise CheckpointError(dst, "DST for a directory SRC is a directory (same layout as SRC); give a "
@@ -196,55 +202,39 @@ def _metadata(src: _Source) -> dict[str, str]:
 
 
 def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = None,
-            state: Any = None) -> None:
-    """Write ``plan.dst`` (through a temporary beside it, renamed at the end). SRC is only read.
+            state: Any = None) -> list[str]:
+    """Write ``plan.dst`` (through a temporary beside it, put in place at the end, see
+    :mod:`surgery.checkpoint.swap`). SRC is only read.
 
     Files and folders get SRC's permission bits as ``cp`` without ``-p`` would (see
     :mod:`surgery.checkpoint.modes`: under the umask, never setuid, setgid, sticky, and no
-    execute bit on the files convert writes itself). The final rename runs with
+    execute bit on the files convert writes itself). Putting DST in place runs with
     SIGINT/SIGTERM held back; a signal that came before it (or, with ``state``, the CLI's
     :data:`surgery.interrupts.STATE`, one that library code swallowed) aborts instead, and
     ``state.committed`` is set once DST is in place.
 
+    Returns:
+        notes on what could not be finished after DST was in place (the old copy not removed,
+        a folder not synced), each naming what is left; DST is the new checkpoint either way.
+
     Raises:
-        CheckpointError: a read or write problem; nothing is left at DST, no temporary, no
-            parent folder this call created.
-        KeyboardInterrupt: interrupted; likewise nothing is left.
+        CheckpointError: a read or write problem; DST is as it was (absent, or the old one),
+            no temporary and no parent folder this call created is left, or the message
+            names what could not be removed.
+        KeyboardInterrupt: interrupted; likewise.
     """
-    dst = plan.dst
-    if os.path.lexists(dst) and not overwrite:
-        raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
-    tmp: Path | None = None
-    created: list[Path] = []
-    try:
-        try:
-            created = make_parents(dst.parent)
-        except OSError as e:
-            name, problem = os_error(e, dst=dst)
-            raise CheckpointError(name, f"cannot create DST's folder ({problem})") from None
-        remove_leftovers(plan.leftovers)
-        tmp = atomic_path(dst)
-        _write(plan, tmp, progress, state)
+    with Staging(plan.dst, overwrite=overwrite) as st:
+        not_removed = remove_leftovers(plan.leftovers)
+        _write(plan, st.tmp, progress, state)
         with signals_blocked():
             if signal_pending() or (state is not None and state.interrupted):
                 if state is not None:
                     state.interrupted = True  # the held-back signal, delivered after the cleanup, is then ignored
                 raise KeyboardInterrupt
-            commit(tmp, dst, overwrite)
+            st.place()
             if state is not None:
                 state.committed = True
-    except BaseException as e:
-        with signals_blocked():  # the clean-up never raises: the first error is the one reported
-            interrupts.test_hook("cleanup")
-            kept = tmp is not None and not remove(tmp)
-            remove_parents(created)
-        note = f"; the temporary {tmp} could not be removed" if kept else ""
-        if isinstance(e, OSError):
-            name, problem = os_error(e, tmp=tmp, dst=dst)
-            raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST{note}") from None
-        if isinstance(e, CheckpointError) and tmp is not None and e.path.startswith(str(tmp)):
-            raise CheckpointError(str(dst) + e.path[len(str(tmp)):], e.problem + note) from None  # DST's name
-        raise
+    return [f"{f.path} (a temporary of an earlier run) could not be removed" for f in not_removed] + st.notes
 
 
 def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None:
@@ -255,6 +245,7 @@ def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None
         write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=data_mode(s.mode, mask))
         return
     os.mkdir(tmp, 0o700)
+    made = {Path(".")}
     for s, name, kept, _ in plan.files:
         if name:
             write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress),
@@ -268,8 +259,9 @@ def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None
     for rel in ck.copies:
         out = tmp / rel
         for d in reversed(Path(rel).parents[:-1]):
-            if not (tmp / d).is_dir():
+            if d not in made:
                 os.mkdir(tmp / d, 0o700)
+                made.add(d)
         copy_file(ck.tree, ck.path / rel, out, mask=mask)
     for rel in sorted({str(d) for r in ck.copies for d in Path(r).parents[:-1]}, key=len, reverse=True):
         os.chmod(tmp / rel, dir_mode(os.stat(ck.path / rel).st_mode, mask))
@@ -318,7 +310,7 @@ def copy_file(tree: SourceTree, src: Path, dst: Path, *, mask: int | None = None
         finally:
             os.close(fd_out)
     finally:
-        os.close(fd_in)
+        close_quietly(fd_in)
 
 
 def _is_read_error(fd_in: int) -> bool:
@@ -339,7 +331,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     (tokenizer, generation config ...) are copied, Trainer training state is not.
 
     Returns:
-        the :class:`Plan` that was carried out (or only made, with ``dry_run``).
+        the :class:`Plan` that was carried out (or only made, with ``dry_run``); its ``notes``
+        say what could not be finished after DST was in place (each also a
+        :class:`CheckpointWarning`).
 
     Raises:
         CheckpointError: bad SRC or DST (see :func:`plan_convert`) or a failed write.
@@ -349,7 +343,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
                         allow_external_hard_links=allow_external_hard_links)
     try:
         if not dry_run:
-            execute(plan, overwrite=overwrite, progress=progress)
+            plan.notes = execute(plan, overwrite=overwrite, progress=progress)
     finally:
         plan.ck.close()
+    for note in plan.notes:
+        warnings.warn(f"{plan.dst}: {note}", CheckpointWarning, stacklevel=2)
     return plan

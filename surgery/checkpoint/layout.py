@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from ..record import CONFIG_KEY, Record
 from ..schema import parse_json, short
 from .common import (BIN_INDEX, BIN_NAME, CONFIG_NAME, OTHER_WEIGHTS, PICKLE_SUFFIXES, RECORD_METADATA_KEY, SAFE_INDEX,
-                     SAFE_NAME, TRAINER_STATE, CheckpointError)
+                     SAFE_NAME, TRAINER_STATE, CheckpointError, lexists)
 from .pickle_file import expanded_views, load_state_dict_file
 from .safetensors_file import MAX_TENSORS, Item, Progress, TensorInfo, copy_range, read_header, tensor_item
 from .trust import SourceTree
@@ -78,8 +78,11 @@ class _SafetensorsSource(_Source):
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)  # read-only: an error closing it says nothing about what was read
+            except OSError:
+                pass
 
 
 class _PickleSource(_Source):
@@ -245,7 +248,7 @@ def _check_index(path: Path, index: dict[str, Any]) -> dict[str, str]:
 
 
 def _source(path: Path, tree: SourceTree, max_tensors: int) -> _Source:
-    if not os.path.lexists(path):
+    if not lexists(path):
         raise CheckpointError(path, "no such file")
     return (_SafetensorsSource if path.suffix == ".safetensors" else _PickleSource)(path, tree, max_tensors)
 
@@ -281,10 +284,11 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
             folders nested too deep, or a refused pickle.
     """
     path = Path(path)
-    if not path.exists():
+    st = _stat_or_none(path)  # an I/O error is raised, not taken for "missing"
+    if st is None:
         raise CheckpointError(path, "no such file or directory")
     tree = SourceTree(path, follow_external_symlinks, allow_external_hard_links)
-    if path.is_file():
+    if stat.S_ISREG(st.st_mode):
         if path.suffix == ".safetensors":
             ck = Checkpoint(path, "safetensors file", [_SafetensorsSource(path, tree, max_tensors)])
         elif path.suffix in PICKLE_SUFFIXES:
@@ -295,7 +299,7 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
         ck.mode = ck.sources[0].mode
         _check_weights(ck)
         return ck
-    if not path.is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise CheckpointError(path, "not a regular file or directory")
     ck = Checkpoint(path, "model directory", [])
     ck.mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -310,7 +314,7 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
 def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
     path = ck.path
     for name in (SAFE_NAME, SAFE_INDEX, BIN_NAME, BIN_INDEX):
-        if os.path.lexists(path / name):
+        if lexists(path / name):
             break
     else:
         raise CheckpointError(path, f"unknown checkpoint layout: no {SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME} or "
@@ -324,7 +328,7 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
         for s in shards:
             if Path(s).name != s or s in (".", ".."):
                 raise CheckpointError(path / name, f"shard index names {s!r}, which is not a file in this directory")
-            if not os.path.lexists(path / s):
+            if not lexists(path / s):
                 raise CheckpointError(path / s, f"missing shard: {name} maps {sum(v == s for v in wm.values())} "
                                                 "tensors to it but it does not exist")
         problem = _unreferenced_shards(path, name, shards)
@@ -353,7 +357,7 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
     else:
         ck.sources = [_source(path / name, tree, max_tensors)]
     _check_weights(ck)
-    if os.path.lexists(path / CONFIG_NAME):
+    if lexists(path / CONFIG_NAME):
         ck.config = _read_json(path / CONFIG_NAME, CONFIG_NAME, tree)
         ck.config_mode = stat.S_IMODE(os.stat(path / CONFIG_NAME).st_mode)
         used.add(CONFIG_NAME)
@@ -372,6 +376,14 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
             tree.check_readable(path / rel)  # a link outside SRC, a FIFO or an unreadable file: refused now
             ck.copies.append(rel)
     ck.tree = tree
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    """``os.stat``, or None when nothing (or a broken link) is there; an I/O error is raised."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _check_weights(ck: Checkpoint) -> None:

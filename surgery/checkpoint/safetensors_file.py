@@ -129,7 +129,11 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
             if size < 8:
                 raise CheckpointError(path, f"truncated or not a safetensors file: {size} bytes, but the format "
                                             "starts with an 8-byte header length")
-            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            head = _pread_all(fd, 8, 0)  # a read may return less than asked (a file changing, a failing disk)
+            if len(head) < 8:
+                raise CheckpointError(path, "the file ended early while being read (truncated or changed during "
+                                            "the conversion)")
+            (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER:
                 raise CheckpointError(path, f"corrupt or not a safetensors file: the header length field says {n} "
                                             f"bytes, over the {MAX_HEADER} byte limit safetensors sets")

@@ -28,6 +28,7 @@ private key) into DST, which is then published. The rule:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -70,7 +71,7 @@ class SourceTree:
         self.follow_external = follow_external_symlinks
         self.allow_hard_links = allow_external_hard_links
         real = Path(os.path.realpath(src))
-        self.is_dir = real.is_dir()
+        self.is_dir = stat.S_ISDIR(os.stat(real).st_mode)  # an I/O error is raised, not taken for "a file"
         self.root = (hf_repo_root(real) or real) if self.is_dir else real
         self._names: dict[tuple[int, int], int] | None = None  # (dev, ino) -> names inside root (nlink > 1 only)
 
@@ -170,7 +171,9 @@ class SourceTree:
                     continue
                 try:
                     st = os.stat(e.path)
-                except OSError:
+                except OSError as err:
+                    if err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # an I/O error: not "broken"
+                        raise CheckpointError(self.src / r, f"cannot read ({err.strerror or err})") from None
                     warnings.append(f"{r} is a broken symbolic link; not copied")
                     continue
                 if stat.S_ISREG(st.st_mode):
