@@ -23,10 +23,10 @@ from .pickle_file import load_state_dict_file
 from .safetensors_file import Item, SafetensorsFile, TensorInfo, read_header, tensor_item, write_safetensors
 from .save import save
 from .summary import format_inspect, inspect
-from .swap import commit
+from .swap import place
 
 __all__ = [
     "CheckpointError", "CheckpointWarning", "TensorInfo", "SafetensorsFile", "Item", "read_header",
     "write_safetensors", "tensor_item", "load_state_dict_file", "Checkpoint", "open_checkpoint", "is_target_key", "restore_config", "Plan",
-    "plan_convert", "execute", "convert", "inspect", "format_inspect", "save", "atomic_path", "commit",
+    "plan_convert", "execute", "convert", "inspect", "format_inspect", "save", "atomic_path", "place",
 ]

@@ -40,7 +40,7 @@ from .atomic import (TMP_PREFIX, atomic_path, fsync_dir, make_parents, os_error,
                      signals_blocked)
 from .common import CheckpointError, CheckpointWarning, lexists, lstat_or_none
 
-__all__ = ["Staging", "SwapError", "place", "commit", "RENAME_NOREPLACE", "RENAME_EXCHANGE"]
+__all__ = ["Staging", "SwapError", "place", "RENAME_NOREPLACE", "RENAME_EXCHANGE"]
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # linux/fs.h
 _AT_FDCWD = -100
@@ -169,8 +169,6 @@ def place(tmp: Path, dst: Path, overwrite: bool) -> list[str]:
                                     "yourself"]
     return notes + _synced(dst.parent, "replaced")
 
-
-commit = place  # the name earlier versions exported
 
 
 def _merge(tmp: Path, path: Path, stale: Iterable[str]) -> list[str]:
