@@ -186,15 +186,21 @@ def commit(tmp: Path, dst: Path, overwrite: bool) -> None:
 
 def check_dst(src: Path, dst: Path, overwrite: bool) -> None:
     """Refuse a DST that cannot be written, before anything is read or written: it overlaps
-    SRC, exists (without ``overwrite``), a part of its path is a file, a name in it is
-    longer than the file system allows, or the folder it goes in is read-only.
+    SRC (by path, or by what the folders are: ``containment.overlap`` compares device and
+    inode, so a bind mount or a second mount is seen through), exists (without
+    ``overwrite``), a part of its path is a file, a name in it is longer than the file
+    system allows, or the folder it goes in is read-only.
 
     Raises:
         CheckpointError: naming DST.
     """
+    from .containment import overlap
+
     s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise CheckpointError(dst, f"DST must not be SRC, inside it or contain it (SRC is {src}); pick another path")
+    why = "" if d == s or s in d.parents or d in s.parents else overlap(src, dst)
+    if why is not None:
+        raise CheckpointError(dst, f"DST must not be SRC, inside it or contain it ({why or f'SRC is {src}'}); pick "
+                                   "another path")
     if os.path.lexists(dst) and not overwrite:
         raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
     missing, q = [dst.name], dst.parent
