@@ -340,6 +340,21 @@ def test_code_running_pickle_is_never_run_and_memo_bombs_stay_small(tmp_path, ca
     refused_everywhere(capsys, tmp_path, bomb, tmp_path / "out.safetensors", "holds no tensor")
 
 
+@pytest.mark.parametrize("form", ["zip", "plain-pickle"])
+def test_pickle_naming_a_huge_global_is_refused_without_torch(tmp_path, capsys, form):
+    """Found by the hostile run: torch's error message for an unknown global runs a regular
+    expression quadratic in the name, so a 5 MB name kept torch.load (and convert) busy for
+    hours. The scan refuses names past 1,024 characters itself."""
+    pkl = b"\x80\x02c" + b"a" * 200_000 + b"\nb\n."
+    src = tmp_path / "long.pt"
+    if form == "zip":
+        _zip_pt(src, pkl)
+    else:
+        src.write_bytes(pkl)
+    refused_everywhere(capsys, tmp_path, src, tmp_path / "out.safetensors", "more than 1,024 characters",
+                       "nothing in it was executed")
+
+
 def test_storage_record_shorter_than_the_pickle_says_is_refused(tmp_path, capsys):
     """torch.load(mmap=True) read past the record, into the zip's own headers, and convert
     published those bytes as weights (exit 0)."""

@@ -28,9 +28,10 @@ from typing import Any
 
 from .common import CheckpointError
 
-__all__ = ["scan", "Scan", "ZipTensor", "MAX_PICKLE_BYTES"]
+__all__ = ["scan", "Scan", "ZipTensor", "MAX_PICKLE_BYTES", "MAX_GLOBAL_NAME"]
 
 MAX_PICKLE_BYTES = 1 << 30  # the pickle of a torch.save file (500,000 tensors take ~100 MB of it)
+MAX_GLOBAL_NAME = 1024  # characters of a global's module or name (torch's own are under 60)
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy (pre-zip) format starts with this pickled int
 
 # storage class name -> safetensors dtype of its elements (torch.storage._dtype_to_storage_type_map)
@@ -70,6 +71,12 @@ _OTHER_GLOBALS = frozenset(["torch.serialization._get_layout", "torch.Size", "to
 
 class _TooMany(Exception):
     pass
+
+
+class _NameTooLong(Exception):
+    """A global's module or name past :data:`MAX_GLOBAL_NAME` characters: refused here, not
+    handed to torch (whose error-message regular expression takes time quadratic in it: a
+    5 MB name kept ``torch.load`` busy for hours)."""
 
 
 class _Refused(Exception):
@@ -467,12 +474,12 @@ class _Reader:
         return self.buf, 0
 
     def line(self) -> str:
-        j = self.buf.find(b"\n", self.pos)
+        j = self.buf.find(b"\n", self.pos, self.pos + MAX_GLOBAL_NAME + 1)
         while j < 0:
-            if len(self.buf) - self.pos > 4096:
-                raise _Refused("a global name too long")
+            if len(self.buf) - self.pos > MAX_GLOBAL_NAME:
+                raise _NameTooLong
             self.fill(self.pos, len(self.buf) - self.pos + 1)
-            j = self.buf.find(b"\n", self.pos)
+            j = self.buf.find(b"\n", self.pos, self.pos + MAX_GLOBAL_NAME + 1)
         text = self.buf[self.pos:j].decode("utf-8")
         self.pos = j + 1
         return text
@@ -495,6 +502,10 @@ def _load(scanner: _Scanner, path: Path) -> Any:
         return scanner.load()
     except _TooMany:
         raise _too_many(path, scanner.max_tensors) from None
+    except _NameTooLong:
+        raise CheckpointError(path, f"refused to load: its pickle names a global of more than {MAX_GLOBAL_NAME:,} "
+                                    "characters, which is not a tensor or plain container (torch.load(weights_only="
+                                    "True) allows none such); nothing in it was executed") from None
     except (_Refused, ValueError, TypeError, IndexError, KeyError, LookupError, struct.error, RecursionError):
         return None
 
@@ -513,9 +524,7 @@ def scan(fd: int, path: Path, max_tensors: int) -> Scan:
     try:
         if head == b"PK\x03\x04":
             return _scan_zip(f, fd, path, max_tensors)
-        if head[:1] == b"\x80":
-            return Scan(_scan_legacy(f, path, max_tensors), None)
-        return Scan(0, None)
+        return Scan(_scan_legacy(f, path, max_tensors), None)  # torch reads anything else as the legacy form
     finally:
         f.close()
 
