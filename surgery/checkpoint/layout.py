@@ -18,7 +18,7 @@ from ..schema import parse_json, short
 from .common import (BIN_INDEX, BIN_NAME, CONFIG_NAME, OTHER_WEIGHTS, PICKLE_SUFFIXES, RECORD_METADATA_KEY, SAFE_INDEX,
                      SAFE_NAME, TRAINER_STATE, CheckpointError, is_target_key)
 from .pickle_file import expanded_views, load_state_dict_file
-from .pickle_scan import ZipTensor, scan
+from .torch_file import ZipTensor, scan
 from .safetensors_file import (MAX_TENSORS, Item, Progress, TensorInfo, check_header_size, copy_range, is_sparse,
                                read_header, tensor_item)
 from .trust import SourceTree, changed, identity
@@ -86,7 +86,7 @@ class _SafetensorsSource(_Source):
 
 
 class _PickleSource(_Source):
-    """A ``.bin``/``.pt`` state dict. Its pickle is scanned first (``pickle_scan``: tensors
+    """A ``.bin``/``.pt`` state dict. Its pickle is scanned first (``torch_file``: tensors
     counted before any is built, nothing run); the standard zip form of contiguous tensors is
     then copied file to file like safetensors data, anything else is read by
     ``torch.load(weights_only=True)``."""

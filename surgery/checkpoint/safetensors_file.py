@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["TensorInfo", "SafetensorsFile", "Item", "Progress", "read_header", "write_safetensors", "tensor_item",
-           "copy_range", "end_file", "is_sparse", "check_header_size", "written_header_size", "shape_problem", "torch_to_st", "BITS", "METADATA_KEY"]
+           "copy_range", "end_file", "is_sparse", "check_header_size", "written_header_size", "shape_problem",
+           "torch_to_st", "BITS", "METADATA_KEY"]
 
 METADATA_KEY = "__metadata__"
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
@@ -177,8 +178,8 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
         t.name = name
         problem = _entry_problem(t)
         if problem:
-            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} ({t.dtype} {_shape_text(t.shape)}) "
-                                        f"{problem}")
+            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} "
+                                        f"({t.dtype} {_shape_text(t.shape)}) {problem}")
         if t.end > data_bytes:
             raise CheckpointError(path, f"truncated or corrupt safetensors file: tensor {name!r} ends at byte "
                                         f"{t.end if t.end.bit_length() <= 64 else 'past 2**64'} of the data section (offsets point past the end of the file, which "
@@ -206,7 +207,8 @@ def shape_problem(dtype: str, shape: tuple[int, ...]) -> str | None:
         return "has a dimension past 2**64 - 1, which safetensors cannot read"
     bits = _nbits(dtype, shape)
     if bits is None:
-        return "has a shape whose element count or size overflows 64 bits (safetensors multiplies the dimensions in order)"
+        return ("has a shape whose element count or size overflows 64 bits (safetensors multiplies the dimensions "
+                "in order)")
     if bits % 8:
         return (f"holds {bits} bits, not a whole number of bytes ({BITS[dtype]}-bit elements need a count that "
                 "fills whole bytes)")
@@ -496,7 +498,8 @@ def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: 
     raw, data_size = _header_bytes(order, metadata)
     if len(raw) > MAX_HEADER:  # convert refuses this on SRC already; a save or export gets it here, before writing
         raise CheckpointError(path, f"the header of {n_items:,} tensors would be {len(raw):,} bytes, over the "
-                                    f"{MAX_HEADER:,} bytes safetensors reads; save fewer or shorter-named tensors per file")
+                                    f"{MAX_HEADER:,} bytes safetensors reads; save fewer or shorter-named tensors "
+                                    "per file")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         if mode is not None:
