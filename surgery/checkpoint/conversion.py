@@ -18,8 +18,7 @@ from .. import configs, interrupts
 from ..record import CONFIG_KEY, TARGET_SUFFIX, Record, no_plain_form
 from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os_error, remove, remove_parents,
                      signal_pending, signals_blocked, write_json)
-from .common import (CONFIG_NAME, SAFE_INDEX, CheckpointError, fmt_bytes,
-                     is_target_key, printable)
+from .common import CONFIG_NAME, SAFE_INDEX, CheckpointError, fmt_bytes, is_target_key, printable
 from .layout import Checkpoint, _Items, _Source, dst_name, open_checkpoint, output_metadata
 from .leftovers import Leftover, find_leftovers, remove_leftovers
 from .modes import copy_mode, data_mode, dir_mode, umask
@@ -246,6 +245,7 @@ def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None
             write_safetensors(tmp / name, _Items(s, kept), output_metadata(s), _hooked(progress),
                               mode=data_mode(s.mode, mask))
         s.check_unchanged()
+        s.close()  # one shard's descriptor (or mapped pickle) at a time from here on
         if state is not None and state.interrupted:  # a KeyboardInterrupt some library swallowed
             raise KeyboardInterrupt
     if plan.index is not None:
