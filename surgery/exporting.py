@@ -25,7 +25,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .checkpoint.atomic import fsync_tree, os_error, write_json
+from .checkpoint.atomic import fsync_tree, write_json
+from .checkpoint.common import os_error
 from .checkpoint.common import SAFE_INDEX, SAFE_NAME, CheckpointError, is_target_key
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
 from .checkpoint.swap import Staging

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -101,7 +102,7 @@ class Record:
             raise ValueError("not a surgery record (missing 'format': 'surgery')")
         if d.get("version") != VERSION:
             raise ValueError(
-                f"surgery record version {d.get('version')!r} is not supported by this surgery "
+                f"surgery record version {reprlib.repr(d.get('version'))} is not supported by this surgery "
                 f"(which reads version {VERSION}); upgrade surgery"
             )
         check_record(d)  # one ValueError per wrong field, before anything reads it

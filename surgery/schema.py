@@ -16,7 +16,7 @@ import reprlib
 from typing import Any
 
 __all__ = ["parse_json", "check_depth", "short", "check_record", "no_duplicates", "DuplicateKeyError",
-           "MAX_DEPTH"]
+           "MAX_DEPTH", "MAX_CONFIG_PATH"]
 
 MAX_DEPTH = 64  # JSON nesting the files convert reads may have (transformers configs nest 3 or 4 deep)
 
@@ -181,6 +181,10 @@ K = _Check(lambda v: _int(v) and 1 <= v <= 2**20, "an integer in [1, 1048576]")
 COUNT = _Check(lambda v: _int(v) and 0 <= v <= 2**53, "a non-negative integer")
 PATH = _Check(lambda v: isinstance(v, list) and len(v) > 0 and all(_text(k) and k for k in v),
               "a non-empty list of non-empty printable strings")
+MAX_CONFIG_PATH = 16  # keys in a config entry's path (transformers configs nest 3 or 4 deep); restoring a longer one
+# would write config.json sub-objects SRC never had, nested past what readers take (and past Python's recursion limit)
+CONFIG_PATH = _Check(lambda v: PATH(v) and len(v) <= MAX_CONFIG_PATH,
+                     f"a non-empty list of at most {MAX_CONFIG_PATH} non-empty printable strings")
 STRS = _Check(lambda v: isinstance(v, list) and all(_text(k) for k in v), "a list of printable strings")
 VALUES = _Check(lambda v: isinstance(v, list) and len(v) > 0 and all(_finite(x) for x in v),
                 "a non-empty list of finite numbers")
@@ -209,8 +213,8 @@ _ENTRIES: dict[str, dict[str, tuple[_Check, bool]]] = {
                "kind": (_one_of("lora", "experts", "router"), False), "params": (PATH, False)},
     "dropout": {"module": (STR, True), "attr": (STR, True), "old": (NUMBER, True), "new": (_or_null(NUMBER), False),
                 "kind": (KIND, False)},
-    "config": {"path": (PATH, True), "old": (NUMBER, True), "new": (_or_null(NUMBER), False), "module": (STR, False),
-               "kind": (KIND, False)},
+    "config": {"path": (CONFIG_PATH, True), "old": (NUMBER, True), "new": (_or_null(NUMBER), False),
+               "module": (STR, False), "kind": (KIND, False)},
     "msd": {"name": (STR, True), "k": (K, True), "p": (PROB, True), "layers": (_or_null(OBJECT), False)},
     "skipped": {"name": (STR, True), "reason": (STR, True)},
     "left_on": {"kind": (_one_of("dropout", "drop_path", "router_noise", "sampling"), True), "what": (STR, False),

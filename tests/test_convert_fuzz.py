@@ -290,6 +290,8 @@ KINDS = {
     "k": lambda v: type(v) is int and 1 <= v <= 2**20,
     "count": lambda v: type(v) is int and 0 <= v <= 2**53,
     "path": lambda v: isinstance(v, list) and v != [] and all(_is_text(x) and x for x in v),
+    # a config path is restored into config.json: at most 16 keys deep (issue 23: 2,000 keys was a RecursionError)
+    "config-path": lambda v: isinstance(v, list) and 0 < len(v) <= 16 and all(_is_text(x) and x for x in v),
     "strs": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
     "str-or-strs": lambda v: _is_text(v) or (isinstance(v, list) and all(_is_text(x) for x in v)),
     "values": lambda v: isinstance(v, list) and all(_is_num(x) for x in v),  # [] for left-on "sampling"
@@ -327,7 +329,7 @@ FIELDS += [("mixout", "name", "str", True, False), ("mixout", "p", "prob", True,
            ("dropout", "module", "str", True, False), ("dropout", "attr", "str", True, False),
            ("dropout", "old", "num", True, False), ("dropout", "new", "num", False, True),
            ("dropout", "kind", "kind", False, False),
-           ("config", "path", "path", True, False), ("config", "old", "num", True, False),
+           ("config", "path", "config-path", True, False), ("config", "old", "num", True, False),
            ("config", "new", "num", False, True), ("config", "module", "str", False, False),
            ("config", "kind", "kind", False, False),
            ("msd", "name", "str", True, False), ("msd", "k", "k", True, False), ("msd", "p", "prob", True, False),
@@ -346,7 +348,7 @@ FIELDS += [("layers", f, kind, f != "init", False) for f, kind in [
     ("init", "num")]]
 HOSTILE = [None, True, False, 0, 1, -1, 2, 0.5, 1e300, 2**70, "", "x", "first", "lora", "dropout",
            "\x1b]0;pwned\x07\x1b[2J", "a\u202eb", [], ["x"], [1], [""], [math.inf], {}, {"a": 1}, math.inf, -math.inf,
-           math.nan]
+           math.nan, ["x"] * 17, ["x"] * 2000]
 MISSING = object()
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from .common import CheckpointError, lexists, lstat_or_none
 
 __all__ = ["atomic_path", "remove", "fsync_dir", "fsync_tree", "close_quietly", "write_json", "check_dst",
-           "signals_blocked", "signal_pending", "make_parents", "remove_parents", "os_error", "TMP_PREFIX", "host_tag",
+           "signals_blocked", "signal_pending", "make_parents", "remove_parents", "TMP_PREFIX", "host_tag",
            "name_max"]
 
 TMP_PREFIX = ".surgery-tmp-"
@@ -114,24 +114,6 @@ def remove_parents(created: list[Path]) -> list[Path]:
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST) or attempt:
                     return [q for q in created[i:] if _there(q)]
     return []
-
-
-_FIX = {errno.EEXIST: "it already exists", errno.EROFS: "read-only file system; choose a DST on a writable one",
-        errno.ENOSPC: "no space left on the device; free some or choose another DST",
-        errno.EDQUOT: "disk quota exceeded; free some space or choose another DST",
-        errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-        errno.ENOTDIR: "a part of the path is not a directory", errno.ENAMETOOLONG: "file name too long",
-        errno.EIO: "input/output error (a failing disk?)"}
-
-
-def os_error(e: OSError, *, tmp: Path | None = None, dst: Path | None = None) -> tuple[str, str]:
-    """``(file, problem)`` for an OSError: the file as the user knows it (DST, never the
-    hidden temporary) and the problem in words, without ``[Errno N]``."""
-    name = str(e.filename) if e.filename is not None else str(dst or "")
-    if tmp is not None and dst is not None and name.startswith(str(tmp)):
-        name = str(dst) + name[len(str(tmp)):]
-    problem = _FIX.get(e.errno) or (e.strerror or type(e).__name__).lower()
-    return name, problem
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,15 +241,21 @@ def _raise(e: OSError) -> None:
 
 def check_dst(src: Path, dst: Path, overwrite: bool) -> None:
     """Refuse a DST that cannot be written, before anything is read or written: it overlaps
-    SRC, exists (without ``overwrite``), a part of its path is a file, a name in it is
-    longer than the file system allows, or the folder it goes in is read-only.
+    SRC (by path, or by what the folders are: ``containment.overlap`` compares device and
+    inode, so a bind mount or a second mount is seen through), exists (without
+    ``overwrite``), a part of its path is a file, a name in it is longer than the file
+    system allows, or the folder it goes in is read-only.
 
     Raises:
         CheckpointError: naming DST.
     """
+    from .containment import overlap
+
     s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise CheckpointError(dst, f"DST must not be SRC, inside it or contain it (SRC is {src}); pick another path")
+    why = "" if d == s or s in d.parents or d in s.parents else overlap(src, dst)
+    if why is not None:
+        raise CheckpointError(dst, f"DST must not be SRC, inside it or contain it ({why or f'SRC is {src}'}); pick "
+                                   "another path")
     if lexists(dst) and not overwrite:
         raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
     missing, q = [dst.name], dst.parent

@@ -17,15 +17,15 @@ from typing import Any
 
 from .. import configs, interrupts
 from ..record import CONFIG_KEY, TARGET_SUFFIX, Record, no_plain_form
-from .atomic import check_dst, close_quietly, fsync_dir, os_error, signal_pending, signals_blocked, write_json
-from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError,
-                     CheckpointWarning, fmt_bytes, is_target_key, lexists, printable)
-from .layout import Checkpoint, _Items, _Source, open_checkpoint
+from .atomic import check_dst, close_quietly, fsync_dir, signal_pending, signals_blocked, write_json
+from .common import (CONFIG_NAME, SAFE_INDEX, CheckpointError, CheckpointWarning, fmt_bytes, is_target_key, lexists,
+                     os_error, printable)
+from .layout import Checkpoint, _Items, _Source, dst_name, open_checkpoint, output_metadata
 from .leftovers import Leftover, find_leftovers, remove_leftovers
 from .modes import copy_mode, data_mode, dir_mode, umask
-from .safetensors_file import Progress, copy_range, write_safetensors
+from .safetensors_file import Progress, copy_range, end_file, write_safetensors
 from .swap import Staging
-from .trust import SourceTree
+from .trust import SourceTree, changed, identity
 
 __all__ = ["restore_config", "Plan", "plan_convert", "execute", "convert"]
 
@@ -112,16 +112,6 @@ class Plan:
         return "\n".join(map(printable, lines))  # every line escaped: names in it come from SRC
 
 
-def _dst_name(src: Path, ck: Checkpoint) -> str:
-    name = src.name
-    if ck.fmt == "safetensors":
-        return name
-    if name == BIN_NAME:
-        return SAFE_NAME
-    stem = name[:-len(".bin")] if name.endswith(".bin") else Path(name).stem
-    return (stem.replace("pytorch_model", "model", 1) if stem.startswith("pytorch_model") else stem) + ".safetensors"
-
-
 def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
                  require_surgery: bool = False, follow_external_symlinks: bool = False,
                  allow_external_hard_links: bool = False) -> Plan:
@@ -158,7 +148,7 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
             kept = [k for k in s.entries if not is_target_key(k)]
             dropped = [k for k in s.entries if is_target_key(k)]
             if kept or not ck.sharded:
-                files.append((s, _dst_name(s.path, ck) if ck.is_dir else dst.name, kept, dropped))
+                files.append((s, dst_name(s.path.name) if ck.is_dir else dst.name, kept, dropped))
             else:
                 files.append((s, "", [], dropped))
                 warnings.append(f"{s.path.name} holds only Mixout targets; no shard is written for it")
@@ -195,12 +185,6 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
         raise
 
 
-def _metadata(src: _Source) -> dict[str, str]:
-    md = {k: v for k, v in (src.metadata or {}).items() if k != RECORD_METADATA_KEY}
-    md.setdefault("format", "pt")
-    return md
-
-
 def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = None,
             state: Any = None) -> list[str]:
     """Write ``plan.dst`` (through a temporary beside it, put in place at the end, see
@@ -226,6 +210,7 @@ def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = 
     with Staging(plan.dst, overwrite=overwrite) as st:
         not_removed = remove_leftovers(plan.leftovers)
         _write(plan, st.tmp, progress, state)
+        plan.ck.tree.check_unchanged()  # nothing of SRC was replaced or rewritten while DST was written
         with signals_blocked():
             if signal_pending() or (state is not None and state.interrupted):
                 if state is not None:
@@ -242,14 +227,17 @@ def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None
     mask = umask()  # modes: see modes.py (never setuid/setgid/sticky, nothing beyond the umask)
     if not ck.is_dir:
         s, _, kept, _ = plan.files[0]
-        write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=data_mode(s.mode, mask))
+        write_safetensors(tmp, _Items(s, kept), output_metadata(s), _hooked(progress), mode=data_mode(s.mode, mask))
+        s.check_unchanged()  # the file was not rewritten while it was copied
         return
     os.mkdir(tmp, 0o700)
     made = {Path(".")}
     for s, name, kept, _ in plan.files:
         if name:
-            write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress),
+            write_safetensors(tmp / name, _Items(s, kept), output_metadata(s), _hooked(progress),
                               mode=data_mode(s.mode, mask))
+        s.check_unchanged()
+        s.close()  # one shard's descriptor (or mapped pickle) at a time from here on
         if state is not None and state.interrupted:  # a KeyboardInterrupt some library swallowed
             raise KeyboardInterrupt
     if plan.index is not None:
@@ -297,13 +285,14 @@ def copy_file(tree: SourceTree, src: Path, dst: Path, *, mask: int | None = None
         fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             try:
-                copy_range(fd_in, src, 0, st.st_size, fd_out, None)
+                copy_range(fd_in, src, 0, st.st_size, fd_out, None)  # holes of a sparse file stay holes
+                end_file(fd_out)
             except OSError as e:
                 if e.filename is None and _is_read_error(fd_in):
                     raise CheckpointError(src, f"cannot read ({e.strerror or e})") from None
                 raise
-            if os.fstat(fd_out).st_size != st.st_size:
-                raise CheckpointError(src, "the file changed size while being copied; run convert again")
+            if identity(os.fstat(fd_in)) != identity(st) or os.fstat(fd_out).st_size != st.st_size:
+                raise changed(src)
             os.fchmod(fd_out, copy_mode(st.st_mode, mask))
             os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(fd_out)

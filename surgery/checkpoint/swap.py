@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import interrupts
-from .atomic import (TMP_PREFIX, atomic_path, fsync_dir, make_parents, os_error, remove, remove_parents,
-                     signals_blocked)
-from .common import CheckpointError, CheckpointWarning, lexists, lstat_or_none
+from .atomic import TMP_PREFIX, atomic_path, fsync_dir, make_parents, remove, remove_parents, signals_blocked
+from .common import CheckpointError, CheckpointWarning, lexists, lstat_or_none, os_error
 
 __all__ = ["Staging", "SwapError", "place", "RENAME_NOREPLACE", "RENAME_EXCHANGE"]
 

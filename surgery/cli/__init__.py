@@ -22,7 +22,7 @@ import textwrap
 import traceback
 
 from .. import interrupts
-from ..checkpoint.atomic import os_error
+from ..checkpoint.common import os_error
 from ..checkpoint.common import one_line
 from .convert import Convert
 from .inspect import Inspect

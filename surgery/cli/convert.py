@@ -22,9 +22,10 @@ class Convert(Subcommand):
         Convert a checkpoint saved with surgery applied into a plain one that loads with plain
         transformers / torch, on machines that never heard of surgery.
 
-        SRC is a .safetensors file, a .bin/.pt/.pth state dict (loaded with torch.load(weights_only=True)
-        only), or a transformers model / Trainer checkpoint directory (model.safetensors, sharded with
-        model.safetensors.index.json, or pytorch_model.bin[.index.json]). DST gets the same layout:
+        SRC is a .safetensors file, a .bin/.pt/.pth state dict (its pickle read without running it,
+        as torch.load(weights_only=True) would), or a transformers model / Trainer checkpoint
+        directory (model.safetensors, sharded with model.safetensors.index.json, or
+        pytorch_model.bin[.index.json]). DST gets the same layout:
         sharded stays sharded with a valid index, .bin/.pt becomes safetensors, config.json is restored
         (original dropout values, no 'surgery' record), other files (tokenizer, generation config) are
         copied and Trainer training state (optimizer.pt, scheduler.pt, rng_state.pth ...) is not.
