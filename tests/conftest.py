@@ -89,6 +89,22 @@ def _tiny_bert_fixture():
     return tiny_bert
 
 
+@pytest.fixture
+def walks(monkeypatch):
+    """The walks of a module tree that start at a model's root, by the root's class name (a walk's recursion
+    into submodules is not counted; a walk of a submodule is)."""
+    calls = []
+    real = nn.Module.named_modules
+
+    def counting(self, memo=None, prefix="", remove_duplicate=True):
+        if memo is None and not prefix:
+            calls.append(type(self).__name__)
+        return real(self, memo, prefix, remove_duplicate)
+
+    monkeypatch.setattr(nn.Module, "named_modules", counting)
+    return calls
+
+
 @pytest.fixture(name="untouched")
 def _untouched_fixture():
     """``check = untouched(model)`` before a call that must be refused; ``check()`` after it."""

@@ -129,11 +129,11 @@ def _check_plain(dst, m_reverted, cls, kind, record):
     assert torch.equal(_out(plain, kind, x, y), _out(m_reverted, kind, x, y))
     assert getattr(plain.config, "surgery", None) is None
     for ch in record.config:
-        if ch["module"] == "":
+        if ch.module == "":
             v = plain.config
-            for p in ch["path"]:
+            for p in ch.path:
                 v = getattr(v, p)
-            assert v == ch["old"], ch
+            assert v == ch.old, ch
     cfg = json.loads((dst / "config.json").read_text())
     assert "surgery" not in cfg
 

@@ -21,8 +21,8 @@ from torch import nn
 from zoo import batch, build
 
 import surgery
-from surgery import MixLinear, SurgeryError
-from surgery.layers.mixout import LoraMixout
+from surgery import SurgeryError
+from surgery.layers.mixout import LoraMixout, MixLinear
 
 SELF = "bert.encoder.layer.{}.attention.self.{}"
 LORA_A = [SELF.format(i, f"{n}.lora_A.default") for i in (0, 1) for n in ("query", "value")]
@@ -83,11 +83,11 @@ def test_apply_on_peft_model_mixes_only_what_trains():
     pm = _peft()
     surgery.apply(pm, mixout=0.1)
     rec = surgery.get_record(pm)
-    assert [m["name"] for m in rec.mixout] == [LORA_A[0], LORA_A[1], LORA_A[2], LORA_A[3],
+    assert [m.name for m in rec.mixout] == [LORA_A[0], LORA_A[1], LORA_A[2], LORA_A[3],
                                                "classifier.modules_to_save.default"]
-    assert [m.get("kind") for m in rec.mixout] == ["lora"] * 4 + [None]
-    assert sorted(s["name"] for s in rec.skipped) == sorted(FROZEN)
-    assert {s["reason"] for s in rec.skipped} == {FROZEN_REASON}
+    assert [m.kind for m in rec.mixout] == ["lora"] * 4 + [None]
+    assert sorted(s.name for s in rec.skipped) == sorted(FROZEN)
+    assert {s.reason for s in rec.skipped} == {FROZEN_REASON}
     # one target only: the head copy's (LoRA entries mix toward the frozen base weight)
     inner = _inner(pm)
     assert [k for k in inner.state_dict() if k.endswith("mixout_target")] == \
@@ -113,8 +113,8 @@ def test_frozen_weights_are_left_alone_on_any_model():
     model.bert.requires_grad_(False)
     surgery.apply(model, mixout=0.1)
     rec = surgery.get_record(model)
-    assert [m["name"] for m in rec.mixout] == ["classifier"]
-    assert len(rec.skipped) == 13 and {s["reason"] for s in rec.skipped} == {FROZEN_REASON}
+    assert [m.name for m in rec.mixout] == ["classifier"]
+    assert len(rec.skipped) == 13 and {s.reason for s in rec.skipped} == {FROZEN_REASON}
     model.classifier.requires_grad_(False)
     surgery.revert(model)
     with pytest.raises(SurgeryError) as e:
@@ -157,7 +157,7 @@ def test_lora_mixout_is_the_paper_formula_with_the_same_mask(p):
 def test_lora_mixout_scale_is_not_rounded_to_bf16():
     """A bf16 LoRA input is scaled by the float32 M/(1-p) and rounded once: 1/(1-p) rounded to bf16
     first would bias E[W_mix] by 0.16% at p = 0.1."""
-    layer = LoraMixout.from_linear(nn.Linear(64, 8, bias=False).to(torch.bfloat16), 0.1)
+    layer = LoraMixout.from_module(nn.Linear(64, 8, bias=False).to(torch.bfloat16), 0.1)
     layer.train()
     x = torch.randn(4, 64).to(torch.bfloat16)
     torch.manual_seed(5)
@@ -332,7 +332,7 @@ def test_trainable_base_layer_under_an_adapter_is_refused():
 def test_excluding_the_refused_layer_works():
     pm = _peft(use_dora=True)
     surgery.apply(pm, mixout=0.1, exclude=["query", "value"])
-    assert [m["name"] for m in surgery.get_record(pm).mixout] == ["classifier.modules_to_save.default"]
+    assert [m.name for m in surgery.get_record(pm).mixout] == ["classifier.modules_to_save.default"]
     surgery.revert(pm)
     assert _no_surgery_layers(pm)
 
@@ -344,7 +344,7 @@ def test_lora_fa_frozen_a_trainable_b_is_mixed():
         if "lora_A" in n:
             p.requires_grad_(False)
     surgery.apply(pm, mixout=0.1)
-    assert [m["name"] for m in surgery.get_record(pm).mixout][:4] == LORA_A
+    assert [m.name for m in surgery.get_record(pm).mixout][:4] == LORA_A
     assert isinstance(_inner(pm).bert.encoder.layer[0].attention.self.query.lora_A["default"], nn.Linear)
 
 
@@ -378,12 +378,12 @@ def test_every_lora_adapter_is_mixed_and_an_activated_one_trains_mixed():
     classes, state, params = _classes(pm), _state(pm), [id(p) for p in pm.parameters()]
     surgery.apply(pm, mixout=0.4)
     rec = surgery.get_record(pm)
-    assert sorted(m["name"] for m in rec.mixout) == sorted(LORA_A + LORA_A_B + ["classifier.modules_to_save.default",
+    assert sorted(m.name for m in rec.mixout) == sorted(LORA_A + LORA_A_B + ["classifier.modules_to_save.default",
                                                                               "classifier.modules_to_save.b"])
     inner = _inner(pm)
     assert all(isinstance(inner.get_submodule(n), LoraMixout) for n in LORA_A + LORA_A_B)
     assert type(inner.classifier.modules_to_save["b"]) is MixLinear  # the inactive head copy too
-    assert not any("lora_A.b" in s["name"] or "modules_to_save.b" in s["name"] for s in rec.skipped)
+    assert not any("lora_A.b" in s.name or "modules_to_save.b" in s.name for s in rec.skipped)
 
     # PEFT makes adapter b (and its head copy) train; its training forward is Mixout on W0 + s_b B_b A_b exactly
     pm.set_adapter("b")
@@ -422,8 +422,8 @@ def test_frozen_active_adapter_is_left_alone():
             p.requires_grad_(False)
     surgery.apply(pm, mixout=0.1)
     rec = surgery.get_record(pm)
-    assert [m["name"] for m in rec.mixout] == ["classifier.modules_to_save.default"]
-    assert {s["name"] for s in rec.skipped} >= set(LORA_A)
+    assert [m.name for m in rec.mixout] == ["classifier.modules_to_save.default"]
+    assert {s.name for s in rec.skipped} >= set(LORA_A)
 
 
 def _tuner(kind):
@@ -466,12 +466,12 @@ def test_other_tuners_are_refused_then_excluded_and_named(kind, message, exclude
     classes = _classes(pm)
     surgery.apply(pm, mixout=0.1, exclude=exclude)
     rec = surgery.get_record(pm)
-    left = [s for s in rec.skipped if "not selected by include/exclude" in s["reason"]]
+    left = [s for s in rec.skipped if "not selected by include/exclude" in s.reason]
     from peft.tuners.tuners_utils import BaseTunerLayer
     trained = {n for n, m in _inner(pm).named_modules()
                if isinstance(m, BaseTunerLayer) and any(p.requires_grad for p in m.parameters())
                and not any(isinstance(c, LoraMixout) for c in m.modules())}  # LoRA Linear layers are mixed
-    assert trained and {s["name"] for s in left} == trained  # every trainable adapter layer, each named
+    assert trained and {s.name for s in left} == trained  # every trainable adapter layer, each named
     assert any(line.startswith("  left alone (PEFT adapter 'default'") or line.startswith("  left alone: ")
                and "PEFT adapter 'default'" in line for line in surgery.describe(pm).splitlines())
     surgery.revert(pm)
@@ -495,5 +495,5 @@ def test_an_inactive_adapter_of_another_tuner_is_refused():
         "exclude=['query'] to leave them alone (describe then lists them)")
     pm.delete_adapter("b")
     surgery.apply(pm, mixout=0.1)
-    assert {s["reason"] for s in surgery.get_record(pm).skipped if s["name"].endswith("query")} == {
+    assert {s.reason for s in surgery.get_record(pm).skipped if s.name.endswith("query")} == {
         "PEFT adapter 'default' (peft.tuners.ia3.layer.Linear): frozen, requires_grad=False: Mixout would not change it"}

@@ -17,8 +17,8 @@ from agreement import check_agreement
 from conftest import import_timm
 
 import surgery
-from surgery.record import DROP_PATH, DROPOUT
-from surgery.regularizers.rates import find_probs
+from surgery.regularizers.rates import DROP_PATH, DROPOUT
+from surgery.regularizers.rates.kinds import find_probs
 from surgery import train_noise
 
 
@@ -213,7 +213,7 @@ def test_both_off_is_exactly_the_model_built_without_them(name):
 def test_float_drop_rate_head():
     model = build("mobilenet-head")
     surgery.apply(model, dropout=0.0)
-    assert surgery.get_record(model).dropout == [{"module": "", "attr": "drop_rate", "old": 0.25, "new": 0.0}]
+    assert [c.to_json() for c in surgery.get_record(model).dropout] == [{"module": "", "attr": "drop_rate", "old": 0.25, "new": 0.0}]
     x = x_()
     assert torch.equal(model.train()(x), model.eval()(x))
     surgery.revert(model)
@@ -244,7 +244,7 @@ def test_block_rate_read_at_call_time():
     model = build("resnet")
     surgery.apply(model, drop_path=0.0)
     rec = surgery.get_record(model)
-    assert [(c["module"], c["attr"], c["old"], c["kind"]) for c in rec.dropout] == [
+    assert [(c.module, c.attr, c.old, c.kind) for c in rec.dropout] == [
         ("layers.0", "drop_path_rate", 0.0, "drop_path"), ("layers.1", "drop_path_rate", 0.1, "drop_path"),
         ("layers.2", "drop_path_rate", 0.2, "drop_path")]
     assert model.drop_rate == 0.25 and [m.drop_path_rate for m in model.layers] == [0.0, 0.0, 0.0]
@@ -286,7 +286,7 @@ def test_token_and_block_dropout_are_dropout(rate, module, attr):
         "left on in training: dropout 0.25 on 2 modules" in surgery.describe(model)
     surgery.revert(model)
     surgery.apply(model, dropout=0.0)
-    assert {(c["module"], c["attr"], c["old"]) for c in surgery.get_record(model).dropout} >= {(module, attr, 0.25)}
+    assert {(c.module, c.attr, c.old) for c in surgery.get_record(model).dropout} >= {(module, attr, 0.25)}
     assert train_noise(model, x) == []
     a, b = model.train()(x), model(x)
     assert torch.equal(a, b) and (batchnorm or torch.equal(a, model.eval()(x)))

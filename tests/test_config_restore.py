@@ -68,7 +68,7 @@ def test_same_for_a_backbone_inside_a_custom_model(name, tmp_path):
 def test_nested_fields_are_restored_at_depth(tmp_path):
     model = build("x-clip")
     surgery.apply(model, dropout=0.0)
-    paths = [c["path"] for c in surgery.get_record(model).config]
+    paths = [c.path for c in surgery.get_record(model).config]
     assert ["text_config", "dropout"] in paths and ["vision_config", "attention_dropout"] in paths
     assert model.config.text_config.dropout == 0.0 and model.text_model.config is model.config.text_config
     surgery.revert(model)

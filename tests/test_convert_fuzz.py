@@ -394,12 +394,19 @@ def test_every_record_field_is_checked(tmp_path, capsys, where, field, kind, req
 
 
 def test_the_field_table_covers_the_record():
-    """Every field name the record module documents is in FIELDS (a new field must join it)."""
-    import dataclasses
+    """Every field the record writes and every field its regularizers declare (their options, their entry
+    types) is in FIELDS (a new field must join it)."""
+    from surgery import regularizers
+    from surgery.record import Record, Skip
 
-    from surgery.record import Record
     top = {f for w, f, *_ in FIELDS if w == "top"}
-    assert {f.name for f in dataclasses.fields(Record)} - {"handles"} <= top
+    assert set(Record(coverage={"trainable": 1}, scope="x").to_dict()) <= top
+    args = {f for w, f, *_ in FIELDS if w == "args"}
+    assert {o.name for o in regularizers.all_options()} <= args
+    for section, kind in [*regularizers.section_types().items(), ("skipped", Skip)]:
+        assert set(kind.fields()) <= {f for w, f, *_ in FIELDS if w == section}, section
+    from surgery.regularizers.msd import LayerMix
+    assert set(LayerMix.fields()) <= {f for w, f, *_ in FIELDS if w == "layers"}
 
 
 # ---- hostile but valid: converted and inspected, output correct and safe ----------------------

@@ -12,8 +12,8 @@ import torch
 from zoo import NAMES, batch, build
 
 import surgery
-from surgery.record import DROP_PATH, DROPOUT, ROUTER_NOISE
-from surgery.regularizers.rates import find_probs
+from surgery.regularizers.rates import DROP_PATH, DROPOUT, ROUTER_NOISE, AttrChange
+from surgery.regularizers.rates.kinds import find_probs
 from surgery import train_noise
 
 STOCHASTIC_DEPTH = ["bart", "convnext", "swin", "wav2vec2", "whisper"]  # zoo entries with LayerDrop / DropPath
@@ -41,7 +41,7 @@ def test_dropout_leaves_stochastic_depth_alone_and_drop_path_leaves_dropout_alon
 
     surgery.apply(model, dropout=0.0)
     assert rates(model, DROP_PATH) == depth
-    assert all("drop" not in c.get("kind", "") for c in surgery.get_record(model).dropout)
+    assert all(c.kind == "dropout" for c in surgery.get_record(model).dropout)
     noise = train_noise(model, **inputs)
     assert noise and all("(" not in c for c in noise)  # only DropPath/LayerDrop draws, no dropout-family call
     assert "pass drop_path=0.0 to turn it off" in surgery.describe(model)
@@ -63,8 +63,8 @@ def test_record_entries_json_round_trip_and_describe():
     schedule = [0.15 * i / 3 for i in range(1, 4)]
     surgery.apply(model, dropout=0.0, drop_path=0.0)
     rec = surgery.get_record(model)
-    depth = [c for c in rec.dropout + rec.config if c.get("kind") == "drop_path"]
-    assert [(c.get("attr") or c["path"][-1], c["old"]) for c in depth] == [
+    depth = [c for c in rec.dropout + rec.config if c.kind == "drop_path"]
+    assert [(c.attr if isinstance(c, AttrChange) else c.path[-1], c.old) for c in depth] == [
         ("drop_prob", schedule[0]), ("drop_prob", schedule[1]), ("drop_prob", schedule[2]), ("drop_path_rate", 0.15)]
     assert rec.args["drop_path"] == 0.0 and rec.left_on == []
     back = surgery.Record.from_dict(json.loads(rec.to_json()))
@@ -81,7 +81,7 @@ def test_describe_names_randomness_left_on():
     assert lines[-2:] == [
         "  left on in training: dropout 0.15 on 13 modules, 4 config fields: pass dropout=0.0 to turn it off",
         "  left on in training: drop-path 0.15 on 2 modules, 2 config fields: pass drop_path=0.0 to turn it off"]
-    assert surgery.get_record(model).left_on == [
+    assert [on.to_json() for on in surgery.get_record(model).left_on] == [
         {"kind": "dropout", "values": [0.15], "modules": 13, "config": 4},
         {"kind": "drop_path", "values": [0.15], "modules": 2, "config": 2}]
     surgery.revert(model)
@@ -188,5 +188,5 @@ def _owner(cls_name: str):
     ("pos_embed_jitter", "", None),  # DINOv3's coordinate augmentation: neither knob
 ])
 def test_prob_kind_rule(attr, owner, kind):
-    from surgery.regularizers.rates import prob_kind
+    from surgery.regularizers.rates.kinds import prob_kind
     assert prob_kind(attr, _owner(owner)) == kind

@@ -13,8 +13,8 @@ from transformers import PretrainedConfig
 from zoo import NAMES, batch, build, drop_fields
 
 import surgery
-from surgery.record import DROP_PATH, DROPOUT, ROUTER_NOISE
-from surgery.regularizers.rates import find_probs
+from surgery.regularizers.rates import DROP_PATH, DROPOUT, ROUTER_NOISE
+from surgery.regularizers.rates.kinds import find_probs
 from surgery import train_noise
 
 
@@ -113,7 +113,7 @@ def test_functional_dropout_attributes_set_and_restored(name):
     assert all(type(v) is float and v > 0 for v in old)
     surgery.apply(model, dropout=0.0)
     assert [_attr(model, p) for p in paths] == [0.0] * len(paths)
-    recorded = {f"{c['module']}.{c['attr']}" for c in surgery.get_record(model).dropout}
+    recorded = {f"{c.module}.{c.attr}" for c in surgery.get_record(model).dropout}
     assert set(paths) <= recorded
     surgery.revert(model)
     assert [_attr(model, p) for p in paths] == old
@@ -125,7 +125,7 @@ def test_config_fields_read_in_forward_falcon():
     inputs = batch("falcon")
     surgery.apply(model, dropout=0.0)
     assert model.config.attention_dropout == 0.0
-    assert {tuple(c["path"]) for c in surgery.get_record(model).config} >= {("attention_dropout",)}
+    assert {tuple(c.path) for c in surgery.get_record(model).config} >= {("attention_dropout",)}
     model.config.attention_dropout = 0.5  # only the config is touched: forwards become random again
     assert not same(forward(model, inputs, train=True), forward(model, inputs, train=True))
     model.config.attention_dropout = 0.0

@@ -27,7 +27,8 @@ from surgery import SurgeryError
 from surgery.layers.experts import MixoutParams
 from surgery.layers.mixout import _mix
 from surgery.record import TARGET_SUFFIX
-from surgery.regularizers.experts import UNDECLARED, classify
+from surgery.regularizers.mixout.experts import UNDECLARED, classify
+from surgery.layers.mixout import MixLinear
 
 MOE = ["mixtral", "qwen3-moe", "olmoe", "deepseek-v3", "gpt-oss"]
 IMPLS = ["eager", "grouped_mm", "batched_mm"]  # transformers' experts forwards (config._experts_implementation)
@@ -98,19 +99,19 @@ def test_every_fused_expert_tensor_and_router_is_mixed_and_recorded(name):
     fused = {n for n, p in model.named_parameters() if p.dim() == 3}
     surgery.apply(model, mixout=0.1)
     rec = surgery.get_record(model)
-    entries = {m["name"]: m for m in rec.mixout if "params" in m}
+    entries = {m.name: m for m in rec.mixout if m.params is not None}
     transposed = name == "gpt-oss"
-    assert {f"{n}.{k}" for n, m in entries.items() if m["kind"] == "experts" for k in m["params"]} == fused
+    assert {f"{n}.{k}" for n, m in entries.items() if m.kind == "experts" for k in m.params} == fused
     for n, m in entries.items():
         layer = model.get_submodule(n)
-        assert isinstance(layer, MixoutParams) and layer.orig == m["orig"]
-        if m["kind"] == "experts":
-            assert m["params"] == ["gate_up_proj", "down_proj"] and m["transposed"] is transposed
+        assert isinstance(layer, MixoutParams) and layer.orig == m.orig
+        if m.kind == "experts":
+            assert m.params == ["gate_up_proj", "down_proj"] and m.transposed is transposed
             axes = (0, 1) if transposed else (0, 2)  # (E, in, out) or (E, out, in): the experts dim and the input dim
             assert layer.mixout_layout == (("gate_up_proj", axes), ("down_proj", axes))
         else:
-            assert m["kind"] == "router" and m["params"] == ["weight"] and layer.mixout_layout == (("weight", (1,)),)
-    assert sum(m["kind"] == "router" for m in entries.values()) == sum(m["kind"] == "experts" for m in entries.values())
+            assert m.kind == "router" and m.params == ["weight"] and layer.mixout_layout == (("weight", (1,)),)
+    assert sum(m.kind == "router" for m in entries.values()) == sum(m.kind == "experts" for m in entries.values())
     assert not rec.skipped
     targets = [k for k in model.state_dict() if k.endswith("." + TARGET_SUFFIX)]
     assert len(targets) == len(rec.mixout) and set(targets) == set(rec.target_keys)
@@ -434,7 +435,7 @@ def test_undeclared_layout_is_left_plain_and_named():
     model = Holder(Undeclared())
     surgery.apply(model, mixout=0.1)
     rec = surgery.get_record(model)
-    assert rec.skipped == [{"name": "experts", "reason": UNDECLARED}]
+    assert [s.to_json() for s in rec.skipped] == [{"name": "experts", "reason": UNDECLARED}]
     assert type(model.experts) is Undeclared
     text = surgery.describe(model)
     assert "left alone: experts (fused experts whose layout the module does not declare" in text
@@ -449,7 +450,7 @@ def test_llama4_experts_declare_no_layout_and_are_left_plain():
     model = Holder(transformers.models.llama4.modeling_llama4.Llama4TextExperts(cfg))
     model.proj = nn.Linear(6, 8)
     surgery.apply(model, mixout=0.1)
-    assert surgery.get_record(model).skipped == [{"name": "experts", "reason": UNDECLARED}]
+    assert [s.to_json() for s in surgery.get_record(model).skipped] == [{"name": "experts", "reason": UNDECLARED}]
 
 
 def test_an_extra_fused_tensor_of_a_declared_module_is_left_plain_and_named():
@@ -458,8 +459,8 @@ def test_an_extra_fused_tensor_of_a_declared_module_is_left_plain_and_named():
     e.scales = nn.Parameter(torch.ones(e.num_experts, 2, 3))
     surgery.apply(model, mixout=0.1)
     rec = surgery.get_record(model)
-    assert [s["name"] for s in rec.skipped] == ["model.layers.0.mlp.experts"]
-    assert "scales" in rec.skipped[0]["reason"]
+    assert [s.name for s in rec.skipped] == ["model.layers.0.mlp.experts"]
+    assert "scales" in rec.skipped[0].reason
     assert isinstance(model.model.layers[0].mlp.experts, MixoutParams)  # its projections are still mixed
 
 
@@ -482,7 +483,7 @@ def test_frozen_experts_are_left_alone_with_the_reason():
     for layer in model.model.layers:
         layer.mlp.experts.requires_grad_(False)
     surgery.apply(model, mixout=0.1)
-    assert {s["name"]: s["reason"] for s in surgery.get_record(model).skipped} == {
+    assert {s.name: s.reason for s in surgery.get_record(model).skipped} == {
         f"model.layers.{i}.mlp.experts": "weight frozen, requires_grad=False: Mixout would not change it"
         for i in (0, 1)}
 
@@ -514,7 +515,7 @@ def test_coverage_counts_every_trainable_weight_once(name, kwargs, kinds):
     assert cov["trainable"] == trainable
     assert cov["mixout"] + sum(e["weights"] for e in cov["left"]) == trainable
     assert {e["kind"] for e in cov["left"]} == kinds
-    mixed = sum(p.numel() for n, m in model.named_modules() if isinstance(m, (surgery.MixLinear, MixoutParams))
+    mixed = sum(p.numel() for n, m in model.named_modules() if isinstance(m, (MixLinear, MixoutParams))
                 for k, p in m.named_parameters(recurse=False) if k != TARGET_SUFFIX and "bias" not in k)
     assert cov["mixout"] == mixed
     if kwargs.get("msd"):

@@ -56,8 +56,8 @@ def test_effective_weight_is_mixed_toward_the_frozen_base_with_exact_gradients(m
     pm = _peft(dtype=torch.float64)
     surgery.apply(pm, mixout=0.4)
     rec = surgery.get_record(pm)
-    entries = [m for m in rec.mixout if "params" in m]
-    assert [(m["kind"], m["params"]) for m in entries] == [("lora", ["gate_up_proj", "down_proj"])] * 2
+    entries = [m for m in rec.mixout if m.params is not None]
+    assert [(m.kind, m.params) for m in entries] == [("lora", ["gate_up_proj", "down_proj"])] * 2
     assert not any(k.endswith("experts.base_layer.base_layer.mixout_target") for k in pm.state_dict())  # no copy
     wrappers = _wrappers(pm)
     base = wrappers["down_proj"].get_base_layer()
@@ -180,7 +180,7 @@ def test_lora_on_an_undeclared_layout_is_refused_naming_the_layer(untouched):
     check()
     pm.base_model.model.classifier.requires_grad_(True)
     surgery.apply(pm, mixout=0.3, exclude=["experts"])  # the fix the message names
-    assert surgery.get_record(pm).mixout[0]["name"] == "classifier"
+    assert surgery.get_record(pm).mixout[0].name == "classifier"
 
 
 def test_apply_then_get_peft_model_mixes_the_effective_weight_toward_the_copied_target(masks):
@@ -219,7 +219,7 @@ def test_an_inactive_adapter_is_mixed_too_so_set_adapter_trains_it_mixed(masks):
                                    target_parameters=PARAMS))
     pm.set_adapter("default")
     surgery.apply(pm, mixout=0.3)
-    assert [m["kind"] for m in surgery.get_record(pm).mixout if "params" in m] == ["lora", "lora"]
+    assert [m.kind for m in surgery.get_record(pm).mixout if m.params is not None] == ["lora", "lora"]
     pm.set_adapter("b")
     pm.train()
     pm(**batch("mixtral")).loss.backward()

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 import surgery
 import surgery.layers.msd
+from surgery.layers.mixout import MixLinear
 import zoo
 from conftest import finish_worker, init_gloo, spawn
 
@@ -68,7 +69,7 @@ def inputs(name, model, seed=1):
 def parts(model):
     """(backbone, head, layer weights) as the record names them."""
     h = surgery.get_record(model).msd[0]
-    return model.get_submodule(h["layers"]["backbone"]), model.get_submodule(h["name"]), model.layer_pool.layer_weights
+    return model.get_submodule(h.layers.backbone), model.get_submodule(h.name), model.layer_pool.layer_weights
 
 
 def randomize_layer_weights(model, seed=5):
@@ -205,7 +206,7 @@ def test_with_mixout_dropout_rdrop_and_the_losses():
     assert "layer-weighted multi-sample dropout: head 'classifier.out_proj', K=5 samples, p=0.5" in text
     assert "bypassed, frozen while installed: classifier.dense" in text
     assert "left alone: classifier.dense (bypassed by the layer-weighted MSD head, frozen)" in text
-    assert type(model.classifier.dense) is nn.Linear and isinstance(model.classifier.out_proj, surgery.MixLinear)
+    assert type(model.classifier.dense) is nn.Linear and isinstance(model.classifier.out_proj, MixLinear)
     batch, labels = inputs("roberta", model)
     full = dict(batch, labels=labels)
     torch.manual_seed(3)
@@ -227,14 +228,14 @@ def test_record_and_describe_from_the_saved_record():
     model = surgery.apply(zoo.build("bert"), **LAYERED)
     rec = surgery.get_record(model)
     assert rec.args["msd_layers"] is True and rec.args["msd_layer_p"] == LAYER_P and rec.args["msd_pool"] == "first"
-    assert rec.msd == [{"name": "classifier", "k": K, "p": P,
+    assert [h.to_json() for h in rec.msd] == [{"name": "classifier", "k": K, "p": P,
                         "layers": {"backbone": "bert", "n": 3, "p": LAYER_P, "pool": "first", "init": -3.0,
                                    "param": "layer_pool.layer_weights",
                                    "frozen": ["bert.pooler.dense.weight", "bert.pooler.dense.bias"]}}]
     saved = json.loads(json.dumps(model.config.surgery))
     assert surgery.describe(saved).splitlines()[1:] == surgery.describe(model).splitlines()[1:]
     plain = surgery.apply(zoo.build("bert"), msd=4)  # the plain MSD head keeps its record and args
-    assert "msd_layers" not in surgery.get_record(plain).args and "layers" not in surgery.get_record(plain).msd[0]
+    assert "msd_layers" not in surgery.get_record(plain).args and surgery.get_record(plain).msd[0].layers is None and "layers" not in surgery.get_record(plain).msd[0].to_json()
 
 
 def test_trainer_trains_the_layer_weights_and_saves_the_surgered_form(tmp_path):

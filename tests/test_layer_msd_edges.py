@@ -149,7 +149,7 @@ def test_last_without_a_mask_pools_the_last_non_pad_token(name):
     idx = _transformers_last(ids, pad)
     assert idx.tolist() == [4, 6, 6]
     out = model(input_ids=ids).logits
-    backbone = model.get_submodule(surgery.get_record(model).msd[0]["layers"]["backbone"])
+    backbone = model.get_submodule(surgery.get_record(model).msd[0].layers.backbone)
     with torch.no_grad():
         hs = backbone(input_ids=ids, output_hidden_states=True).hidden_states
     assert torch.equal(out, F.linear(_pooled(model, hs, idx), model.score.weight))

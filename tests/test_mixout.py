@@ -6,14 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from surgery import MixLinear
-from surgery.layers.mixout import _scale, mixout_weight
+from surgery.layers.mixout import MixLinear, _scale, mixout_weight
 
 
 def _layer(p, in_f=7, out_f=5, seed=0, bias=True, **kw):
     torch.manual_seed(seed)
     lin = nn.Linear(in_f, out_f, bias=bias)
-    m = MixLinear.from_linear(lin, p, **kw)
+    m = MixLinear.from_module(lin, p, **kw)
     with torch.no_grad():  # move away from the target so mixing is visible
         m.weight.add_(torch.randn_like(m.weight))
     return lin, m
@@ -25,7 +24,7 @@ def test_from_linear_shares_parameters_and_to_linear_gives_back_the_same_object(
     assert isinstance(m, nn.Linear) and m.in_features == 7 and m.out_features == 5
     assert not m.target.requires_grad and m.target.dtype == m.weight.dtype
     assert set(m.state_dict()) == {"weight", "bias", "mixout_target"}
-    back = m.to_linear()
+    back = m.to_module()
     assert back is lin and type(back) is nn.Linear and back.weight is m.weight
 
 
@@ -121,7 +120,7 @@ def test_gradient_is_exact_not_the_reference_m_times_grad(p):
 @pytest.mark.parametrize("p", [0.2, 0.7])
 def test_low_memory_mode_matches_default_mode(p):
     lin, m = _layer(p, in_f=16, out_f=12)
-    lm = MixLinear.from_linear(lin, p, target=m.target.clone(), low_memory=True)
+    lm = MixLinear.from_module(lin, p, target=m.target.clone(), low_memory=True)
     x = torch.randn(3, 5, 16, requires_grad=True)
     outs = []
     for layer in (m, lm):
@@ -138,13 +137,13 @@ def test_conv1d_eval_and_p0_are_bitwise_and_training_mixes_per_input_row():
     conv = Conv1D(5, 7)  # nf=out 5, nx=in 7; weight (7, 5)
     x = torch.randn(2, 3, 7)
     ref = conv(x)
-    m = MixLinear.from_linear(conv, 0.0)
+    m = MixLinear.from_module(conv, 0.0)
     assert m.transposed and m.weight is conv.weight and (m.in_features, m.out_features) == (7, 5)
     m.eval()
     assert torch.equal(m(x), ref)
     m.train()
     assert torch.equal(m(x), ref)
-    m.p = 0.5
+    m.mixout_p = 0.5
     with torch.no_grad():
         m.weight.add_(1.0)
     torch.manual_seed(3)
@@ -152,7 +151,7 @@ def test_conv1d_eval_and_p0_are_bitwise_and_training_mixes_per_input_row():
     torch.manual_seed(3)
     s = _scale(0.5, 7, m.weight)
     torch.testing.assert_close(y, x @ torch.lerp(m.target, m.weight, s[:, None]) + m.bias)
-    assert m.to_linear() is conv and type(conv) is Conv1D
+    assert m.to_module() is conv and type(conv) is Conv1D
 
 
 def test_target_dtype_keeps_a_smaller_target_and_still_mixes():
@@ -179,7 +178,7 @@ def test_bad_p_is_a_clear_error():
     lin = nn.Linear(3, 3)
     for bad in (-0.1, 1.5, float("nan"), "0.1", None, True):
         with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\]"):
-            MixLinear.from_linear(lin, bad)
+            MixLinear.from_module(lin, bad)
 
 
 def test_extra_repr_names_p():

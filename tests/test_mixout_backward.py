@@ -12,15 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from surgery import MixLinear
-from surgery.layers.mixout import _scale
+from surgery.layers.mixout import MixLinear, _scale
 
 
 def _reference(m: MixLinear, x, g, seed):
     """Gradients of F.linear through an explicit lerp mixed weight with the same mask."""
     torch.manual_seed(seed)
     n = m.weight.shape[0] if m.transposed else m.weight.shape[1]
-    s = _scale(m.p, n, m.weight)
+    s = _scale(m.mixout_p, n, m.weight)
     w = m.weight.detach().clone().requires_grad_()
     b = m.bias.detach().clone().requires_grad_()
     xr = x.detach().clone().requires_grad_()
@@ -36,7 +35,7 @@ def _reference(m: MixLinear, x, g, seed):
 def test_backward_matches_autograd_through_the_mixed_weight(tokens, transposed, low_memory):
     torch.manual_seed(0)
     base = Conv1D(12, 10) if transposed else nn.Linear(10, 12)
-    m = MixLinear.from_linear(base, 0.4, low_memory=low_memory)
+    m = MixLinear.from_module(base, 0.4, low_memory=low_memory)
     with torch.no_grad():
         m.weight.add_(torch.randn_like(m.weight))
     m.train()
@@ -55,7 +54,7 @@ def test_backward_matches_autograd_through_the_mixed_weight(tokens, transposed, 
 
 def test_batched_3d_input_and_no_bias():
     torch.manual_seed(1)
-    m = MixLinear.from_linear(nn.Linear(6, 4, bias=False), 0.3)
+    m = MixLinear.from_module(nn.Linear(6, 4, bias=False), 0.3)
     m.train()
     x = torch.randn(2, 5, 6, requires_grad=True)
     torch.manual_seed(2)
@@ -72,7 +71,7 @@ def test_batched_3d_input_and_no_bias():
 
 def test_bf16_autocast_gives_gradients_in_the_parameter_dtype():
     torch.manual_seed(0)
-    m = MixLinear.from_linear(nn.Linear(8, 16), 0.2)
+    m = MixLinear.from_module(nn.Linear(8, 16), 0.2)
     m.train()
     x = torch.randn(4, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -84,7 +83,7 @@ def test_bf16_autocast_gives_gradients_in_the_parameter_dtype():
 
 
 def test_double_backward_is_a_clear_error():
-    m = MixLinear.from_linear(nn.Linear(3, 2), 0.5)
+    m = MixLinear.from_module(nn.Linear(3, 2), 0.5)
     m.train()
     x = torch.randn(4, 3, requires_grad=True)
     (gx,) = torch.autograd.grad(m(x).sum(), (x,), create_graph=True)
@@ -107,7 +106,7 @@ def _saved(m, x):
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_bf16_targets_keep_no_weight_sized_fp32_copy_in_low_memory_mode(low_memory):
     torch.manual_seed(0)
-    m = MixLinear.from_linear(nn.Linear(64, 32), 0.3, target_dtype=torch.bfloat16, low_memory=low_memory)
+    m = MixLinear.from_module(nn.Linear(64, 32), 0.3, target_dtype=torch.bfloat16, low_memory=low_memory)
     m.train()
     x = torch.randn(5, 64)
     y, seen = _saved(m, x)
@@ -118,7 +117,7 @@ def test_bf16_targets_keep_no_weight_sized_fp32_copy_in_low_memory_mode(low_memo
     assert extra == (weight_bytes + 64 * 4 if not low_memory else 64 * 4)
     y.sum().backward()
     torch.manual_seed(0)
-    ref = MixLinear.from_linear(nn.Linear(64, 32), 0.3, target=m.target.float())
+    ref = MixLinear.from_module(nn.Linear(64, 32), 0.3, target=m.target.float())
     ref.weight, ref.bias = nn.Parameter(m.weight.detach().clone()), nn.Parameter(m.bias.detach().clone())
     ref.train()
     x2 = x.clone()

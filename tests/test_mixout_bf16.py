@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from surgery import MixLinear
-from surgery.layers.mixout import _mix, _scale
+from surgery.layers.mixout import MixLinear, _mix, _scale
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -52,7 +51,7 @@ def test_expected_mixed_weight_has_no_scale_bias(dtype, target_zero):
 def test_bf16_layer_forward_and_gradients_match_the_float64_reference(transposed, low_memory, tokens):
     torch.manual_seed(0)
     base = Conv1D(12, 10) if transposed else nn.Linear(10, 12)
-    m = MixLinear.from_linear(base.to(torch.bfloat16), 0.3, low_memory=low_memory)
+    m = MixLinear.from_module(base.to(torch.bfloat16), 0.3, low_memory=low_memory)
     with torch.no_grad():
         m.weight.add_(0.1 * torch.randn_like(m.weight))
     m.train()
@@ -87,7 +86,7 @@ def test_bf16_gradient_equals_autograd_through_the_same_mixed_weight(transposed)
     # more tokens than output neurons: the layer scales dL/dW_mix by the float32 scale, as autograd does
     torch.manual_seed(0)
     base = Conv1D(12, 10) if transposed else nn.Linear(10, 12)
-    m = MixLinear.from_linear(base.to(torch.bfloat16), 0.3)
+    m = MixLinear.from_module(base.to(torch.bfloat16), 0.3)
     with torch.no_grad():
         m.weight.add_(0.1 * torch.randn_like(m.weight))
     m.train()

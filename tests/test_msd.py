@@ -67,7 +67,7 @@ def test_eval_is_the_unwrapped_head_bitwise():
 def test_msd_on_a_transformers_model_works_with_its_own_loss():
     model = _bert()
     surgery.apply(model, msd=8, msd_p=0.2, dropout=0.0)
-    assert surgery.get_record(model).msd == [{"name": "classifier", "k": 8, "p": 0.2}]
+    assert [h.to_json() for h in surgery.get_record(model).msd] == [{"name": "classifier", "k": 8, "p": 0.2}]
     ids = torch.randint(0, 50, (4, 7))
     out = model(input_ids=ids, labels=torch.tensor([0, 1, 2, 1]))
     assert out.logits.shape == (4, 3) and out.loss.requires_grad
@@ -115,5 +115,5 @@ def test_head_errors_name_the_candidates():
 def test_head_can_be_a_nested_module():
     net = Net()
     surgery.apply(net, msd=3, head="classifier.2")
-    assert surgery.get_record(net).msd[0]["name"] == "classifier.2"
+    assert surgery.get_record(net).msd[0].name == "classifier.2"
     assert net(torch.randn(2, 6)).shape == (2, 3)

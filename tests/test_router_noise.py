@@ -16,8 +16,8 @@ from transformers import AutoConfig
 
 import surgery
 from surgery.cli import main
-from surgery.record import DROPOUT, ROUTER_NOISE
-from surgery.regularizers.rates import find_probs
+from surgery.regularizers.rates import DROPOUT, ROUTER_NOISE
+from surgery.regularizers.rates.kinds import find_probs
 from surgery import train_noise
 
 J = 0.1  # router jitter of every MoE config below
@@ -104,7 +104,7 @@ def test_router_noise_is_recorded_reverted_and_described(name):
     assert attrs and all(v == J for _, _, v in attrs)
     surgery.apply(model, dropout=0.0)  # router noise not asked about: left on, and said so
     assert left_on(model) == {ROUTER_NOISE}
-    fields = surgery.get_record(model).left_on[-1]["config"]  # Switch: its encoder and decoder own a copy each
+    fields = surgery.get_record(model).left_on[-1].config  # Switch: its encoder and decoder own a copy each
     assert fields == len(MOE[name][3]) * (3 if name == "switch" else 1)
     assert (f"left on in training: router noise {J:g} on {len(attrs)} modules, {fields} config field"
             in surgery.describe(model))
@@ -114,9 +114,9 @@ def test_router_noise_is_recorded_reverted_and_described(name):
     surgery.apply(model, router_noise=0.0)
     rec = surgery.get_record(model)
     assert rec.args["router_noise"] == 0.0
-    assert [(c["module"], c["attr"], c["old"], c["new"], c["kind"]) for c in rec.dropout] == \
+    assert [(c.module, c.attr, c.old, c.new, c.kind) for c in rec.dropout] == \
         [(n, a, J, 0.0, ROUTER_NOISE) for n, a, _ in attrs]
-    assert len(rec.config) == fields and {(tuple(c["path"]), c["old"], c["kind"]) for c in rec.config} == \
+    assert len(rec.config) == fields and {(tuple(c.path), c.old, c.kind) for c in rec.config} == \
         {(path, J, ROUTER_NOISE) for path, _ in MOE[name][3]}
     assert all(config_value(model, path) == 0.0 for path, _ in MOE[name][3])
     assert (f"  router noise -> 0.0: {len(attrs)} module attributes, {fields} config field{'s' * (fields > 1)} "
@@ -135,7 +135,7 @@ def test_options_are_independent():
     model = build("mixtral")
     surgery.apply(model, dropout=0.0)
     assert all(v == J for _, _, v in find_probs(model, ROUTER_NOISE))
-    assert all(c.get("kind", DROPOUT) == DROPOUT for c in surgery.get_record(model).dropout)
+    assert all(c.kind == DROPOUT for c in surgery.get_record(model).dropout)
     surgery.revert(model)
     surgery.apply(model, router_noise=0.3)
     assert [v for _, _, v in find_probs(model, DROPOUT)] == [0.15, 0.15]
@@ -198,7 +198,7 @@ def test_phimoe_threshold_is_not_noise():
     model, x = _phimoe(), inputs("phimoe")
     before = logits(model, x, False)
     surgery.apply(model, router_noise=0.0)
-    changed = {(c.get("attr") or c["path"][-1]) for c in surgery.get_record(model).dropout + surgery.get_record(model).config}
+    changed = {c.attr for c in surgery.get_record(model).dropout} | {c.path[-1] for c in surgery.get_record(model).config}
     assert changed == {"input_jitter_noise"}
     assert model.config.router_jitter_noise == 0.01 and model.config.input_jitter_noise == 0.0
     assert all(m.router_jitter_noise == 0.01 for m in model.modules() if hasattr(m, "router_jitter_noise"))

@@ -104,7 +104,7 @@ def test_sft_of_a_lora_model_saves_a_plain_adapter(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     pm = get_peft_model(llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     surgery.apply(pm, **SURGERY)
-    assert {m.get("kind") for m in surgery.get_record(pm).mixout} == {"lora"}
+    assert {m.kind for m in surgery.get_record(pm).mixout} == {"lora"}
     tr = SFT(model=pm, args=sft_args(tmp_path / "run", 2, save_steps=2), train_dataset=texts(),
              processing_class=tokenizer())
     tr.train()

@@ -1,22 +1,14 @@
-"""Multi-sample dropout on the task head (``apply(msd=K, msd_p=p)``): the head's input is taken
-``K`` times through dropout and the ``K`` outputs are averaged, in one batched head call
-(:mod:`surgery.layers.msd`). The head keeps its class and keys: two hooks do the work.
-"""
+"""What a multi-sample-dropout head must be: a module mapping one feature tensor to the outputs."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Sequence
 
 from torch import nn
 
-from ..errors import HeadError
-from ..layers.msd import MultiSampleDropout
-from ..patterns import find_head
-from .base import Plan, Regularizer
+from ...errors import HeadError
 
-__all__ = ["MSD", "check_msd_head"]
+__all__ = ["check_msd_head", "head_weights"]
 
 
 def _required_inputs(module: nn.Module) -> list[str] | None:
@@ -57,25 +49,7 @@ def check_msd_head(view, name: str) -> None:
         )
 
 
-@dataclass
-class MSDPlan(Plan):
-    k: int = 0
-    p: float = 0.0
-
-    def install(self, view, rec) -> None:
-        state = MultiSampleDropout(self.k, self.p)
-        rec.handles += [state] + state.install(view.modules[self.head])
-        rec.msd.append({"name": self.head, "k": self.k, "p": self.p})
-
-
-class MSD(Regularizer):
-    """The plain multi-sample-dropout head (``msd=K`` without ``msd_layers``)."""
-
-    name = "msd"
-
-    def plan(self, view, opts, earlier: Sequence[Plan]) -> MSDPlan | None:
-        if opts.msd == 0 or opts.msd_layers:
-            return None
-        head = find_head(view.modules, view.title, opts.head, required=True)
-        check_msd_head(view, head)
-        return MSDPlan(claims=[head], head=head, k=opts.msd, p=opts.msd_p)
+def head_weights(view, head: str, trainable: dict[str, int], first: dict[str, str]) -> int:
+    """The trainable weights of the head ``head`` (each Parameter once): what multi-sample dropout covers."""
+    names = {first[n] for n in view.params if n.startswith(head + ".")}
+    return sum(trainable[n] for n in names & trainable.keys())

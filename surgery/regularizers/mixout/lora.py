@@ -11,7 +11,7 @@ that is, the LoRA layer with its adapter's input scaled by ``M / (1 - p)``:
 ``y = W0 x + s B A (x * M / (1 - p))`` (after PEFT's ``lora_dropout``, which acts on the same
 input). ``apply`` does exactly that: the adapter's ``lora_A.<adapter>`` Linear becomes a
 :class:`~surgery.layers.mixout.LoraMixout` sharing its Parameters that scales its input by one mask per forward,
-shared by the whole batch (as :class:`surgery.MixLinear` draws it). So ``E[W_mix] = W``; the
+shared by the whole batch (as :class:`~surgery.layers.mixout.MixLinear` draws it). So ``E[W_mix] = W``; the
 gradients of ``A`` and ``B`` are the exact Mixout gradients (autograd through the scaled
 input); no target copy is stored, since the target is the frozen base weight (the
 pretrained one, whatever the adapter held at apply time); in eval the layer is the plain
@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import SurgeryError
-from ..patterns import ancestors
-from ..wrappers import _cls, is_layer_wrapper, peft_tuner_layer_type
+from ...errors import SurgeryError
+from ...patterns import ancestors
+from ...wrappers import is_layer_wrapper, loaded_class, peft_tuner_layer_type
+from ...record import Skip
 
 __all__ = ["PeftLayers", "tuner_layers", "lora_role"]
 
@@ -56,11 +57,11 @@ class PeftLayers:
     name, and the adapters Mixout leaves alone (record ``skipped`` entries)."""
 
     layers: dict[str, nn.Module] = field(default_factory=dict)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
 
 
 def _is_lora_linear(layer: nn.Module) -> bool:
-    return type(layer) is _cls(*_LORA_LINEAR)
+    return type(layer) is loaded_class(*_LORA_LINEAR)
 
 
 def _active(layer: nn.Module) -> list[str]:
@@ -74,13 +75,12 @@ def _kind(layer: nn.Module) -> str:
     return f"{type(layer).__module__}.{type(layer).__qualname__}"
 
 
-def tuner_layers(view, include=None, exclude=None, taken=frozenset()) -> PeftLayers:
+def tuner_layers(view, sel, taken=frozenset()) -> PeftLayers:
     """Every PEFT layer wrapper in ``view`` (empty without peft), after checking the adapters that no
     Linear holds.
 
-    ``include``/``exclude`` are the compiled Mixout patterns (``match(name) -> bool`` or None); ``taken``
-    names modules another Mixout plan mixes (the adapters of PEFT ``ParamWrapper`` layers on fused
-    experts: :mod:`surgery.regularizers.experts`). Each
+    ``sel``: the Mixout selection (:mod:`.selection`); ``taken`` names modules another Mixout family
+    mixes (the adapters of PEFT ``ParamWrapper`` layers on fused experts: :mod:`.experts`). Each
     adapter of a PEFT tuner layer other than a vanilla LoRA ``lora_A``/``lora_B`` pair (those are
     walked as Linear layers, see :func:`lora_role`) is grouped by layer and adapter name:
 
@@ -117,12 +117,11 @@ def tuner_layers(view, include=None, exclude=None, taken=frozenset()) -> PeftLay
         inactive = adapter not in _active(layer)
         what = f"PEFT adapter {adapter!r} ({_kind(layer)}{', trainable ' + ', '.join(g['trains']) if g['trains'] else ''})"
         if not (g["trains"] or inactive):
-            skipped.append({"name": owner, "reason": f"{what}: frozen, requires_grad=False: Mixout would not change it"})
+            skipped.append(Skip(name=owner, reason=f"{what}: frozen, requires_grad=False: Mixout would not change it"))
             continue
-        selected = (include is None or include(g["module"])) and not (exclude is not None and exclude(g["module"]))
-        if not selected:
-            skipped.append({"name": owner, "reason": f"{what}: not selected by include/exclude; Mixout is not "
-                                                     "defined for this adapter type"})
+        if not sel.selected(g["module"]):
+            skipped.append(Skip(name=owner, reason=f"{what}: not selected by include/exclude; Mixout is not "
+                                                   "defined for this adapter type"))
             continue
         refused.append((owner, what, inactive and not g["trains"]))
     if refused:
