@@ -174,6 +174,34 @@ def test_auto_strategy_follows_the_active_surgery():
     assert rdrop_strategy(BartForSequenceClassification(bart).train())[1].startswith("LayerDrop")
 
 
+def test_auto_strategy_walks_the_model_once_not_every_step(walks):
+    """The per-step decision reads the training flags and rates of what one walk found; the module tree is
+    walked again only when it changes (apply, revert, a module assigned anywhere)."""
+    m = surgery.apply(_bert(layers=2), mixout=0.2).train()
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    mixed = [x for x in m.modules() if isinstance(x, surgery.layers.mixout.MixLinear)]
+    rdrop_forward(m, batch)  # the first step walks the model
+    walks.clear()
+    for _ in range(5):
+        rdrop_forward(m, batch)
+    assert walks == [] and rdrop_strategy(m)[0] == "separate"
+    for layer in mixed:
+        layer.eval()  # flags are read every step: an eval Mixout layer draws nothing
+    m.bert.pooler.dense.train()
+    assert rdrop_strategy(m) == ("separate", "Mixout bert.pooler.dense draw noise once per forward for the whole "
+                                             "batch")
+    m.bert.pooler.dense.eval()
+    assert rdrop_strategy(m)[0] == "concat" and walks == []
+    surgery.revert(m)  # the tree changed: walked again, and nothing shares noise now
+    walks.clear()
+    m.train()
+    assert rdrop_strategy(m)[0] == "concat" and walks == ["BertForSequenceClassification"]
+    m.classifier = nn.Sequential(nn.BatchNorm1d(16), m.classifier)  # a module assigned: walked again
+    walks.clear()
+    assert rdrop_strategy(m) == ("separate", "BatchNorm classifier.0 draw noise once per forward for the whole batch")
+    assert walks == ["BertForSequenceClassification"]
+
+
 def test_two_passes_see_independent_mixout_masks(monkeypatch):
     m = surgery.apply(_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), mixout=0.5).train()
     _perturb(m)
