@@ -1,5 +1,12 @@
-"""Shared test helpers: the tiny BERT most test files build, and the "model untouched" check
-every bad-input test makes.
+"""Shared test helpers: the tiny BERT most test files build, the "model untouched" check every bad-input
+test makes, the walk counter, and the limits on every process the suite starts.
+
+tests/ mirrors the package: ``tests/test_<module>.py`` for a module of ``surgery/`` (engine, options,
+record, view, configs, exporting, loading, noise, distributed, wrappers ...), ``tests/<package>/`` for a
+package (``layers/``, ``checkpoint/``, ``cli/``, ``training/``, and ``regularizers/<name>/`` for each
+regularizer); the project's own checks (structure, docs, examples, the architecture zoo) sit at the top.
+Helpers shared across folders are modules here: ``zoo.py`` (architectures), ``agreement.py``,
+``fake_checkpoint.py``, ``training_setup.py`` (the tiny model, dataset and Trainer arguments).
 
 Test modules import the builders directly (``from conftest import tiny_bert``; pytest puts
 ``tests/`` on the path, as for ``zoo``), so they also work in parametrize tables built at import

@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from test_training import StopAt
+from training_setup import StopAt
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer
 from trl import SFTConfig, SFTTrainer

@@ -15,7 +15,7 @@ import pytest
 from fake_checkpoint import RECORD, debris, make_dir, snapshot, st_bytes, tensors
 from surgery.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project
 
 
 def run(capsys, *argv):

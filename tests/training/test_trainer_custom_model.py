@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_bert_config
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_training import StopAt, trainer_args
+from training_setup import StopAt, trainer_args
 from torch import nn
 from transformers import AutoModel
 

@@ -16,7 +16,7 @@ import pytest
 
 from fake_checkpoint import debris, make_dir, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project
 CONSOLE_SCRIPT = "import re\nimport sys\nfrom surgery.cli import main\nif __name__ == '__main__':\n" \
                  "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n    sys.exit(main())\n"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from surgery.checkpoint.safetensors_file import MAX_TENSORS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project
 PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=280); "
         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
         "sys.stderr.write(r.stderr)")

@@ -1,5 +1,5 @@
 """Expert and router targets under DDP and FSDP2 (2 gloo processes on CPU), as for the Linear targets
-(tests/test_distributed_targets.py): DDP syncs them once at construction and never in a step (the
+(tests/test_distributed.py): DDP syncs them once at construction and never in a step (the
 gradient all-reduce carries the trainable Parameters only); FSDP2 shards them along the experts dim with
 the weights (each rank holds about half) and trains exactly like one process on the full batch, with
 ``target_dtype``/``low_memory`` too.

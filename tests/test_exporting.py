@@ -191,7 +191,7 @@ def test_plain_state_dict_refuses_a_layer_weighted_head():
 # ---- the Trainer with a PEFT model: plain final save, surgered checkpoints that resume bitwise ----------------
 
 def _trainer(out, steps, save_steps=0, stop=None):
-    from test_training import StopAt, dataset, pretrained, trainer_args
+    from training_setup import StopAt, dataset, pretrained, trainer_args
     pm = surgery.apply(get_peft_model(pretrained(), _lora()), **SURGERY)
     return pm, surgery.SurgeryTrainer(model=pm, args=trainer_args(str(out), steps, save_steps=save_steps),
                                       train_dataset=dataset(), callbacks=[] if stop is None else [StopAt(stop)])
@@ -199,7 +199,7 @@ def _trainer(out, steps, save_steps=0, stop=None):
 
 @pytest.mark.slow
 def test_trainer_of_a_peft_model_saves_plain_and_resumes_bitwise(tmp_path):
-    from test_training import pretrained
+    from training_setup import pretrained
     full, tr = _trainer(tmp_path / "full", 6)
     tr.train()
     tr.save_model(str(tmp_path / "final"))
@@ -220,7 +220,7 @@ def test_trainer_of_a_peft_model_saves_plain_and_resumes_bitwise(tmp_path):
     ref, got = full.state_dict(), resumed.state_dict()
     assert ref.keys() == got.keys() and [k for k in ref if not torch.equal(ref[k], got[k])] == []
     other = surgery.apply(get_peft_model(pretrained(), _lora()), mixout=0.5)
-    from test_training import dataset, trainer_args
+    from training_setup import dataset, trainer_args
     with pytest.raises(SurgeryError, match="same arguments"):
         surgery.SurgeryTrainer(model=other, args=trainer_args(str(tmp_path / "cut"), 6, save_steps=3),
                                train_dataset=dataset()).train(resume_from_checkpoint=str(ckpt))

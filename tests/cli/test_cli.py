@@ -404,7 +404,7 @@ def test_help_shows_examples(capsys):
 
 @pytest.mark.slow
 def test_python_dash_m_and_debug(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     r = subprocess.run([sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope")], capture_output=True,
                        text=True, env=env, timeout=120)
     assert r.returncode == 2
@@ -553,7 +553,7 @@ def _big_src(tmp_path):
     return src
 
 
-_CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this tree's surgery
+_CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this tree's surgery
 
 
 @pytest.mark.parametrize("argv", [["inspect", "{src}"], ["inspect", "{src}", "--json"],

@@ -30,7 +30,7 @@ from torch import nn
 import surgery
 import surgery.layers.mixout
 from surgery import SurgeryError, compute_loss
-from test_training import batch, pretrained
+from training_setup import batch, pretrained
 from conftest import finish_worker, init_gloo, run_python, spawn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "benchmarks"))
@@ -385,7 +385,7 @@ import accelerate.state as st
 from accelerate.utils import DistributedType
 import surgery
 from surgery.describing import target_bytes
-from test_training import surgered, dataset, trainer_args
+from training_setup import surgered, dataset, trainer_args
 
 # Accelerate turns its FSDP plugin on only with accelerators (on CPU it runs DDP instead); force it, so that its
 # FSDP2 code path (fsdp2_prepare_model, the full-state-dict gather) runs here on gloo

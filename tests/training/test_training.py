@@ -13,80 +13,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from conftest import finish_worker, init_gloo, run_python, spawn, tiny_bert_config
+from conftest import ROOT, finish_worker, init_gloo, run_python, spawn
 from torch import nn
-from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainingArguments
+from training_setup import (SURGERY, StopAt, assert_targets_are_pretrained, batch, dataset, perturb, pretrained,
+                            surgered, targets, tiny_config, trainer_args)
+from transformers import AutoModelForSequenceClassification
 
 import surgery
 import surgery.layers.mixout
 from surgery import SurgeryError, compute_loss
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-SURGERY = dict(mixout=0.3, msd=4, dropout=0.1)
-
-
-# ---- shared builders (also imported by the subprocesses below) --------------------------------------
-
-def tiny_config(num_labels=3, layers=1, **kw):
-    return tiny_bert_config(num_labels=num_labels, layers=layers, **kw)
-
-
-def pretrained(seed=0, **kw):
-    """The 'pretrained' tiny model: the same weights for the same seed, in every process."""
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(tiny_config(**kw))
-
-
-def surgered(seed=0, **kw):
-    return surgery.apply(pretrained(seed, **kw), **SURGERY)
-
-
-def dataset(n=24, seq=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(5, 50, (seq,), generator=g), "labels": int(torch.randint(0, 3, (1,), generator=g))}
-            for _ in range(n)]
-
-
-def batch(n=4, seq=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(5, 50, (n, seq), generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
-
-
-def trainer_args(out, steps, save_steps=0, **kw):
-    return TrainingArguments(out, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=1,
-                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                             logging_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, **kw)
-
-
-class StopAt(TrainerCallback):
-    """Ends training after ``step`` optimizer steps: an interrupted run (the checkpoint at ``step`` is written)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
-def perturb(model, scale=0.5, seed=123):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
-
-
-def targets(model):
-    return {k: v for k, v in model.state_dict().items() if k.endswith(".mixout_target")}
-
-
-def assert_targets_are_pretrained(model, seed=0):
-    ref = pretrained(seed).state_dict()
-    t = targets(model)
-    assert t
-    for k, v in t.items():
-        assert torch.equal(v, ref[k[: -len(".mixout_target")] + ".weight"]), k
+TESTS = os.path.join(ROOT, "tests")  # conftest's folder
 
 
 @pytest.fixture
@@ -205,7 +142,7 @@ RESUME_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import surgery
-from test_training import surgered, dataset, trainer_args, assert_targets_are_pretrained
+from training_setup import surgered, dataset, trainer_args, assert_targets_are_pretrained
 m = surgered()
 tr = surgery.SurgeryTrainer(model=m, args=trainer_args({out!r}, 6, save_steps=3), train_dataset=dataset(),
                             rdrop_alpha=1.0, msd_loss=True)
@@ -337,7 +274,7 @@ TRAINER_DDP_SCRIPT = """
 import json, os, sys, torch
 sys.path.insert(0, {tests!r})
 import surgery, surgery.layers.mixout
-from test_training import surgered, dataset, trainer_args
+from training_setup import surgered, dataset, trainer_args
 out = {out!r}
 drawn, real = [], surgery.layers.mixout._scale
 surgery.layers.mixout._scale = lambda p, n, like: drawn.append(real(p, n, like)) or drawn[-1]

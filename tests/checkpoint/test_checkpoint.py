@@ -304,7 +304,7 @@ def test_export_makes_no_second_copy_in_memory(tmp_path):
         surgery.export(m, r"{tmp_path / 'big.safetensors'}")
         print((rss("VmHWM") - base) / 2**20)
     """)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}  # this tree
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}  # this tree
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env,
                          timeout=600)
     growth_mib = float(out.stdout.split()[-1])

@@ -566,7 +566,7 @@ def test_compare_regularizers_runs_the_new_row_alone():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
     import compare_regularizers as cr
 
     a = cr.parse_args(["--methods", "msd_layers", "--skip-baseline"])
