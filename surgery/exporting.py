@@ -32,9 +32,9 @@ from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensor
 from .checkpoint.swap import Staging
 from .configs import restore_config
 from .errors import SurgeryError, SurgeryTypeError
-from .layers.mixout import MixLinear
+from .layers.swap import MixoutLayer
 from .record import TARGET_SUFFIX, get_record, no_plain_form, unwrap
-from .wrappers import _cls, chain
+from .wrappers import loaded_class, chain
 
 __all__ = ["export", "export_sharded", "plain_state_dict", "writes_directory", "adapter_model"]
 
@@ -78,7 +78,7 @@ def plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | Non
 def adapter_model(model: nn.Module) -> nn.Module | None:
     """The ``PeftModel`` whose ``save_pretrained`` writes ``model``'s adapter checkpoint (``model`` itself
     or the one inside its DDP/compile/... wrappers), or None."""
-    peft_cls = _cls("peft.peft_model", "PeftModel")
+    peft_cls = loaded_class("peft.peft_model", "PeftModel")
     return next((m for m in chain(model) if isinstance(peft_cls, type) and isinstance(m, peft_cls)), None)
 
 
@@ -97,7 +97,7 @@ def _targets_hidden(model: nn.Module):
     def drop(module, sd, prefix, local_metadata):
         sd.pop(prefix + TARGET_SUFFIX, None)
 
-    handles = [m.register_state_dict_post_hook(drop) for m in model.modules() if isinstance(m, MixLinear)]
+    handles = [m.register_state_dict_post_hook(drop) for m in model.modules() if isinstance(m, MixoutLayer)]
     try:
         yield
     finally:

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 MAKE = """
 import sys, json, torch, surgery
+from surgery.layers.mixout import MixLinear
 from transformers import AutoConfig, AutoModelForCausalLM
 torch.manual_seed(0)
 cfg = AutoConfig.for_model("llama", **json.loads(sys.argv[2]))
@@ -46,7 +47,7 @@ model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 surgery.apply(model, mixout=0.1)
 with torch.no_grad():  # stand-in for fine-tuning: weights move away from their targets
     for m in model.modules():
-        if isinstance(m, surgery.MixLinear):
+        if isinstance(m, MixLinear):
             m.weight.mul_(1.01)
 model.save_pretrained(sys.argv[1], max_shard_size=sys.argv[4])
 """
