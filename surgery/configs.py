@@ -67,7 +67,7 @@ def nested(cfg: Any) -> list[tuple[list[str], Any]]:
 
 
 __all__ = ["is_config", "get_path", "set_path", "nested", "restore_config", "project", "check_no_record", "plan_copies",
-           "ConfigCopies", "attach", "detach"]
+           "ConfigCopies", "attach", "Attached"]
 
 
 def _record(config: Any) -> Record | None:
@@ -96,10 +96,10 @@ def restore_config(config: Any, record: Record | dict | None = None, module: str
     elif isinstance(record, dict):
         record = Record.from_dict(record)
     changes = []
-    for ch in record.config if record is not None else []:
-        if ch.get("module", "") != module:
+    for ch in record.config_changes() if record is not None else []:
+        if ch.module != module:
             continue
-        path, parent = ch["path"], config
+        path, parent = ch.path, config
         for k in path[:-1]:
             if isinstance(parent, dict) and parent.get(k) is None:
                 parent[k] = {}  # a sub-config the save left out entirely
@@ -110,8 +110,8 @@ def restore_config(config: Any, record: Record | dict | None = None, module: str
             continue
         key = path[-1]
         before = parent.get(key, "<absent>") if isinstance(parent, dict) else getattr(parent, key, "<absent>")
-        set_path(parent, [key], ch["old"])
-        changes.append((".".join(path), before, ch["old"]))
+        set_path(parent, [key], ch.old)
+        changes.append((".".join(path), before, ch.old))
     if isinstance(config, dict):
         config.pop(CONFIG_KEY, None)
     elif CONFIG_KEY in vars(config):
@@ -122,7 +122,8 @@ def restore_config(config: Any, record: Record | dict | None = None, module: str
 # ---- the record of a sub-model ------------------------------------------------------------
 
 def project(record: Record, prefix: str) -> Record:
-    """The part of ``record`` that concerns the sub-model at ``prefix``, names relative to it.
+    """The part of ``record`` that concerns the sub-model at ``prefix``, names relative to it: the entries of
+    every section that name a module inside it (an entry type's ``NAME`` field), and what was left alone there.
 
     ``args`` are the arguments of the ``apply`` call on the enclosing model (``scope`` says
     where the sub-model sits in it).
@@ -130,17 +131,17 @@ def project(record: Record, prefix: str) -> Record:
     if not prefix:
         return record
 
-    def inside(entries, key):
+    def inside(entries):
         out = []
         for e in entries:
-            rel = relative(e[key], prefix)
+            rel = relative(getattr(e, e.NAME), prefix) if e.NAME else None
             if rel is not None:
-                out.append({**e, key: rel})
+                out.append(e.moved(rel))
         return out
 
-    return Record(args=dict(record.args), mixout=inside(record.mixout, "name"), dropout=inside(record.dropout, "module"),
-                  config=inside(record.config, "module"), msd=inside(record.msd, "name"),
-                  skipped=inside(record.skipped, "name"), scope=_join(record.scope, prefix))
+    sections = {name: inside(entries) for name, entries in record.sections.items()}
+    return Record(args=dict(record.args), skipped=inside(record.skipped), scope=_join(record.scope, prefix),
+                  **sections)
 
 
 def _join(a: str, b: str) -> str:
@@ -207,7 +208,7 @@ def check_no_record(held: Held) -> None:
 @dataclass
 class ConfigCopies:
     """The model's own copies of its configs, made before ``apply`` changes anything; kept with the
-    live record, so that ``revert`` can hand the original objects back (:meth:`remove`)."""
+    live record, so that ``revert`` can hand the original objects back (:meth:`undo`, the last undo)."""
 
     owners: list[_Owner]
     swaps: list[tuple[nn.Module, str, Any, Any]]  # (module, attribute, copy, original)
@@ -217,7 +218,10 @@ class ConfigCopies:
         for mod, attr, new, _ in self.swaps:
             vars(mod)[attr] = new
 
-    def remove(self) -> None:
+    def check(self, view, rec) -> None:
+        """Nothing to check: a config the user replaced since ``apply`` stays theirs."""
+
+    def undo(self, view, rec) -> None:
         """Revert's last step for configs: every module that still holds its copy gets the original
         object back (sharing between a parent and its sub-models as before ``apply``), with what was
         set on the copy since ``apply`` (not surgery's changes: revert restored those) carried over."""
@@ -277,18 +281,25 @@ def plan_copies(held: Held, title: str) -> ConfigCopies:
     return ConfigCopies(owners, swaps)
 
 
-def attach(copies: ConfigCopies, record: Record) -> None:
+class Attached:
+    """The record written into the configs (:func:`attach`); its undo removes it from every config the
+    model holds at revert (before ``apply`` none held one)."""
+
+    def check(self, view, rec) -> None:
+        pass
+
+    def undo(self, view, rec) -> None:
+        for _, _, _, cfg in view.held:
+            for c in _reachable(cfg).values():
+                if CONFIG_KEY in vars(c):
+                    delattr(c, CONFIG_KEY)
+
+
+def attach(copies: ConfigCopies, record: Record) -> Attached:
     """Write ``record`` into the root's config and its projection into each sub-model's own config."""
     for own in copies.owners:
         d = project(record, own.prefix).to_dict()
         for mod, attr in own.tops:
             setattr(vars(mod)[attr], CONFIG_KEY, copy.deepcopy(d))
-
-
-def detach(held: Held) -> None:
-    """Remove every record ``attach`` wrote into the configs ``held`` (before ``apply`` none held one)."""
-    for _, _, _, cfg in held:
-        for c in _reachable(cfg).values():
-            if CONFIG_KEY in vars(c):
-                delattr(c, CONFIG_KEY)
+    return Attached()
 

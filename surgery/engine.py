@@ -1,23 +1,26 @@
 """``apply`` and ``revert``: check, walk once, plan, validate, carry out, record.
 
-``apply`` checks its arguments, walks the model once (:class:`~surgery.view.View`), lets each
-regularizer (:data:`surgery.regularizers.REGULARIZERS`) plan from that view, builds what can fail,
-and only then changes the model and writes one change record. A failed call leaves the model as
-it was. ``revert`` checks every record entry first, then undoes exactly what the record lists.
+``apply`` checks its keyword arguments against the registered regularizers' options
+(:func:`surgery.regularizers.check_options`), walks the model once (:class:`~surgery.view.View`), lets
+each registered regularizer plan from that walk (:mod:`surgery.regularizers.unit`), checks the plans'
+claims together, builds what can fail, and only then changes the model and writes one change record.
+A failed call leaves the model as it was. ``revert`` runs every installed plan's undo check first,
+then the undos, in reverse install order.
 """
 
 from __future__ import annotations
 
-import torch
+import inspect
+import textwrap
+
 from torch import nn
 
-from . import configs, distributed
-from .arguments import Options
+from . import configs, distributed, regularizers
+from .coverage import coverage
 from .describing import describe
 from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
-from .patterns import Pattern, find_head
 from .record import ATTR, Record, claim, claimant, get_record, no_plain_form, release
-from .regularizers import REGULARIZERS
+from .regularizers.context import Context
 from .view import View
 from .wrappers import chain, check_swappable
 
@@ -59,87 +62,63 @@ def _check_unsurgered(view: View) -> None:
     configs.check_no_record(view.held)  # at any depth: a (sub-)model loaded from a surgered checkpoint
 
 
-def _claims(view: View, plans) -> list[tuple[str, object]]:
-    """What the installed plans changed: each claimed module (before and after a swap), each frozen parameter."""
+def _plan(ctx: Context) -> list:
+    """Every unit's plan, in planning order (a unit after those it reads): ``[(unit, plan)]``; nothing
+    changes yet."""
+    plans = []
+    for unit in regularizers.plan_order():
+        plan = unit.plan(ctx)
+        if plan is not None:
+            plans.append((unit, plan))
+            ctx.freezes.update(plan.freezes)
+    return plans
+
+
+def _install_order(plans: list) -> list:
+    """The plans that replace modules first, the others after (each group in planning order), after checking
+    that no module is replaced by two plans.
+
+    Raises:
+        SurgeryError: two regularizers replace one module.
+    """
+    owner: dict[str, str] = {}
+    for unit, plan in plans:
+        for name in plan.replaces:
+            if name in owner:
+                raise SurgeryError(f"regularizers {owner[name]!r} and {unit.name!r} both replace module {name!r}; "
+                                   "a module is replaced by one of them at most: exclude it from one")
+            owner[name] = unit.name
+    return [p for p in plans if p[1].replaces] + [p for p in plans if not p[1].replaces]
+
+
+def _claims(view: View, plans: list) -> list[tuple[str, object]]:
+    """What the installed plans changed: each module (before and after a swap), each frozen parameter."""
     out = []
-    for plan in plans:
-        for name in plan.claims:
+    for _, plan in plans:
+        for name in [*plan.replaces, *plan.changes]:
             out += [(name, view.modules[name]), (name, view.root.get_submodule(name) if name else view.root)]
         out += [(name, view.params[name]) for name in plan.freezes]
     return out
 
 
-def apply(
-    model: nn.Module,
-    *,
-    mixout: float = 0.0,
-    dropout: float | None = None,
-    drop_path: float | None = None,
-    router_noise: float | None = None,
-    msd: int = 0,
-    msd_p: float | None = None,
-    head: str | None = None,
-    include: Pattern = None,
-    exclude: Pattern = None,
-    mixout_head: bool = True,
-    mixout_tied: bool = False,
-    target_dtype: torch.dtype | None = None,
-    low_memory: bool = False,
-    msd_layers: bool = False,
-    msd_layer_p: float = 0.2,
-    msd_pool: str = "first",
-) -> nn.Module:
-    """Apply Mixout, dropout control and multi-sample dropout to ``model`` in place.
+def apply(model: nn.Module, /, **options) -> nn.Module:
+    """Apply the registered regularizers (Mixout, dropout control, multi-sample dropout, ...) to ``model``
+    in place.
 
-    Args:
-        model: any ``nn.Module``; transformers models are handled first-class.
-        mixout: Mixout probability p in [0, 1]; 0 turns Mixout off. Every ``nn.Linear``
-            and transformers ``Conv1D`` (selected by ``include``/``exclude``) becomes a
-            :class:`~surgery.layers.mixout.MixLinear` mixing toward a frozen copy of its current
-            weight. A layer whose weight does not require grad is left alone (``describe`` lists
-            it). In a PEFT LoRA layer the adapter is mixed on the layer's effective weight toward
-            the frozen base weight (:mod:`surgery.regularizers.lora`).
-        dropout: when not None, every dropout probability in the model (dropout modules,
-            dropout attributes read at call time, config fields) is set to this value.
-            Stochastic depth is not dropout: see ``drop_path``.
-        drop_path: when not None, every stochastic-depth rate (DropPath modules, LayerDrop
-            and drop-path attributes read at call time, config fields such as
-            ``drop_path_rate``, ``layerdrop``, ``encoder_layerdrop``) is set to this value.
-        router_noise: when not None, every train-time noise level of a mixture-of-experts router
-            (the multiplicative jitter U(1-e, 1+e) on the router's input: Mixtral's and MiniMax's
-            ``router_jitter_noise``, DBRX's ``moe_jitter_eps``, PhiMoE's ``input_jitter_noise``, as
-            module attributes and config fields) is set to this value. It is neither dropout nor
-            stochastic depth; ``dropout=0.0, drop_path=0.0, router_noise=0.0`` makes a training
-            forward deterministic.
-        msd: K > 0 turns the task head into a multi-sample-dropout head with K samples.
-        msd_p: dropout probability of each MSD sample (default 0.2; only with ``msd``).
-        head: dotted name of the task head; found automatically (``classifier``,
-            ``score``, ``classification_head``, ``qa_outputs``) when None.
-        include: Mixout layers to select: a regex (full match on dotted names) or a
-            list of names / dotted suffixes. A layer is selected when it or a module
-            containing it matches. Default: all.
-        exclude: Mixout layers to leave alone, same forms as ``include``.
-        mixout_head: also mix the task head, toward its (random) initial weights, as the
-            paper and its reference code do. False leaves the head a plain layer.
-        mixout_tied: also mix layers whose weight is tied to another parameter (an LM head
-            tied to the embeddings). The tie is kept either way; default False leaves them
-            alone and ``describe`` says so.
-        target_dtype: keep Mixout targets in this dtype (e.g. ``torch.bfloat16``) to save
-            memory; they are cast to the weight's dtype in forward. Default: the weight's.
-        low_memory: Mixout layers recompute the mixed weight in backward instead of
-            keeping it (one weight-sized tensor less per layer alive during backward).
-        msd_layers: the MSD head reads a learned, softmax-weighted mix of the summary token
-            of every hidden state of the backbone instead of its usual input (the Kaggle
-            head, see :mod:`surgery.regularizers.layer_msd`); the head must be an ``nn.Linear``.
-        msd_layer_p: dropout probability of each layer's summary vector (``msd_layers``).
-        msd_pool: the summary token: ``"first"`` (position 0) or ``"last"`` (the last
-            non-padding token of ``attention_mask``, for decoder-only backbones).
+    ``model`` is any ``nn.Module`` (transformers models are handled first-class). Each keyword is an option
+    of a registered regularizer (``surgery.regularizers.units()``), listed below; what is not given stays
+    off. Probabilities are real numbers in [0, 1] (numpy scalars and 0-d tensors too), flags real bools;
+    an option that only matters with another one is refused without it.
+
+    Options:
+{options}
 
     Returns:
         ``model``, the same object.
 
     Raises:
-        SurgeryTypeError: ``model`` is not an ``nn.Module``, or a pattern/dtype has the wrong type.
+        SurgeryTypeError: ``model`` is not an ``nn.Module``, an unknown keyword, or a pattern/dtype/flag
+            of the wrong type.
         ValueError: a probability outside [0, 1], NaN or not a number; ``msd`` not an int >= 0.
         AlreadySurgeredError: the model already carries surgery (``revert`` it first), or
             it was loaded from a checkpoint saved with surgery applied.
@@ -148,35 +127,47 @@ def apply(
         SurgeryError: an option with nothing to act on, or a model inside an engine surgery
             cannot work through (``surgery.distributed``).
     """
-    opts = Options.check(mixout=mixout, dropout=dropout, drop_path=drop_path, msd=msd, msd_p=msd_p, head=head,
-                         include=include, exclude=exclude, mixout_head=mixout_head, mixout_tied=mixout_tied,
-                         target_dtype=target_dtype, low_memory=low_memory, msd_layers=msd_layers,
-                         msd_layer_p=msd_layer_p, msd_pool=msd_pool, router_noise=router_noise)
+    opts = regularizers.check_options(options)  # every keyword, checked by the option that declares it
     root, wrappers = _root(model)
     view = View(root)  # the one walk of the module tree
     check_swappable([*wrappers, *view.modules.values()], "apply")
     distributed.check_apply(model, view)  # fully_shard already applied, DTensor weights, DeepSpeed
     _check_unsurgered(view)
-    plans = []
-    for regularizer in REGULARIZERS:  # each plans from the view and the plans before it; nothing changes yet
-        plan = regularizer.plan(view, opts, plans)
-        if plan is not None:
-            plans.append(plan)
-    head = next((p.head for p in plans if p.head is not None), None)
-    if head is None:
-        head = find_head(view.modules, view.title, opts.head, required=False)
-    rec = Record(args=opts.record_args(head))
+    ctx = Context(view, opts)
+    plans = _install_order(_plan(ctx))
+    rec = Record(args=regularizers.record_args(opts, ctx.task_head()))
     copies = configs.plan_copies(view.held, view.title)  # the model's own configs: a shared one stays as it is
-    for plan in plans:
+    for _, plan in plans:
         plan.build()  # allocations that can fail, before the first change
     copies.take()
-    rec.handles.append(copies)  # revert hands the original config objects back (after the values are restored)
-    for plan in plans:
-        plan.install(view, rec)
+    rec.undos.append(copies)  # the last undo: revert hands the original config objects back
+    for _, plan in plans:
+        rec.undos.append(plan.install(ctx, rec))
+    rec.coverage = coverage(ctx, rec, [p for _, p in plans])
     vars(root)[ATTR] = rec
     claim(root, _claims(view, plans))  # a later apply reaching what this one changed is refused
-    configs.attach(copies, rec)  # the record, and each sub-model's part of it, into the configs
+    rec.undos.append(configs.attach(copies, rec))  # the record, and each sub-model's part of it, into the configs
     return model
+
+
+def _options_doc() -> str:
+    """``apply``'s options, each in the words of the regularizer that declares it."""
+    def item(o, indent: str) -> list[str]:
+        return textwrap.wrap(f"{o.name} (default {o.default!r}): {o.doc}", 110, initial_indent=indent,
+                             subsequent_indent=indent + "    ")
+
+    lines = []
+    for unit in regularizers.units():
+        lines.append(f"        {unit.name}:")
+        lines += [line for o in unit.options for line in item(o, " " * 12)]
+    return "\n".join(lines + item(regularizers.registry.HEAD, " " * 8))
+
+
+apply.__doc__ = apply.__doc__.format(options=_options_doc())
+apply.__signature__ = inspect.Signature(  # the registered options, keyword-only (as registered at import)
+    [inspect.Parameter("model", inspect.Parameter.POSITIONAL_ONLY, annotation=nn.Module)]
+    + [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+       for o in regularizers.all_options()], return_annotation=nn.Module)
 
 
 def revert(model: nn.Module, *, drop_layer_weights: bool = False) -> nn.Module:
@@ -205,14 +196,10 @@ def revert(model: nn.Module, *, drop_layer_weights: bool = False) -> nn.Module:
     why = no_plain_form(rec, "revert")
     if why and not drop_layer_weights:
         raise SurgeryError(why)
-    undos = [regularizer.revert(root, rec) for regularizer in REGULARIZERS]  # every check before any change
-    for undo in reversed(undos):
-        if undo is not None:
-            undo()
-    configs.detach(view.held)
-    for h in rec.handles:  # hooks, the layer pool, then the original config objects
-        if hasattr(h, "remove"):
-            h.remove()
+    for undo in rec.undos:  # every check before any change
+        undo.check(view, rec)
+    for undo in reversed(rec.undos):  # the record out of the configs, each plan, the original config objects
+        undo.undo(view, rec)
     release(root)
     del vars(root)[ATTR]
     return model

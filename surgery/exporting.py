@@ -15,22 +15,26 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import sys
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from .checkpoint.atomic import atomic_path, commit, remove, write_json
-from .checkpoint.common import CONFIG_NAME, SAFE_INDEX, SAFE_NAME, CheckpointError, is_target_key
+from .checkpoint.atomic import fsync_tree, write_json
+from .checkpoint.common import os_error
+from .checkpoint.common import SAFE_INDEX, SAFE_NAME, CheckpointError, is_target_key
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
+from .checkpoint.swap import Staging
 from .configs import restore_config
 from .errors import SurgeryError, SurgeryTypeError
-from .layers.mixout import MixLinear
+from .layers.swap import MixoutLayer
 from .record import TARGET_SUFFIX, get_record, no_plain_form, unwrap
-from .wrappers import _cls, chain
+from .wrappers import loaded_class, chain
 
 __all__ = ["export", "export_sharded", "plain_state_dict", "writes_directory", "adapter_model"]
 
@@ -74,7 +78,7 @@ def plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | Non
 def adapter_model(model: nn.Module) -> nn.Module | None:
     """The ``PeftModel`` whose ``save_pretrained`` writes ``model``'s adapter checkpoint (``model`` itself
     or the one inside its DDP/compile/... wrappers), or None."""
-    peft_cls = _cls("peft.peft_model", "PeftModel")
+    peft_cls = loaded_class("peft.peft_model", "PeftModel")
     return next((m for m in chain(model) if isinstance(peft_cls, type) and isinstance(m, peft_cls)), None)
 
 
@@ -93,7 +97,7 @@ def _targets_hidden(model: nn.Module):
     def drop(module, sd, prefix, local_metadata):
         sd.pop(prefix + TARGET_SUFFIX, None)
 
-    handles = [m.register_state_dict_post_hook(drop) for m in model.modules() if isinstance(m, MixLinear)]
+    handles = [m.register_state_dict_post_hook(drop) for m in model.modules() if isinstance(m, MixoutLayer)]
     try:
         yield
     finally:
@@ -106,9 +110,27 @@ def _export_adapter(peft: nn.Module, path: Path, state_dict=None) -> Path:
         raise SurgeryError(f"{path} is a file; export of a PEFT model writes an adapter directory that "
                            "PeftModel.from_pretrained loads: give a directory path")
     kwargs = {} if state_dict is None else {"state_dict": _plain_state_dict(peft, state_dict)}
-    with _targets_hidden(peft):
-        peft.save_pretrained(str(path), **kwargs)
+    with Staging(path, overwrite=True) as st:
+        if st.existed and (path / "README.md").is_file():  # PEFT updates the model card it finds
+            os.mkdir(st.tmp)
+            shutil.copy2(path / "README.md", st.tmp / "README.md")
+        with _targets_hidden(peft):
+            peft.save_pretrained(str(st.tmp), **kwargs)
+        _put_folder(st)
+    st.warn()
     return path
+
+
+def _put_folder(st: Staging, stale: Iterable[str] = ()) -> None:
+    """The folder written (partly by transformers or PEFT, which do not fsync) made durable, then
+    put at DST: the folder itself when DST is new, else its entries replace DST's of the same
+    names and DST's ``stale`` entries go, all or nothing; DST's other files stay, as
+    ``save_pretrained`` keeps them."""
+    fsync_tree(st.tmp)
+    if st.existed:
+        st.merge(stale)
+    else:
+        st.place(overwrite=False)  # a folder that appeared meanwhile is not replaced
 
 
 def _untie(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -174,29 +196,21 @@ def _export_pretrained(model, path: Path, max_shard_size, progress: Progress | N
             if hasattr(model, "num_parameters"):
                 meta = {"total_parameters": model.num_parameters(), **meta}
             index = {"metadata": meta, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        tmp.mkdir()
-        _plain_config(model).save_pretrained(tmp)
+    with Staging(path, overwrite=True) as st:
+        _plain_config(model).save_pretrained(st.tmp)  # creates the folder
         gen = getattr(model, "generation_config", None)
         if gen is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
-            gen.save_pretrained(tmp)
+            gen.save_pretrained(st.tmp)
         for name, keys in files.items():
-            write_safetensors(tmp / name, [tensor_item(k, sd[k], path=tmp / name) for k in keys], {"format": "pt"},
-                              progress)
+            write_safetensors(st.tmp / name, [tensor_item(k, sd[k], path=path / name) for k in keys],
+                              {"format": "pt"}, progress)
         if index is not None:
-            write_json(tmp / SAFE_INDEX, index)
-        produced = set(os.listdir(tmp))
-        path.mkdir(exist_ok=True)
-        for old in path.iterdir():  # weights of an earlier save that this one does not replace
-            if old.name not in produced and (old.name in (SAFE_NAME, SAFE_INDEX) or _SHARD.fullmatch(old.name)):
-                old.unlink()
-        for name in sorted(produced, key=lambda n: n == CONFIG_NAME):  # config last
-            os.replace(tmp / name, path / name)
-        tmp.rmdir()
-    finally:
-        remove(tmp)
+            write_json(st.tmp / SAFE_INDEX, index)
+        produced = set(os.listdir(st.tmp))
+        stale = [n for n in (os.listdir(path) if st.existed else ()) if n not in produced  # an earlier save's weights
+                 and (n in (SAFE_NAME, SAFE_INDEX) or _SHARD.fullmatch(n))]
+        _put_folder(st, stale)
+    st.warn()
     return path
 
 
@@ -205,13 +219,10 @@ def _export_module(model: nn.Module, path: Path, progress: Progress | None, stat
         raise SurgeryError(f"export of a plain nn.Module ({type(model).__name__}) writes one .safetensors file; "
                            f"give a file path ending in .safetensors (got {str(path)!r})")
     sd = _plain_state_dict(model, state_dict)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        write_safetensors(tmp, [tensor_item(k, v, path=path) for k, v in sd.items()], {"format": "pt"}, progress)
-        commit(tmp, path, overwrite=True)
-    finally:
-        remove(tmp)
+    with Staging(path, overwrite=True) as st:
+        write_safetensors(st.tmp, [tensor_item(k, v, path=path) for k, v in sd.items()], {"format": "pt"}, progress)
+        st.place()
+    st.warn()
     return path
 
 
@@ -264,13 +275,16 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
         raise SurgeryError("max_shard_size shards a full model's weights; a PEFT model is exported as its adapter "
                            "checkpoint, one file per adapter: leave max_shard_size out")
     try:
+        if path.is_symlink() and path.is_dir():  # a link to a folder: its files are updated where they are
+            path = Path(os.path.realpath(path))
         if peft is not None:
             return _export_adapter(peft, path, state_dict)
         if _is_pretrained(root):
             return _export_pretrained(root, path, max_shard_size, progress, state_dict)
         return _export_module(root, path, progress, state_dict)
-    except OSError as e:
-        raise CheckpointError(e.filename or path, f"write failed ({e.strerror or e})") from None
+    except OSError as e:  # outside the staged write (checking the path): one error, in words
+        name, problem = os_error(e, dst=path)
+        raise CheckpointError(name, f"write failed ({problem})") from None
 
 
 def export_sharded(model: nn.Module, path: str | os.PathLike, *, should_save: bool = True, **kwargs) -> Path | None:

@@ -12,7 +12,6 @@ and the record the rebuild wrote equal to the saved one. A hand-written rebuild 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from .configs import restore_config
 from .engine import apply
 from .errors import SurgeryError, SurgeryTypeError
 from .record import CONFIG_KEY, Record, get_record
+from .regularizers import apply_kwargs
 
 __all__ = ["load_pretrained"]
 
@@ -99,7 +99,7 @@ def load_pretrained(cls, path: str | os.PathLike, **from_pretrained_kwargs) -> n
     config = _config(cls, plain, cfg_file)
     with _quiet_load_report():  # every key is checked below, against the surgered model
         model = cls.from_pretrained(path, config=config, **from_pretrained_kwargs)
-    apply(model, **_apply_kwargs(saved.args, cfg_file))
+    apply(model, **apply_kwargs(saved.args, cfg_file))
     _compare(get_record(model).to_dict(), saved.to_dict(), cfg_file)
     _load_weights(model, path)
     return model
@@ -132,28 +132,6 @@ def _quiet_load_report():
         yield
     finally:
         log.removeFilter(f)
-
-
-def _apply_kwargs(args: dict[str, Any], where: str) -> dict[str, Any]:
-    """``apply``'s keyword arguments that give the recorded ``args`` (defaults left out)."""
-    params = inspect.signature(apply).parameters
-    unknown = sorted(set(args) - set(params))
-    if unknown:
-        raise SurgeryError(f"{where}: the record has apply arguments this surgery does not know "
-                           f"({', '.join(unknown)}); it was saved by a newer surgery: upgrade surgery")
-    out = {}
-    for key, value in args.items():
-        if key == "head":
-            continue
-        if key == "target_dtype" and isinstance(value, str):
-            value = getattr(torch, value)
-        if value != params[key].default:
-            out[key] = value
-    if not args.get("msd"):
-        out.pop("msd_p", None)  # recorded at its default; apply takes it only with msd
-    if args.get("head") is not None and (args.get("msd") or args.get("mixout_head") is False):
-        out["head"] = args["head"]  # the head as it was resolved (apply takes head= only where it matters)
-    return out
 
 
 def _weight_files(path: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Which random operations does one training forward run? A check by what the model does.
 
-Dropout control finds probabilities by name (``regularizers/rates.py``); :func:`train_noise`
+Dropout control finds probabilities by name (``regularizers/rates/kinds.py``); :func:`train_noise`
 checks the result by behaviour: it runs one ``train()`` forward under a ``TorchFunctionMode`` that
 records every dropout-family call with a non-zero probability (``F.dropout*``,
 ``F.alpha_dropout``, ``torch.dropout``, ``scaled_dot_product_attention(dropout_p=...)``,

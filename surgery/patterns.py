@@ -1,4 +1,5 @@
-"""Dotted module names: ``include``/``exclude`` patterns, ancestors, the task head by name.
+"""Dotted module names: ``include``/``exclude`` patterns, ancestors, the task head by name, and names
+grouped by layer pattern for the reader.
 
 A pattern is either a string, matched with :func:`re.fullmatch` against a module's
 dotted name, or a list/tuple of names, each matching a module whose dotted name equals
@@ -15,7 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 from .errors import HeadError, PatternError, SurgeryTypeError
 
-__all__ = ["Pattern", "compile_pattern", "ancestors", "relative", "close_names", "find_head", "HEAD_NAMES"]
+__all__ = ["Pattern", "compile_pattern", "ancestors", "relative", "close_names", "find_head", "group_names",
+           "HEAD_NAMES"]
 
 Pattern = Union[str, Sequence[str], None]
 
@@ -124,3 +126,39 @@ def find_head(modules: Mapping[str, Any], title: str, head: str | None = None, *
     raise HeadError(
         f"ambiguous task head in {title}: candidates {', '.join(map(repr, found))}; pick one with head=..."
     )
+
+
+def _ranges(values: list[int]) -> str:
+    values = sorted(set(values))
+    out, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return out[0] if len(out) == 1 and "-" not in out[0] else "{" + ",".join(out) + "}"
+
+
+def _is_index(part: str) -> bool:
+    """A layer index as ``named_modules`` writes one: ASCII digits, no leading zero, at most 18
+    of them (``\u00b2``, ``\u0663``, ``007`` or a 5000-digit number stay text, printed as they are)."""
+    return part.isascii() and part.isdigit() and len(part) <= 18 and (part == "0" or part[0] != "0")
+
+
+def group_names(names: list[str]) -> list[str]:
+    """``a.0.q, a.1.q, a.2.q`` -> ``a.{0-2}.q (x3)``: one line per layer pattern."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for n in names:
+        parts = n.split(".")
+        key = tuple("#" if _is_index(p) else p for p in parts)
+        groups.setdefault(key, []).append([int(p) for p in parts if _is_index(p)])
+    lines = []
+    for key, idx in groups.items():
+        parts, slot = [], 0
+        for p in key:
+            if p == "#":
+                parts.append(_ranges([i[slot] for i in idx]))
+                slot += 1
+            else:
+                parts.append(p)
+        lines.append(".".join(parts) + (f"  (x{len(idx)})" if len(idx) > 1 else ""))
+    return lines

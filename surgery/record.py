@@ -18,77 +18,108 @@ On-disk form (version 1)::
      "skipped": [{"name": "lm_head", "reason": "weight tied to transformer.wte.weight"}],
      "left_on": [{"kind": "drop_path", "values": [0.1], "modules": 12, "config": 1}]}
 
-``dropout``/``config`` entries with ``"kind": "drop_path"`` are stochastic-depth rates
-(``apply(drop_path=...)``), with ``"kind": "router_noise"`` router-noise levels
-(``apply(router_noise=...)``); entries without a kind are dropout. ``left_on`` summarises the
-non-zero rates of a kind whose option was not given (``describe`` reports it).
-
-A Mixout entry with ``"kind": "lora"`` names the ``lora_A.<adapter>`` layer of a PEFT LoRA
-layer: Mixout on that layer's effective weight toward its frozen base weight, no target
-copy (see :mod:`surgery.lora`). An entry with ``"params"`` names a fused-experts module or a
-router (``"kind": "experts"`` / ``"router"``, the mixed Parameters listed; ``"kind": "lora"`` for expert
-tensors under a PEFT ``ParamWrapper``, no target; see :mod:`surgery.regularizers.experts`); its target
-packs every listed Parameter's, ``(E, sum of the per-expert sizes)``. ``coverage`` (optional) says
-which share of the trainable weights each regularizer covers and what Mixout leaves plain, by kind
-(:mod:`surgery.regularizers.coverage`). Every other Mixout layer adds one frozen Parameter,
-``<name>.mixout_target`` (the frozen pretrained weight, same shape/dtype as
-``<name>.weight``, ``requires_grad=False``), to the state_dict. Nothing
-else changes keys: MSD heads are hooks, dropout changes are attribute values.
-For transformers models the record is also written into the config
-(``config.surgery``), so ``save_pretrained``/Trainer checkpoints carry it. A transformers
-sub-model that owns its config (``self.bert = AutoModel...`` in a custom module) carries
-the part of the record inside it, names relative to it, plus ``"scope": "bert"``
-(see ``configs.py``).
+Each list is a *section* written by one regularizer, its entries typed (:class:`~surgery.entry.Entry`)
+and declared, with their meaning, where the regularizer is (``surgery/regularizers/<name>/__init__.py``):
+``mixout`` (:mod:`surgery.regularizers.mixout`: Linear layers, LoRA adapters, fused experts and
+routers; every entry that is not ``"kind": "lora"`` adds one frozen Parameter,
+``<name>.mixout_target``, to the state_dict), ``dropout`` / ``config`` / ``left_on``
+(:mod:`surgery.regularizers.rates`), ``msd`` (:mod:`surgery.regularizers.msd`). The record's own
+fields: ``args`` (each option in the form its regularizer records it), ``skipped`` (what a
+regularizer left alone, and why), ``coverage`` (optional: which share of the trainable weights each
+regularizer covers and what Mixout leaves plain, by kind; ``surgery/coverage.py``), ``scope`` and
+``version``. Nothing else changes keys: MSD heads are hooks, dropout changes are attribute values.
+For transformers models the record is also written into the config (``config.surgery``), so
+``save_pretrained``/Trainer checkpoints carry it. A transformers sub-model that owns its config
+(``self.bert = AutoModel...`` in a custom module) carries the part of the record inside it, names
+relative to it, plus ``"scope": "bert"`` (see ``configs.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import reprlib
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from .entry import Entry, Field
 from .errors import NotSurgeredError
-from .schema import check_record, parse_json
+from .regularizers import registry
+from .regularizers.mixout import TARGET_SUFFIX
+from .schema import COUNT, LIST, OBJECT, STR, STRS, brief, check_depth, check_fields, non_finite, parse_json, short
 
-__all__ = ["Record", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap", "no_plain_form",
-           "claim", "release", "claimant"]
+__all__ = ["Record", "Skip", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap",
+           "no_plain_form", "check_record", "claim", "release", "claimant"]
 
 FORMAT = "surgery"
 VERSION = 1
-TARGET_SUFFIX = "mixout_target"  # name of a Mixout target (frozen Parameter); state_dict key "<layer>.mixout_target"
 CONFIG_KEY = "surgery"  # attribute of a transformers config that carries the record
 ATTR = "_surgery"  # attribute of the model that holds the live Record
-DROPOUT, DROP_PATH = "dropout", "drop_path"  # the kinds of probability ("kind" of dropout/config entries)
-ROUTER_NOISE = "router_noise"  # train-time noise on a mixture-of-experts router's input (apply(router_noise=...))
 
 
-@dataclass
+class Skip(Entry):
+    """What a regularizer left alone, and why (``describe`` lists them last)."""
+
+    name = Field(STR, required=True)
+    reason = Field(STR, required=True)
+
+
+def _typed(kind: type[Entry], e: Any) -> Entry:
+    return e if isinstance(e, kind) else kind.from_json(e)
+
+
 class Record:
-    """What one ``apply`` call changed. JSON-serialisable apart from ``handles``."""
+    """What one ``apply`` call changed: the arguments, one section of typed entries per regularizer
+    (``rec.mixout``, ``rec.dropout``, ... as the registered units declare them), what was left alone
+    (``skipped``), the ``coverage``, the ``scope`` of a sub-model's part. JSON-serialisable apart from
+    ``undos`` (the live undo of each installed plan, see :mod:`surgery.regularizers.unit`)."""
 
-    args: dict[str, Any] = field(default_factory=dict)
-    mixout: list[dict[str, Any]] = field(default_factory=list)
-    dropout: list[dict[str, Any]] = field(default_factory=list)
-    config: list[dict[str, Any]] = field(default_factory=list)
-    msd: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    left_on: list[dict[str, Any]] = field(default_factory=list)  # train-mode randomness not asked about
-    # share of the trainable weights each regularizer covers, and what Mixout leaves plain, by kind
-    # (surgery.regularizers.coverage); {} when not computed, and then not written
-    coverage: dict[str, Any] = field(default_factory=dict)
-    # where a sub-model sits in the model apply ran on (its config carries this part of the record,
-    # names relative to it); "" for the record of the model itself, and then not written
-    scope: str = ""
-    version: int = VERSION
-    # live hook handles (MSD); never serialised
-    handles: list[Any] = field(default_factory=list, repr=False, compare=False)
+    def __init__(self, args: dict[str, Any] | None = None, *, skipped: Iterable[Any] = (),
+                 coverage: dict[str, Any] | None = None, scope: str = "", version: int = VERSION, **sections: Any):
+        types = registry.section_types()
+        unknown = sorted(set(sections) - set(types))
+        if unknown:
+            raise TypeError(f"Record has no section {unknown[0]!r} (no registered regularizer writes it)")
+        self.args: dict[str, Any] = dict(args or {})
+        self.sections: dict[str, list[Entry]] = {
+            name: [_typed(kind, e) for e in sections.get(name, ())] for name, kind in types.items()}
+        self.skipped: list[Skip] = [_typed(Skip, e) for e in skipped]
+        # share of the trainable weights each regularizer covers, and what Mixout leaves plain, by kind
+        # (surgery/coverage.py); {} when not computed, and then not written
+        self.coverage: dict[str, Any] = dict(coverage or {})
+        # where a sub-model sits in the model apply ran on (its config carries this part of the record,
+        # names relative to it); "" for the record of the model itself, and then not written
+        self.scope = scope
+        self.version = version
+        self.undos: list[Any] = []  # live: how each installed plan is undone (revert); never serialised
+
+    def __getattr__(self, name: str) -> list[Entry]:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in registry.section_types():
+            return sections.setdefault(name, [])  # a unit registered after this record was made
+        raise AttributeError(f"{type(self).__name__} has no attribute or section {name!r}")
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Record) and other.to_dict() == self.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Record({self.to_json()})"
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name != "handles" and (f.name not in ("scope", "coverage") or getattr(self, f.name))}
-        return {"format": FORMAT, **json.loads(json.dumps(d))}
+        d: dict[str, Any] = {"format": FORMAT, "args": self.args}
+        for u in registry.units():
+            for name in u.sections:
+                entries = self.sections.get(name, [])
+                if entries or u.sections_always:  # a unit's empty section is written only if records always had it
+                    d[name] = [e.to_json() for e in entries]
+        d["skipped"] = [e.to_json() for e in self.skipped]
+        if self.coverage:
+            d["coverage"] = self.coverage
+        if self.scope:
+            d["scope"] = self.scope
+        d["version"] = self.version
+        return json.loads(json.dumps(d))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
@@ -101,18 +132,76 @@ class Record:
             raise ValueError("not a surgery record (missing 'format': 'surgery')")
         if d.get("version") != VERSION:
             raise ValueError(
-                f"surgery record version {d.get('version')!r} is not supported by this surgery "
+                f"surgery record version {reprlib.repr(d.get('version'))} is not supported by this surgery "
                 f"(which reads version {VERSION}); upgrade surgery"
             )
         check_record(d)  # one ValueError per wrong field, before anything reads it
-        names = {f.name for f in dataclasses.fields(cls)} - {"handles"}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        sections = {name: d.get(name, []) for name in registry.section_types()}
+        return cls(args=d.get("args", {}), skipped=d.get("skipped", []), coverage=d.get("coverage", {}),
+                   scope=d.get("scope", ""), version=d["version"], **sections)
 
     @property
     def target_keys(self) -> list[str]:
-        """State-dict keys of the Mixout targets this record added (LoRA entries add none)."""
-        return [f"{m['name']}.{TARGET_SUFFIX}" if m["name"] else TARGET_SUFFIX for m in self.mixout
-                if m.get("kind") != "lora"]
+        """State-dict keys the regularizers added (Mixout targets; LoRA entries add none)."""
+        return [k for u in registry.units() for k in u.target_keys(self)]
+
+    def config_changes(self) -> list[Any]:
+        """Every config field the regularizers changed (``module``, ``path``, ``old``, ``new``)."""
+        return [c for u in registry.units() for c in u.config_changes(self)]
+
+
+# ---- the check of a record read from disk ------------------------------------------------------
+#
+# The one check of a record read from disk: ``Record.from_dict`` runs it, and every reader
+# (``describe`` / ``surgery inspect`` text, ``inspect --json``, ``convert``, ``configs``) relies on
+# it for every field it touches. The fields are declared where they are written: the options of each
+# regularizer (``args``), its entry types (its sections); tests/checkpoint/test_convert_fuzz.py fuzzes
+# every field with a table of its own.
+
+_LEFT = {"kind": (STR, True), "weights": (COUNT, True), "names": (STRS, True)}
+
+
+def check_record(d: Any) -> None:
+    """Check a change-record dict (``Record.to_dict()`` form) field by field.
+
+    Fields this version does not know are ignored (as ``Record.from_dict`` ignores them);
+    known fields must have the types ``surgery.apply`` writes. No value anywhere may be NaN
+    or infinite (not JSON: ``inspect --json`` prints the record).
+
+    Raises:
+        ValueError: one line naming the first field that is wrong and what it must be.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"the record must be a JSON object, not {short(d)}")
+    check_depth(d, "the record", 16)
+    if "version" in d and type(d["version"]) is not int:
+        raise ValueError(f"record field 'version' must be an integer, not {short(d['version'])}")
+    bad = non_finite(d)
+    if bad is not None:
+        raise ValueError(f"record field {brief(bad)[1:-1]} is NaN or infinite, which is not JSON; "
+                         "apply writes finite numbers only")
+    if "scope" in d and not STR(d["scope"]):
+        raise ValueError(f"record field 'scope' must be {STR.desc}, not {short(d['scope'])}")
+    args = d.get("args", {})
+    if not isinstance(args, dict):
+        raise ValueError(f"record field 'args' must be a JSON object, not {short(args)}")
+    check_fields(args, {o.name: (o.json, False) for o in registry.all_options()}, "record field args")
+    cov = d.get("coverage", {})
+    if not isinstance(cov, dict):
+        raise ValueError(f"record field 'coverage' must be {OBJECT.desc}, not {short(cov)}")
+    if cov:
+        keys = {u.name: (COUNT, False) for u in registry.units() if u.coverage_label}
+        check_fields(cov, {"trainable": (COUNT, True), **keys, "left": (LIST, False)}, "record field coverage")
+        for i, e in enumerate(cov.get("left", [])):
+            if not isinstance(e, dict):
+                raise ValueError(f"record field coverage.left[{i}] must be {OBJECT.desc}, not {short(e)}")
+            check_fields(e, _LEFT, f"record field coverage.left[{i}]")
+    for field, kind in [*registry.section_types().items(), ("skipped", Skip)]:
+        entries = d.get(field, [])
+        if not isinstance(entries, list):
+            raise ValueError(f"record field {field!r} must be a list, not {short(entries)}")
+        for i, e in enumerate(entries):
+            kind.check(e, f"record entry {field}[{i}]")
 
 
 # ---- what live records have changed ------------------------------------------------------------
@@ -148,27 +237,12 @@ def claimant(obj: Any) -> tuple[Any, str] | None:
 
 def no_plain_form(rec: "Record | None", action: str) -> str | None:
     """Why ``action`` (``"revert"``, ``"surgery.export"``, ``"surgery convert"``) cannot give a plain
-    model or checkpoint for this record, or None when it can.
-
-    A layer-weighted MSD head (``apply(msd_layers=True)``) learns layer weights and makes the head
-    read their weighted summary token: a plain transformers class holds neither, so the plain form
-    would compute something else. Every reader of a record asks this one function.
+    model or checkpoint for this record, or None when it can: the first regularizer that says so
+    (a layer-weighted MSD head has no plain form). Every reader of a record asks this one function.
     """
-    heads = [h for h in (rec.msd if rec is not None else []) if isinstance(h, dict) and h.get("layers")]
-    if not heads:
+    if rec is None:
         return None
-    h = heads[0]
-    what = (f"the layer-weighted MSD head (learned layer weights {h['layers'].get('param')!r} and head "
-            f"{h.get('name')!r} reading their weighted summary token instead of what it read before)")
-    rebuild = ("keep the surgered form (model.save_pretrained(DIR) or a Trainer checkpoint) and load it with "
-               "surgery.load_pretrained(ModelClass, DIR), which rebuilds the surgery from the checkpoint's record "
-               "and checks it")
-    if action == "revert":
-        return (f"cannot revert: the model has {what}; the plain model computes something else, so revert would "
-                f"silently change its predictions. To deploy it, {rebuild}. To undo the surgery anyway (e.g. before "
-                "training), call surgery.revert(model, drop_layer_weights=True)")
-    return (f"{action} writes a plain checkpoint, which cannot hold {what}: plain transformers would load it "
-            f"without the layer weights and compute something else. Instead, {rebuild}")
+    return next((why for u in registry.units() if (why := u.no_plain_form(rec, action))), None)
 
 
 def unwrap(model):

@@ -1,5 +1,5 @@
-"""Untrusted JSON, checked once and up front: the change record, and the JSON that
-checkpoint files carry (safetensors headers, shard indexes, ``config.json``).
+"""Untrusted JSON, checked once and up front: the JSON that checkpoint files carry (safetensors
+headers, shard indexes, ``config.json``, the change record), and the checks its fields are declared with.
 
 Every check raises ``ValueError`` with one line naming the field and what it must be, so a
 tampered or corrupt file is refused before anything is written, instead of failing deep
@@ -15,13 +15,19 @@ import re
 import reprlib
 from typing import Any
 
-__all__ = ["parse_json", "check_depth", "short", "check_record", "no_duplicates", "DuplicateKeyError",
-           "MAX_DEPTH"]
+__all__ = ["parse_json", "check_depth", "short", "brief", "no_duplicates", "DuplicateKeyError", "MAX_DEPTH", "Check",
+           "check_fields", "non_finite", "one_of", "or_null", "either", "NUMBER", "STR", "BOOL", "INT", "PROB", "K",
+           "COUNT", "PATH", "CONFIG_PATH", "MAX_CONFIG_PATH", "STRS", "VALUES", "OBJECT", "LIST"]
 
 MAX_DEPTH = 64  # JSON nesting the files convert reads may have (transformers configs nest 3 or 4 deep)
 
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 60, 60, 4, 4
+
+
+def brief(v: Any) -> str:
+    """``repr(v)``, cut short (strings to 60 characters, containers to 4 items)."""
+    return _repr.repr(v)
 
 
 def short(v: Any) -> str:
@@ -143,15 +149,15 @@ def parse_json(raw: str | bytes | bytearray, what: str, *, max_depth: int | None
     return obj
 
 
-# ---- the change record -----------------------------------------------------------------
+# ---- checks of JSON values ----------------------------------------------------------------
 #
-# The one check of a record read from disk: ``Record.from_dict`` runs it, and every reader
-# (``describe`` / ``surgery inspect`` text, ``inspect --json``, ``convert``, ``configs``)
-# relies on it for every field it touches. A field added to the record or read by a new
-# reader is added here (tests/test_convert_fuzz.py fuzzes every field of these tables).
+# The primitives every reader of a record uses: a change record's fields are declared with them by the
+# regularizer that writes them (its entry types, ``surgery/entry.py``, and its options,
+# ``surgery/options.py``); ``surgery.record.check_record`` runs them all (tests/checkpoint/test_convert_fuzz.py
+# fuzzes every field).
 
 
-class _Check:
+class Check:
     """A predicate on one JSON value and the words for what it must be."""
 
     def __init__(self, ok: Any, desc: str):
@@ -173,70 +179,41 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and v.isprintable()  # no newline or escape sequence reaches a terminal
 
 
-NUMBER = _Check(_finite, "a finite number")
-STR = _Check(_text, "a string of printable characters")
-BOOL = _Check(lambda v: isinstance(v, bool), "true or false")
-PROB = _Check(lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
-K = _Check(lambda v: _int(v) and 1 <= v <= 2**20, "an integer in [1, 1048576]")
-COUNT = _Check(lambda v: _int(v) and 0 <= v <= 2**53, "a non-negative integer")
-PATH = _Check(lambda v: isinstance(v, list) and len(v) > 0 and all(_text(k) and k for k in v),
-              "a non-empty list of non-empty printable strings")
-STRS = _Check(lambda v: isinstance(v, list) and all(_text(k) for k in v), "a list of printable strings")
-VALUES = _Check(lambda v: isinstance(v, list) and len(v) > 0 and all(_finite(x) for x in v),
-                "a non-empty list of finite numbers")
-OBJECT = _Check(lambda v: isinstance(v, dict), "a JSON object")
-LIST = _Check(lambda v: isinstance(v, list), "a list")
+NUMBER = Check(_finite, "a finite number")
+STR = Check(_text, "a string of printable characters")
+BOOL = Check(lambda v: isinstance(v, bool), "true or false")
+INT = Check(_int, "an integer")
+PROB = Check(lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
+K = Check(lambda v: _int(v) and 1 <= v <= 2**20, "an integer in [1, 1048576]")
+COUNT = Check(lambda v: _int(v) and 0 <= v <= 2**53, "a non-negative integer")
+PATH = Check(lambda v: isinstance(v, list) and len(v) > 0 and all(_text(k) and k for k in v),
+             "a non-empty list of non-empty printable strings")
+MAX_CONFIG_PATH = 16  # keys in a config entry's path (transformers configs nest 3 or 4 deep); restoring a longer one
+# would write config.json sub-objects SRC never had, nested past what readers take (and past Python's recursion limit)
+CONFIG_PATH = Check(lambda v: PATH(v) and len(v) <= MAX_CONFIG_PATH,
+                    f"a non-empty list of at most {MAX_CONFIG_PATH} non-empty printable strings")
+STRS = Check(lambda v: isinstance(v, list) and all(_text(k) for k in v), "a list of printable strings")
+VALUES = Check(lambda v: isinstance(v, list) and len(v) > 0 and all(_finite(x) for x in v),
+               "a non-empty list of finite numbers")
+OBJECT = Check(lambda v: isinstance(v, dict), "a JSON object")
+LIST = Check(lambda v: isinstance(v, list), "a list")
 
 
-def _one_of(*values: str) -> _Check:
-    return _Check(lambda v: isinstance(v, str) and v in values, "one of " + ", ".join(map(repr, values)))
+def one_of(*values: str) -> Check:
+    return Check(lambda v: isinstance(v, str) and v in values, "one of " + ", ".join(map(repr, values)))
 
 
-def _or_null(c: _Check) -> _Check:
-    return _Check(lambda v: v is None or c(v), f"{c.desc} or null")
+def or_null(c: Check) -> Check:
+    return Check(lambda v: v is None or c(v), f"{c.desc} or null")
 
 
-def _either(a: _Check, b: _Check) -> _Check:
-    return _Check(lambda v: a(v) or b(v), f"{a.desc} or {b.desc}")
+def either(a: Check, b: Check) -> Check:
+    return Check(lambda v: a(v) or b(v), f"{a.desc} or {b.desc}")
 
 
-KIND = _one_of("dropout", "drop_path", "router_noise")  # record.DROPOUT, DROP_PATH, ROUTER_NOISE
-POOL = _one_of("first", "last")
-
-# list field -> {entry field: (check, required)}
-_ENTRIES: dict[str, dict[str, tuple[_Check, bool]]] = {
-    "mixout": {"name": (STR, True), "p": (PROB, True), "orig": (STR, False), "transposed": (BOOL, False),
-               "kind": (_one_of("lora", "experts", "router"), False), "params": (PATH, False)},
-    "dropout": {"module": (STR, True), "attr": (STR, True), "old": (NUMBER, True), "new": (_or_null(NUMBER), False),
-                "kind": (KIND, False)},
-    "config": {"path": (PATH, True), "old": (NUMBER, True), "new": (_or_null(NUMBER), False), "module": (STR, False),
-               "kind": (KIND, False)},
-    "msd": {"name": (STR, True), "k": (K, True), "p": (PROB, True), "layers": (_or_null(OBJECT), False)},
-    "skipped": {"name": (STR, True), "reason": (STR, True)},
-    "left_on": {"kind": (_one_of("dropout", "drop_path", "router_noise", "sampling"), True), "what": (STR, False),
-                "values": (_either(VALUES, _Check(lambda v: v == [], "[]")), True), "modules": (COUNT, True),
-                "config": (COUNT, True)},
-}
-# coverage (surgery/regularizers/coverage.py): trainable weights each regularizer covers, and what Mixout leaves
-# plain by kind; {} or absent when apply planned nothing
-_COVERAGE: dict[str, tuple[_Check, bool]] = {
-    "trainable": (COUNT, True), "mixout": (COUNT, False), "msd": (COUNT, False), "left": (LIST, False)}
-_LEFT: dict[str, tuple[_Check, bool]] = {"kind": (STR, True), "weights": (COUNT, True), "names": (STRS, True)}
-# msd[i].layers (a layer-weighted MSD head, surgery/regularizers/layer_msd.py)
-_LAYERS: dict[str, tuple[_Check, bool]] = {
-    "backbone": (STR, True), "n": (K, True), "p": (PROB, True), "pool": (POOL, True), "param": (STR, True),
-    "frozen": (STRS, True), "init": (NUMBER, False)}
-# args: what apply was called with (engine.py); every key optional, unknown keys ignored
-_ARGS: dict[str, tuple[_Check, bool]] = {
-    "mixout": (PROB, False), "dropout": (_or_null(PROB), False), "drop_path": (_or_null(PROB), False),
-    "msd": (COUNT, False), "msd_p": (PROB, False), "head": (_or_null(STR), False),
-    "include": (_or_null(_either(STR, STRS)), False), "exclude": (_or_null(_either(STR, STRS)), False),
-    "mixout_head": (BOOL, False), "mixout_tied": (BOOL, False), "target_dtype": (_or_null(STR), False),
-    "low_memory": (BOOL, False), "msd_layers": (BOOL, False), "msd_layer_p": (PROB, False), "msd_pool": (POOL, False),
-    "router_noise": (_or_null(PROB), False)}
-
-
-def _check_fields(obj: dict, spec: dict[str, tuple[_Check, bool]], where: str) -> None:
+def check_fields(obj: dict, spec: dict[str, tuple[Check, bool]], where: str) -> None:
+    """Raise one ValueError naming the first field of ``obj`` that ``spec`` (field -> (check, required))
+    refuses; fields ``spec`` does not name are left alone."""
     for key, (check, required) in spec.items():
         if key not in obj:
             if required:
@@ -246,7 +223,7 @@ def _check_fields(obj: dict, spec: dict[str, tuple[_Check, bool]], where: str) -
             raise ValueError(f"{where}.{key} must be {check.desc}, not {short(obj[key])}")
 
 
-def _non_finite(d: Any) -> str | None:
+def non_finite(d: Any) -> str | None:
     """The path of the first NaN or infinity anywhere in ``d`` (iteratively), else None."""
     stack: list[tuple[Any, str]] = [(d, "")]
     while stack:
@@ -258,50 +235,3 @@ def _non_finite(d: Any) -> str | None:
         elif isinstance(o, list):
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(o))
     return None
-
-
-def check_record(d: Any) -> None:
-    """Check a change-record dict (``Record.to_dict()`` form) field by field.
-
-    Fields this version does not know are ignored (as ``Record.from_dict`` ignores them);
-    known fields must have the types ``surgery.apply`` writes. No value anywhere may be NaN
-    or infinite (not JSON: ``inspect --json`` prints the record).
-
-    Raises:
-        ValueError: one line naming the first field that is wrong and what it must be.
-    """
-    if not isinstance(d, dict):
-        raise ValueError(f"the record must be a JSON object, not {short(d)}")
-    check_depth(d, "the record", 16)
-    if "version" in d and not _int(d["version"]):
-        raise ValueError(f"record field 'version' must be an integer, not {short(d['version'])}")
-    bad = _non_finite(d)
-    if bad is not None:
-        raise ValueError(f"record field {_repr.repr(bad)[1:-1]} is NaN or infinite, which is not JSON; "
-                         "apply writes finite numbers only")
-    if "scope" in d and not _text(d["scope"]):
-        raise ValueError(f"record field 'scope' must be {STR.desc}, not {short(d['scope'])}")
-    args = d.get("args", {})
-    if not isinstance(args, dict):
-        raise ValueError(f"record field 'args' must be a JSON object, not {short(args)}")
-    _check_fields(args, _ARGS, "record field args")
-    cov = d.get("coverage", {})
-    if not isinstance(cov, dict):
-        raise ValueError(f"record field 'coverage' must be {OBJECT.desc}, not {short(cov)}")
-    if cov:
-        _check_fields(cov, _COVERAGE, "record field coverage")
-        for i, e in enumerate(cov.get("left", [])):
-            if not isinstance(e, dict):
-                raise ValueError(f"record field coverage.left[{i}] must be {OBJECT.desc}, not {short(e)}")
-            _check_fields(e, _LEFT, f"record field coverage.left[{i}]")
-    for field, spec in _ENTRIES.items():
-        entries = d.get(field, [])
-        if not isinstance(entries, list):
-            raise ValueError(f"record field {field!r} must be a list, not {short(entries)}")
-        for i, e in enumerate(entries):
-            where = f"record entry {field}[{i}]"
-            if not isinstance(e, dict):
-                raise ValueError(f"{where} must be a JSON object, not {short(e)}")
-            _check_fields(e, spec, where)
-            if field == "msd" and e.get("layers") is not None:
-                _check_fields(e["layers"], _LAYERS, f"{where}.layers")

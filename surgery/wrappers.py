@@ -27,10 +27,11 @@ from torch import nn
 from .errors import SurgeryError
 from .patterns import ancestors
 
-__all__ = ["unwrap", "chain", "model_wrappers", "is_layer_wrapper", "peft_tuner_layer_type", "find_layers", "check_swappable"]
+__all__ = ["loaded_class", "unwrap", "chain", "model_wrappers", "is_layer_wrapper", "peft_tuner_layer_type", "find_layers", "check_swappable"]
 
 
-def _cls(module: str, name: str):
+def loaded_class(module: str, name: str):
+    """The class ``name`` of ``module`` when that module is imported, else None (never imports it)."""
     mod = sys.modules.get(module)
     return getattr(mod, name, None) if mod is not None else None
 
@@ -46,7 +47,7 @@ def model_wrappers() -> list[tuple[type, str]]:
         ("peft.mixed_model", "PeftMixedModel", "base_model"),
         ("peft.tuners.tuners_utils", "BaseTuner", "model"),
     ):
-        cls = _cls(module, name)
+        cls = loaded_class(module, name)
         if isinstance(cls, type):
             out.append((cls, attr))
     return out
@@ -82,7 +83,7 @@ def check_swappable(modules, action: str) -> None:
     Raises:
         SurgeryError: one of ``modules`` is an FSDP1 module.
     """
-    fsdp1 = _cls("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
+    fsdp1 = loaded_class("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
     if isinstance(fsdp1, type) and any(isinstance(m, fsdp1) for m in modules):
         fix = ("apply surgery to the plain model, then wrap it" if action == "apply" else
                "revert the model before wrapping it, or run `surgery convert` on a full (gathered) checkpoint")
@@ -93,13 +94,13 @@ def check_swappable(modules, action: str) -> None:
 
 def peft_tuner_layer_type():
     """PEFT's ``BaseTunerLayer`` class when peft is loaded, else None."""
-    return _cls("peft.tuners.tuners_utils", "BaseTunerLayer")
+    return loaded_class("peft.tuners.tuners_utils", "BaseTunerLayer")
 
 
 def is_layer_wrapper(module: nn.Module) -> bool:
     """True for a PEFT layer wrapper: a tuner layer (LoRA, IA3, ...) or a ``modules_to_save`` wrapper."""
-    types = tuple(t for t in (peft_tuner_layer_type(), _cls("peft.utils.other", "AuxiliaryTrainingWrapper"),
-                              _cls("peft.utils.other", "ModulesToSaveWrapper")) if isinstance(t, type))
+    types = tuple(t for t in (peft_tuner_layer_type(), loaded_class("peft.utils.other", "AuxiliaryTrainingWrapper"),
+                              loaded_class("peft.utils.other", "ModulesToSaveWrapper")) if isinstance(t, type))
     return bool(types) and isinstance(module, types)
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 import surgery
-from surgery.record import DROP_PATH, DROPOUT, ROUTER_NOISE
+from surgery.regularizers.rates import DROP_PATH, DROPOUT, ROUTER_NOISE
 
 __all__ = ["KNOBS", "ALL_OFF", "left_on", "check_agreement"]
 
@@ -28,7 +28,7 @@ ALL_OFF = {option: 0.0 for option in KNOBS.values()}
 
 def left_on(model) -> set[str]:
     """The kinds the record of a surgered model says are left on in training."""
-    return {on["kind"] for on in surgery.get_record(model).left_on}
+    return {on.kind for on in surgery.get_record(model).left_on}
 
 
 def _noise(noise: Callable[[], list[str]]) -> list[str]:

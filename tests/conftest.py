@@ -1,5 +1,12 @@
-"""Shared test helpers: the tiny BERT most test files build, and the "model untouched" check
-every bad-input test makes.
+"""Shared test helpers: the tiny BERT most test files build, the "model untouched" check every bad-input
+test makes, the walk counter, and the limits on every process the suite starts.
+
+tests/ mirrors the package: ``tests/test_<module>.py`` for a module of ``surgery/`` (engine, options,
+record, view, configs, exporting, loading, noise, distributed, wrappers ...), ``tests/<package>/`` for a
+package (``layers/``, ``checkpoint/``, ``cli/``, ``training/``, and ``regularizers/<name>/`` for each
+regularizer); the project's own checks (structure, docs, examples, the architecture zoo) sit at the top.
+Helpers shared across folders are modules here: ``zoo.py`` (architectures), ``agreement.py``,
+``fake_checkpoint.py``, ``training_setup.py`` (the tiny model, dataset and Trainer arguments).
 
 Test modules import the builders directly (``from conftest import tiny_bert``; pytest puts
 ``tests/`` on the path, as for ``zoo``), so they also work in parametrize tables built at import
@@ -87,6 +94,22 @@ def assert_untouched(model: nn.Module, snap: dict) -> None:
 def _tiny_bert_fixture():
     """The :func:`tiny_bert` builder."""
     return tiny_bert
+
+
+@pytest.fixture
+def walks(monkeypatch):
+    """The walks of a module tree that start at a model's root, by the root's class name (a walk's recursion
+    into submodules is not counted; a walk of a submodule is)."""
+    calls = []
+    real = nn.Module.named_modules
+
+    def counting(self, memo=None, prefix="", remove_duplicate=True):
+        if memo is None and not prefix:
+            calls.append(type(self).__name__)
+        return real(self, memo, prefix, remove_duplicate)
+
+    monkeypatch.setattr(nn.Module, "named_modules", counting)
+    return calls
 
 
 @pytest.fixture(name="untouched")

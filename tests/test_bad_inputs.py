@@ -18,6 +18,7 @@ from zoo import batch, build
 
 import surgery
 from surgery import HeadError, SurgeryError, SurgeryTypeError
+from surgery.layers.mixout import MixLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +102,7 @@ def test_any_module_mapping_one_feature_tensor_is_a_valid_head():
     # the rule refuses only what cannot work: no parameters, no required input (backbones) or several inputs
     model = tiny_bert()
     surgery.apply(model, msd=2, head="bert.encoder.layer.0.output.dense")
-    assert surgery.get_record(model).msd == [{"name": "bert.encoder.layer.0.output.dense", "k": 2, "p": 0.2}]
+    assert [h.to_json() for h in surgery.get_record(model).msd] == [{"name": "bert.encoder.layer.0.output.dense", "k": 2, "p": 0.2}]
 
 
 @pytest.mark.parametrize("p", [np.float32(0.1), np.float16(0.1), np.float64(0.1), torch.tensor(0.1),
@@ -112,15 +113,15 @@ def test_numpy_scalars_and_0d_tensors_are_the_probability_written(p):
     rec = surgery.get_record(model)
     assert rec.args["mixout"] == rec.args["dropout"] == rec.args["msd_p"] == 0.1
     assert type(rec.args["mixout"]) is float
-    assert {m["p"] for m in rec.mixout} == {0.1} and rec.msd[0]["p"] == 0.1
-    assert {m.p for m in model.modules() if isinstance(m, surgery.MixLinear)} == {0.1}
+    assert {m.p for m in rec.mixout} == {0.1} and rec.msd[0].p == 0.1
+    assert {m.mixout_p for m in model.modules() if isinstance(m, MixLinear)} == {0.1}
     assert "mixout p=0.1 on" in surgery.describe(model)
     json.dumps(rec.to_dict())  # plain JSON, no numpy/torch objects
 
 
 def test_integer_counts_from_numpy_and_tensors():
     rec = surgery.get_record(surgery.apply(tiny_bert(), msd=np.int64(4)))
-    assert rec.args["msd"] == 4 and type(rec.args["msd"]) is int and rec.msd[0]["k"] == 4
+    assert rec.args["msd"] == 4 and type(rec.args["msd"]) is int and rec.msd[0].k == 4
     rec = surgery.get_record(surgery.apply(tiny_bert(), msd=torch.tensor(3)))
     assert rec.args["msd"] == 3 and type(rec.args["msd"]) is int
 
@@ -128,7 +129,7 @@ def test_integer_counts_from_numpy_and_tensors():
 def test_head_with_mixout_head_false_names_the_layer_left_plain():
     model = surgery.apply(tiny_bert(), mixout=0.1, mixout_head=False, head="classifier")
     rec = surgery.get_record(model)
-    assert {"name": "classifier", "reason": "task head (mixout_head=False)"} in rec.skipped
+    assert {"name": "classifier", "reason": "task head (mixout_head=False)"} in [s.to_json() for s in rec.skipped]
     assert type(model.classifier) is nn.Linear
 
 

@@ -81,8 +81,7 @@ def run_page(page: Path, cwd: Path) -> list[str]:
     code = [(b.line, b.text) for b in blocks(page) if b.lang == "python"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0",
-           # where deepspeed is installed, transformers imports it on save; its accelerator guess prints a
-           # warning to stdout unless the accelerator is named
+           # where deepspeed is installed, importing transformers' models logs to stdout that it chose the CPU
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     res = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(code), page.name], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600)

@@ -1,4 +1,5 @@
-"""apply/revert/describe: arguments, selection, failure leaves the model untouched, record."""
+"""apply/revert/describe: arguments, failure leaves the model untouched, record. (Which layers Mixout selects:
+regularizers/mixout/test_selection.py.)"""
 
 import copy
 import json
@@ -12,7 +13,7 @@ from conftest import tiny_bert
 from transformers import AutoModelForSequenceClassification
 
 import surgery
-from surgery import MixLinear
+from surgery.layers.mixout import MixLinear
 
 
 def _bert():
@@ -86,27 +87,6 @@ def test_apply_twice_and_revert_without_surgery_are_clear_errors():
     surgery.apply(model, dropout=0.0)  # a fresh apply after revert is fine
 
 
-def test_selection_regex_list_and_exclude():
-    model = _bert()
-    surgery.apply(model, mixout=0.1, include=r"bert\.encoder\.layer\.1")  # an ancestor match selects its layers
-    names = [m["name"] for m in surgery.get_record(model).mixout]
-    assert names and all(n.startswith("bert.encoder.layer.1.") for n in names) and len(names) == 6
-    surgery.revert(model)
-    surgery.apply(model, mixout=0.1, include=["query", "value"], exclude=["layer.0"])
-    names = [m["name"] for m in surgery.get_record(model).mixout]
-    assert names == ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
-
-
-def test_head_is_mixed_toward_its_init_by_default_and_can_be_left_alone():
-    model = _bert()
-    surgery.apply(model, mixout=0.1)
-    assert isinstance(model.classifier, MixLinear)
-    surgery.revert(model)
-    surgery.apply(model, mixout=0.1, mixout_head=False)
-    assert type(model.classifier) is nn.Linear
-    assert "classifier (task head (mixout_head=False))" in surgery.describe(model)
-
-
 def test_plain_module_round_trip_and_linear_subclasses_are_left_alone():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2,
@@ -117,8 +97,8 @@ def test_plain_module_round_trip_and_linear_subclasses_are_left_alone():
     snap = _snapshot(model)
     surgery.apply(model, mixout=0.2, dropout=0.0)
     rec = surgery.get_record(model)
-    assert {m["name"] for m in rec.mixout} == {"0", "2.linear1", "2.linear2"}
-    assert [s["name"] for s in rec.skipped] == ["2.self_attn.out_proj"]  # MHA reads out_proj.weight directly
+    assert {m.name for m in rec.mixout} == {"0", "2.linear1", "2.linear2"}
+    assert [s.name for s in rec.skipped] == ["2.self_attn.out_proj"]  # MHA reads out_proj.weight directly
     assert model[2].self_attn.dropout == 0.0 and model[1].p == 0.0
     model.train()
     a, b = model(x), model(x)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(EXAMPLES / "benchmarks"))
 
 import data as exdata  # noqa: E402
 
-import surgery  # noqa: E402
+from surgery.layers.mixout import MixLinear  # noqa: E402
 
 
 def _env(cache: Path) -> dict:
@@ -177,7 +177,7 @@ def test_bench_naive_mixout_is_the_published_formula_with_the_same_masks():
     torch.manual_seed(0)
     lin = nn.Linear(12, 5)
     naive = mb.NaiveMixLinear(lin, 0.3)
-    mix = surgery.MixLinear.from_linear(nn.Linear(12, 5), 0.3, target=naive.target.clone())
+    mix = MixLinear.from_module(nn.Linear(12, 5), 0.3, target=naive.target.clone())
     with torch.no_grad():
         mix.weight.copy_(lin.weight + 1)
         lin.weight.add_(1)
@@ -197,8 +197,8 @@ def test_bench_naive_mixout_is_the_published_formula_with_the_same_masks():
 def test_saved_bytes_counts_what_backward_keeps():
     from common import saved_bytes
     lin = nn.Linear(32, 16)
-    mix = surgery.MixLinear.from_linear(nn.Linear(32, 16), 0.2)
-    low = surgery.MixLinear.from_linear(nn.Linear(32, 16), 0.2, low_memory=True)
+    mix = MixLinear.from_module(nn.Linear(32, 16), 0.2)
+    low = MixLinear.from_module(nn.Linear(32, 16), 0.2, low_memory=True)
     x = torch.randn(8, 32)
     for m, extra in ((lin, 0), (mix, 16 * 32 * 4 + 32 * 4), (low, 32 * 4)):
         m.train()

@@ -1,27 +1,33 @@
 """The package's shape, read from its source: imports run one way (no circle, no import of a higher
-layer, lazy imports included) and ``apply``/``revert`` walk the module tree once."""
+layer, lazy imports included), a regularizer is one registered unit whose face needs no torch,
+``apply``/``revert`` walk the module tree once, and the public face is what the docs teach."""
 
 from __future__ import annotations
 
 import ast
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from torch import nn
-from conftest import tiny_bert
+from conftest import ROOT, tiny_bert
 
 import surgery
 
 PKG = Path(surgery.__file__).parent
 
-# lower layers never import higher ones; a module may import its own layer and below
+# lower layers never import higher ones; a module may import its own layer and below. A regularizer's face
+# (surgery/regularizers/<name>/__init__.py, torch-free) sits low, so every reader of a record can loop over
+# the registry; its torch part (the other modules of its package) sits above the layers it installs.
 LAYERS = [
-    ("ground", ["errors", "schema", "patterns", "record", "arguments", "wrappers", "configs", "outputs", "interrupts",
-                "describing", "view", "remote_code"]),
+    ("ground", ["errors", "schema", "patterns", "wording", "options", "entry", "outputs", "interrupts"]),
+    ("regularizer faces", ["regularizers"]),
+    ("the record", ["record", "configs", "describing", "wrappers", "view", "remote_code"]),
     ("layers", ["layers"]),
-    ("regularizers", ["regularizers"]),
-    ("engine", ["engine", "distributed", "noise"]),
+    ("regularizer plans", ["regularizers/plans"]),
+    ("engine", ["engine", "coverage", "distributed", "noise"]),
     ("checkpoint I/O and export", ["checkpoint", "exporting", "loading"]),
     ("training", ["training"]),
     ("comparison", ["compare"]),  # surgery compare: built on the public API (import surgery) and the errors
@@ -63,8 +69,17 @@ def _imports(mod: str, path: Path, known: set[str]) -> set[str]:
     return out
 
 
+def _is_face(mod: str) -> bool:
+    """The registry, the unit interface and each unit's face (a unit package's ``__init__``)."""
+    parts = mod.split(".")
+    return parts[0] == "regularizers" and (len(parts) == 1 or parts[1] in ("registry", "unit") or (
+        len(parts) == 2 and (PKG / "regularizers" / parts[1]).is_dir()))
+
+
 def _layer(mod: str) -> int:
     head = mod.split(".")[0]
+    if head == "regularizers" and not _is_face(mod):
+        head = "regularizers/plans"
     return next(i for i, (_, tops) in enumerate(LAYERS) if head in tops)
 
 
@@ -91,32 +106,29 @@ def test_every_module_has_a_layer_and_imports_run_one_way():
             visit(m, [m])
 
 
-def test_a_regularizer_is_one_file_listed_once():
-    from surgery.regularizers import REGULARIZERS
-    from surgery.regularizers.base import Regularizer
+def test_a_regularizer_is_one_registered_unit():
+    """Each registered unit: its face in ``regularizers/<name>/__init__.py``, its torch part a module of the same
+    package, its options, sections and coverage key its own; every unit package on disk is registered."""
+    from surgery import regularizers
 
-    files = {type(r).__module__ for r in REGULARIZERS}
-    assert len(files) == len(REGULARIZERS) and all(isinstance(r, Regularizer) for r in REGULARIZERS)
-    on_disk = {f"surgery.regularizers.{p.stem}" for p in (PKG / "regularizers").glob("*.py")
-               # lora.py: Mixout's rule for LoRA adapters; selection.py: what every Mixout rule selects from
-               if p.stem not in ("__init__", "base", "lora", "selection")}
-    assert files == on_disk
+    units = regularizers.units()
+    assert len({u.name for u in units}) == len(units)
+    for u in units:
+        assert isinstance(u, regularizers.Regularizer)
+        assert type(u).__module__ == f"surgery.regularizers.{u.name}", u
+        assert u.planner.startswith(f"surgery.regularizers.{u.name}.") and u.torch_part().plan, u
+    on_disk = {p.name for p in (PKG / "regularizers").iterdir() if (p / "__init__.py").is_file()}
+    assert on_disk == {u.name for u in units}
+    options = [o.name for u in units for o in u.options]
+    assert len(options) == len(set(options))
 
 
-@pytest.fixture
-def walks(monkeypatch):
-    """Counts the walks of the module tree that start at the model's root (a walk's recursion into
-    submodules is not counted; a walk of a submodule is)."""
-    calls = []
-    real = nn.Module.named_modules
-
-    def counting(self, memo=None, prefix="", remove_duplicate=True):
-        if memo is None and not prefix:
-            calls.append(type(self).__name__)
-        return real(self, memo, prefix, remove_duplicate)
-
-    monkeypatch.setattr(nn.Module, "named_modules", counting)
-    return calls
+def test_reading_a_record_imports_no_torch():
+    """The faces, the record, describe and the CLI need no torch: ``surgery inspect``/``convert`` start fast."""
+    code = ("import sys, surgery, surgery.regularizers, surgery.record, surgery.describing, surgery.cli, "
+            "surgery.checkpoint; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": ROOT})
 
 
 @pytest.mark.parametrize("kwargs", [dict(mixout=0.1, dropout=0.0, msd=4), dict(mixout=0.1, drop_path=0.0),
@@ -130,9 +142,29 @@ def test_apply_and_revert_walk_the_module_tree_once(walks, kwargs):
     assert walks == ["BertForSequenceClassification"]
 
 
-def test_the_face_is_small_and_old_names_still_resolve():
-    assert len(surgery.__all__) <= 16
-    for name in ("MixLinear", "rdrop_loss", "SurgeryTrainer", "export", "msd_loss", "param_groups", "Record"):
+TAUGHT = re.compile(r"(?<!from )(?<!import )surgery\.([A-Za-z][A-Za-z_]*)")  # what code uses, not what it imports
+
+
+def _taught() -> set[str]:
+    """The names the docs (README, docs/*.md) and examples use as ``surgery.<name>``."""
+    texts = [Path(ROOT, "README.md"), *Path(ROOT, "docs").glob("*.md"), *Path(ROOT, "examples").rglob("*.py")]
+    return {m.group(1) for p in texts for m in TAUGHT.finditer(p.read_text(encoding="utf-8"))}
+
+
+def test_the_face_is_what_the_docs_teach():
+    """``__all__`` holds every top-level name the docs teach, and nothing they do not; the subpackages they
+    name resolve; nothing else does (no alias of an unreleased name)."""
+    from surgery import errors
+
+    subpackages = set(surgery._SUBMODULES)
+    taught = _taught() - subpackages - {"json", "exe"}  # surgery.json (a file), surgery.exe (a console script)
+    assert set(surgery.__all__) == taught | set(errors.__all__)  # the error types are named without the prefix
+    for name in surgery.__all__:
         assert getattr(surgery, name) is not None
+    for name in subpackages:
+        assert getattr(surgery, name).__name__ == f"surgery.{name}"
+    for gone in ("MixLinear", "RankSeedCallback", "TrainingLoss", "msd_forward", "rdrop_loss_fn"):
+        with pytest.raises(AttributeError):
+            getattr(surgery, gone)
     assert callable(surgery.checkpoint.save)
     assert os.path.basename(surgery.__file__) == "__init__.py"

@@ -11,7 +11,7 @@ from torch import nn
 from zoo import batch, build
 
 import surgery
-from surgery import MixLinear
+from surgery.layers.mixout import MixLinear
 from surgery.wrappers import unwrap
 
 
@@ -38,8 +38,8 @@ def test_attributes_named_like_wrappers_are_the_models_own_layers():
     state = {k: v.clone() for k, v in net.state_dict().items()}
     surgery.apply(net, mixout=0.1, dropout=0.0)
     rec = surgery.get_record(net)
-    assert [m["name"] for m in rec.mixout] == ["module", "model.0", "_orig_mod", "head"]
-    assert [(c["module"], c["old"]) for c in rec.dropout] == [("model.1", 0.2), ("drop", 0.1)]
+    assert [m.name for m in rec.mixout] == ["module", "model.0", "_orig_mod", "head"]
+    assert [(c.module, c.old) for c in rec.dropout] == [("model.1", 0.2), ("drop", 0.1)]
     assert "_surgery" in vars(net) and "_surgery" not in vars(net.module)
     assert type(net.module) is MixLinear and net.drop.p == 0.0 and net.model[1].p == 0.0
     surgery.revert(net)
@@ -82,7 +82,7 @@ def test_apply_and_revert_through_a_wrapper(kind, request):
     surgery.apply(wrapped, mixout=0.1, dropout=0.0)
     assert "_surgery" in vars(model) and surgery.get_record(wrapped) is surgery.get_record(model)
     assert surgery.is_surgered(wrapped) and model.config.hidden_dropout_prob == 0.0
-    mixed = [m["name"] for m in surgery.get_record(model).mixout]
+    mixed = [m.name for m in surgery.get_record(model).mixout]
     # PEFT freezes the backbone: only its adapters and the head copy train, so only they are mixed
     assert len(mixed) == (5 if "Peft" in kind else 14)
     surgery.revert(wrapped)

@@ -14,8 +14,9 @@ from zoo import NAMES, ZOO, batch, build
 
 import surgery
 from surgery.layers.mixout import is_conv1d
-from surgery.regularizers.experts import classify
+from surgery.regularizers.mixout.experts import classify
 from surgery.record import TARGET_SUFFIX
+from surgery.layers.mixout import MixLinear
 
 
 def surgery_args(name: str) -> dict:
@@ -71,7 +72,7 @@ def test_apply_revert_without_training_is_exact(name):
 
     surgery.apply(model, **surgery_args(name))
     assert surgery.is_surgered(model)
-    assert any(isinstance(m, surgery.MixLinear) for m in model.modules())
+    assert any(isinstance(m, MixLinear) for m in model.modules())
     targets = [k for k in model.state_dict() if k.endswith("." + TARGET_SUFFIX)]
     assert len(targets) == len(surgery.get_record(model).mixout) > 0
     assert set(model.state_dict()) == set(before) | set(targets)
@@ -163,7 +164,7 @@ def test_gpt2_tied_lm_head_left_alone_by_default():
     assert model.lm_head.weight is wte
     surgery.apply(model, mixout=0.1)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is wte
-    assert any(isinstance(m, surgery.MixLinear) and m.transposed for m in model.modules())  # Conv1D mixed
+    assert any(isinstance(m, MixLinear) and m.transposed for m in model.modules())  # Conv1D mixed
     assert "left alone: lm_head (weight tied to transformer.wte.weight" in surgery.describe(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_steps(model, batch("gpt2-lm"), opt)
@@ -176,9 +177,9 @@ def test_gpt2_tied_lm_head_mixed_when_asked_keeps_tie(tmp_path):
     inputs = batch("gpt2-lm")
     wte = model.transformer.wte.weight
     surgery.apply(model, mixout=0.1, mixout_tied=True)
-    assert isinstance(model.lm_head, surgery.MixLinear)
+    assert isinstance(model.lm_head, MixLinear)
     assert model.lm_head.weight is wte
-    assert "lm_head" in [m["name"] for m in surgery.get_record(model).mixout]
+    assert "lm_head" in [m.name for m in surgery.get_record(model).mixout]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_steps(model, inputs, opt)
     assert model.lm_head.weight is model.transformer.wte.weight is wte
@@ -259,11 +260,11 @@ def test_dtype_move_after_apply(name, move):
     model = build(name)
     inputs = batch(name)
     surgery.apply(model, mixout=0.1)
-    originals = {n: m.target.clone() for n, m in model.named_modules() if isinstance(m, surgery.MixLinear)}
+    originals = {n: m.target.clone() for n, m in model.named_modules() if isinstance(m, MixLinear)}
     dtype = {"bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64, "to": torch.bfloat16}[move]
     model = model.to(dtype) if move == "to" else getattr(model, move)()
     for n, m in model.named_modules():
-        if isinstance(m, surgery.MixLinear):
+        if isinstance(m, MixLinear):
             assert m.target.dtype == m.weight.dtype == dtype, n
             assert torch.equal(m.target, originals[n].to(dtype)), n
     model.train()
@@ -273,4 +274,4 @@ def test_dtype_move_after_apply(name, move):
     surgery.revert(model)
     assert not any(k.endswith(TARGET_SUFFIX) for k in model.state_dict())
     assert {p.dtype for p in model.parameters()} == {dtype}
-    assert all(type(m) is not surgery.MixLinear for m in model.modules())
+    assert all(type(m) is not MixLinear for m in model.modules())

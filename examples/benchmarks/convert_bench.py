@@ -5,7 +5,9 @@ saves it surgered with ``save_pretrained`` (sharded), then, in the same run:
 
 * ``cp -r`` of the checkpoint, and ``cp -r && sync`` (the copies flushed to disk, as convert
   fsyncs what it writes and reads it back; plain ``cp`` does neither), side by side,
-* ``surgery convert SRC DST`` (a subprocess; wall time and peak RSS),
+* ``surgery convert SRC DST`` (a subprocess; wall time and peak RSS), and with ``--baseline
+  DIR`` the same command from another source tree of surgery (an older commit: ``git worktree
+  add /tmp/base <commit>``), interleaved with it, so a change is measured side by side,
 * the naive route (a subprocess): build the model with transformers, ``surgery.apply``
   with the same arguments, load the checkpoint's state dict, ``surgery.revert``,
   ``save_pretrained``.
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 MAKE = """
 import sys, json, torch, surgery
+from surgery.layers.mixout import MixLinear
 from transformers import AutoConfig, AutoModelForCausalLM
 torch.manual_seed(0)
 cfg = AutoConfig.for_model("llama", **json.loads(sys.argv[2]))
@@ -44,7 +47,7 @@ model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 surgery.apply(model, mixout=0.1)
 with torch.no_grad():  # stand-in for fine-tuning: weights move away from their targets
     for m in model.modules():
-        if isinstance(m, surgery.MixLinear):
+        if isinstance(m, MixLinear):
             m.weight.mul_(1.01)
 model.save_pretrained(sys.argv[1], max_shard_size=sys.argv[4])
 """
@@ -138,6 +141,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp", help="where the temporary checkpoints go")
     ap.add_argument("--repeat", type=int, default=3, help="runs of cp / cp+fsync / convert (median reported)")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--baseline", type=Path, help="another source tree of surgery whose convert is timed "
+                                                  "alongside (interleaved) this one's")
     args = ap.parse_args()
 
     shape = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
@@ -154,6 +159,11 @@ def main() -> None:
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=args.dir))
     src, cp_dst, dst, naive_dst = work / "src", work / "cp", work / "dst", work / "naive"
+    base_env = base_dst = None
+    if args.baseline is not None:
+        base_env = dict(os.environ, PYTHONPATH=f"{args.baseline.resolve()}{os.pathsep}"
+                                               f"{os.environ.get('PYTHONPATH', '')}")
+        base_dst = work / "dst-baseline"
     try:
         print(f"building the surgered checkpoint in {src} ...", file=sys.stderr)
         t_make, _ = run([py, "-c", MAKE, str(src), json.dumps(shape), args.dtype, args.shard], env=env)
@@ -169,7 +179,7 @@ def main() -> None:
         def settle() -> None:  # start each timed run with no dirty pages left by the previous one
             subprocess.run(["sync", "-f", str(work)], check=True)
 
-        runs: dict[str, list[tuple[float, int]]] = {"cp": [], "cps": [], "cv": [], "start": []}
+        runs: dict[str, list[tuple[float, int]]] = {"cp": [], "cps": [], "cv": [], "start": [], "base": []}
         for _ in range(args.repeat):  # interleaved, so drifting load on the shared machine hits all alike
             settle()
             runs["cp"].append(run(["cp", "-r", str(src), str(cp_dst)]))
@@ -180,10 +190,17 @@ def main() -> None:
             settle()
             runs["cv"].append(run([py, "-m", "surgery", "convert", str(src), str(dst), "--quiet", "--overwrite"],
                                   env=env))
+            if base_env is not None:
+                settle()
+                runs["base"].append(run([py, "-m", "surgery", "convert", str(src), str(base_dst), "--quiet",
+                                         "--overwrite"], env=base_env))
             runs["start"].append(run([py, "-c", "import surgery.cli"], env=env))
         (t_cp, rss_cp), (t_cps, _), (t_cv, rss_cv), (t_start, _) = (median(runs[k])
                                                                     for k in ("cp", "cps", "cv", "start"))
         rows = [("cp -r", t_cp, rss_cp), ("cp -r && sync", t_cps, None), ("surgery convert", t_cv, rss_cv)]
+        if base_env is not None:
+            t_base, rss_base = median(runs["base"])
+            rows.append(("surgery convert, baseline tree", t_base, rss_base))
         if not args.skip_naive:
             t_nv, rss_nv = run([py, "-c", NAIVE, str(src), str(naive_dst), args.dtype, args.shard], env=env)
             rows.append(("naive: load, apply, revert, save_pretrained", t_nv, rss_nv))
@@ -214,6 +231,10 @@ def main() -> None:
         print(f"convert peak RSS {rss_cv / 2**20:.0f} MiB = baseline {base / 2**20:.0f} MiB + "
               f"{(rss_cv - base) / sizes[largest]:.2f} x largest tensor (goal < 1.5x + baseline): "
               f"{'met' if ok else 'NOT met'}")
+        if base_env is not None:
+            print(f"convert vs the baseline tree ({args.baseline}): {t_cv / t_base:.2f}x wall time, peak RSS "
+                  f"{rss_cv / 2**20:.0f} vs {rss_base / 2**20:.0f} MiB (the first of the {args.repeat} runs of each "
+                  "writes a new DST, the others replace it: --overwrite)")
         if not args.skip_naive:
             print(f"convert output vs naive route output: {verdict}")
     finally:

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line, table  # noqa: E402
 
 import surgery  # noqa: E402
+from surgery.layers.mixout import MixLinear  # noqa: E402
 
 VARIANTS = ("plain", "mixout-buffer", "mixout")
 TARGET = "mixout_target"
@@ -47,7 +48,7 @@ TARGET = "mixout_target"
 def as_buffer_targets(model: nn.Module) -> nn.Module:
     """Store every Mixout target as a persistent buffer: the storage before this change."""
     for m in model.modules():
-        if isinstance(m, surgery.MixLinear):
+        if isinstance(m, MixLinear):
             t = m._parameters.pop(TARGET)
             m.register_buffer(TARGET, t.detach())
     return model

@@ -50,6 +50,7 @@ def child(spec: dict, batch: int, seq: int, model_path) -> dict:
     import finetune as ft
 
     import surgery
+    from surgery.layers.mixout import MixLinear
 
     _, model = ft.load_model(model_path, seed=0)
     kw = dict(spec)
@@ -72,7 +73,7 @@ def child(spec: dict, batch: int, seq: int, model_path) -> dict:
     opt.zero_grad(set_to_none=True)
     gc.collect()
     targets = surgery.describing.target_bytes(model)[0] if surgery.is_surgered(model) else 0  # frozen Parameters
-    mixed = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, surgery.MixLinear))
+    mixed = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, MixLinear))
     peaks = []
     for _ in range(3):  # the lowest of three peaks: allocator noise only ever adds
         gc.collect()

@@ -33,6 +33,7 @@ from torch import nn
 from common import interleaved, machine_line, mib, saved_bytes, set_threads, table
 
 import surgery
+from surgery.layers.mixout import MixLinear
 
 SHAPES = [(4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768), (256, 768, 3072)]
 
@@ -78,8 +79,8 @@ def build(in_f: int, out_f: int, p: float) -> dict[str, nn.Module]:
         "nn.Linear": lin,
         "naive": NaiveMixLinear(nn.Linear(in_f, out_f), p),
         "lerp+autograd": LerpMixLinear(nn.Linear(in_f, out_f), p),
-        "MixLinear": surgery.MixLinear.from_linear(nn.Linear(in_f, out_f), p),
-        "MixLinear low_memory": surgery.MixLinear.from_linear(nn.Linear(in_f, out_f), p, low_memory=True),
+        "MixLinear": MixLinear.from_module(nn.Linear(in_f, out_f), p),
+        "MixLinear low_memory": MixLinear.from_module(nn.Linear(in_f, out_f), p, low_memory=True),
     }
     for m in mods.values():
         m.train()

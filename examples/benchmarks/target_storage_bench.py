@@ -6,7 +6,7 @@ training step? Before (buffer targets, the forward without the check) vs now, si
 
 One step = zero_grad, forward, loss, backward, AdamW step with Mixout p=0.1 on every Linear. "before"
 re-registers every target as a persistent buffer and runs the forward as it was before this change
-(copied below); "now" is ``surgery.MixLinear`` as it is. Timed interleaved (see common.py). Since whole
+(copied below); "now" is ``MixLinear`` as it is. Timed interleaved (see common.py). Since whole
 steps on a shared machine are noisier than 1%, it also times the one thing "now" adds per layer forward
 (the engine check) and prints its share of the step.
 """
@@ -22,32 +22,32 @@ import torch.nn.functional as F
 from common import interleaved, machine_line, set_threads, table
 
 import surgery
-from surgery.layers.mixout import _MixoutLinear, _scale, mixout_weight
+from surgery.layers.mixout import MixLinear, _MixoutLinear, _scale, mixout_weight
 
 TARGET = "mixout_target"
 
 
 def before_forward(self, x):
     """``MixLinear.forward`` before this change: no engine check."""
-    if not self.training or self.p == 0.0:
+    if not self.training or self.mixout_p == 0.0:
         if self.transposed:
             out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight) if self.bias is not None \
                 else x.reshape(-1, x.size(-1)) @ self.weight
             return out.view(x.shape[:-1] + (self.out_features,))
         return F.linear(x, self.weight, self.bias)
     w, t = self.weight, self.target
-    if self.p < 1.0:
+    if self.mixout_p < 1.0:
         n = w.shape[0] if self.transposed else w.shape[1]
-        s = _scale(self.p, n, w)
+        s = _scale(self.mixout_p, n, w)
         return _MixoutLinear.apply(x, w, t, s.unsqueeze(1) if self.transposed else s, self.bias, self.transposed,
-                                   not self.low_memory)
-    wm = mixout_weight(w, t.to(w.dtype), self.p, transposed=self.transposed)
+                                   not self.mixout_low_memory)
+    wm = mixout_weight(w, t.to(w.dtype), self.mixout_p, transposed=self.transposed)
     return F.linear(x, wm.t() if self.transposed else wm, self.bias)
 
 
 def as_before(model):
     for m in model.modules():
-        if isinstance(m, surgery.MixLinear):
+        if isinstance(m, MixLinear):
             m.register_buffer(TARGET, m._parameters.pop(TARGET).detach())
             m.forward = types.MethodType(before_forward, m)
     return model
@@ -97,7 +97,7 @@ def main(argv=None):
     import timeit
 
     from surgery.distributed import layer_ok
-    layers = [m for m in now.modules() if isinstance(m, surgery.MixLinear)]
+    layers = [m for m in now.modules() if isinstance(m, MixLinear)]
     w, t = layers[0].weight, layers[0].target
     n = 20000
     check_s = min(timeit.repeat(lambda: torch.compiler.is_compiling() or layer_ok(w, t), number=n, repeat=5)) / n

@@ -11,21 +11,22 @@ A surgered checkpoint differs from a plain one in three places only (see ``recor
 * the dropout values the record lists, in ``config.json``.
 
 Modules: ``safetensors_file`` (the format), ``pickle_file`` (.bin/.pt, weights only),
-``layout`` (files and directories), ``atomic`` (temporary + rename), ``conversion``
+``layout`` (files and directories), ``atomic`` (the temporary), ``swap`` (putting it in place), ``conversion``
 (convert), ``summary`` (inspect), ``save``.
 """
 
-from .atomic import atomic_path, commit
-from .common import CheckpointError, is_target_key
+from .atomic import atomic_path
+from .common import CheckpointError, CheckpointWarning, is_target_key
 from .conversion import Plan, convert, execute, plan_convert, restore_config
 from .layout import Checkpoint, open_checkpoint
 from .pickle_file import load_state_dict_file
 from .safetensors_file import Item, SafetensorsFile, TensorInfo, read_header, tensor_item, write_safetensors
 from .save import save
 from .summary import format_inspect, inspect
+from .swap import place
 
 __all__ = [
-    "CheckpointError", "TensorInfo", "SafetensorsFile", "Item", "read_header", "write_safetensors", "tensor_item",
-    "load_state_dict_file", "Checkpoint", "open_checkpoint", "is_target_key", "restore_config", "Plan",
-    "plan_convert", "execute", "convert", "inspect", "format_inspect", "save", "atomic_path", "commit",
+    "CheckpointError", "CheckpointWarning", "TensorInfo", "SafetensorsFile", "Item", "read_header",
+    "write_safetensors", "tensor_item", "load_state_dict_file", "Checkpoint", "open_checkpoint", "is_target_key", "restore_config", "Plan",
+    "plan_convert", "execute", "convert", "inspect", "format_inspect", "save", "atomic_path", "place",
 ]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeryError
 from ..record import TARGET_SUFFIX
 
 __all__ = ["CheckpointError", "is_target_key", "fmt_bytes", "printable", "one_line", "RECORD_METADATA_KEY", "SAFE_NAME", "SAFE_INDEX",
-           "BIN_NAME", "BIN_INDEX", "CONFIG_NAME", "PICKLE_SUFFIXES", "TRAINER_STATE", "OTHER_WEIGHTS"]
+           "BIN_NAME", "BIN_INDEX", "CONFIG_NAME", "PICKLE_SUFFIXES", "TRAINER_STATE", "OTHER_WEIGHTS",
+           "CheckpointWarning", "lexists", "lstat_or_none", "os_error"]
 
 RECORD_METADATA_KEY = "surgery"  # safetensors header metadata entry holding Record.to_json()
 SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -30,6 +34,38 @@ class CheckpointError(SurgeryError):
     def __init__(self, path: Any, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
+
+
+class CheckpointWarning(UserWarning):
+    """A write that put DST in place but could not finish something after it (the old copy
+    not removed, the folder not synced): DST is the new checkpoint; the warning names what is
+    left."""
+
+
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)  # nothing there (an overlong name cannot be)
+
+
+def lstat_or_none(path: Any) -> os.stat_result | None:
+    """``os.lstat(path)``, or None when nothing is there. Unlike ``os.path.lexists`` (which
+    answers False for any error), a failure to look (an I/O error) raises: "absent" is never
+    concluded from a failing disk.
+
+    Raises:
+        OSError: any error but "no such file", "a part of the path is not a folder" and "name
+            too long".
+    """
+    try:
+        return os.lstat(path)
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return None
+        raise
+
+
+def lexists(path: Any) -> bool:
+    """``os.path.lexists`` that raises on an I/O error instead of answering False (see
+    :func:`lstat_or_none`)."""
+    return lstat_or_none(path) is not None
 
 
 def fmt_bytes(n: int) -> str:
@@ -54,3 +90,21 @@ def printable(text: str) -> str:
 def one_line(text: str) -> str:
     """``text`` on one line (runs of whitespace joined), escaped as :func:`printable` does."""
     return printable(" ".join(text.split()))
+
+
+_FIX = {errno.EEXIST: "it already exists", errno.EROFS: "read-only file system; choose a DST on a writable one",
+        errno.ENOSPC: "no space left on the device; free some or choose another DST",
+        errno.EDQUOT: "disk quota exceeded; free some space or choose another DST",
+        errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+        errno.ENOTDIR: "a part of the path is not a directory", errno.ENAMETOOLONG: "file name too long",
+        errno.EIO: "input/output error (a failing disk?)"}
+
+
+def os_error(e: OSError, *, tmp: Path | None = None, dst: Path | None = None) -> tuple[str, str]:
+    """``(file, problem)`` for an OSError: the file as the user knows it (DST, never the
+    hidden temporary) and the problem in words, without ``[Errno N]``."""
+    name = str(e.filename) if e.filename is not None else str(dst or "")
+    if tmp is not None and dst is not None and name.startswith(str(tmp)):
+        name = str(dst) + name[len(str(tmp)):]
+    problem = _FIX.get(e.errno) or (e.strerror or type(e).__name__).lower()
+    return name, problem

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import configs, interrupts
 from ..record import CONFIG_KEY, TARGET_SUFFIX, Record, no_plain_form
-from .atomic import (atomic_path, check_dst, commit, fsync_dir, make_parents, os_error, remove, remove_parents,
-                     signal_pending, signals_blocked, write_json)
-from .common import (BIN_NAME, CONFIG_NAME, RECORD_METADATA_KEY, SAFE_INDEX, SAFE_NAME, CheckpointError, fmt_bytes,
-                     is_target_key, printable)
-from .layout import Checkpoint, _Items, _Source, open_checkpoint
+from .atomic import check_dst, close_quietly, fsync_dir, signal_pending, signals_blocked, write_json
+from .common import (CONFIG_NAME, SAFE_INDEX, CheckpointError, CheckpointWarning, fmt_bytes, is_target_key, lexists,
+                     os_error, printable)
+from .layout import Checkpoint, _Items, _Source, dst_name, open_checkpoint, output_metadata
 from .leftovers import Leftover, find_leftovers, remove_leftovers
 from .modes import copy_mode, data_mode, dir_mode, umask
-from .safetensors_file import Progress, copy_range, write_safetensors
-from .trust import SourceTree
+from .safetensors_file import Progress, copy_range, end_file, write_safetensors
+from .swap import Staging
+from .trust import SourceTree, changed, identity
 
 __all__ = ["restore_config", "Plan", "plan_convert", "execute", "convert"]
 
@@ -64,6 +65,7 @@ class Plan:
     index: dict[str, Any] | None  # DST index (sharded)
     warnings: list[str]
     leftovers: list[Leftover] = field(default_factory=list)  # temporaries of earlier runs beside DST
+    notes: list[str] = field(default_factory=list)  # what could not be finished once DST was in place
 
     @property
     def kept_bytes(self) -> int:
@@ -110,16 +112,6 @@ class Plan:
         return "\n".join(map(printable, lines))  # every line escaped: names in it come from SRC
 
 
-def _dst_name(src: Path, ck: Checkpoint) -> str:
-    name = src.name
-    if ck.fmt == "safetensors":
-        return name
-    if name == BIN_NAME:
-        return SAFE_NAME
-    stem = name[:-len(".bin")] if name.endswith(".bin") else Path(name).stem
-    return (stem.replace("pytorch_model", "model", 1) if stem.startswith("pytorch_model") else stem) + ".safetensors"
-
-
 def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
                  require_surgery: bool = False, follow_external_symlinks: bool = False,
                  allow_external_hard_links: bool = False) -> Plan:
@@ -133,10 +125,14 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
             outside it (unless ``allow_external_hard_links``).
     """
     src, dst = Path(src), Path(dst)
-    if os.path.lexists(src):
-        check_dst(src, dst, overwrite)
-    ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
-                         allow_external_hard_links=allow_external_hard_links)
+    try:
+        if lexists(src):
+            check_dst(src, dst, overwrite)
+        ck = open_checkpoint(src, follow_external_symlinks=follow_external_symlinks,
+                             allow_external_hard_links=allow_external_hard_links)
+    except OSError as e:  # an I/O error while looking at SRC or DST: one error naming the file, in words
+        name, problem = os_error(e, dst=src)
+        raise CheckpointError(name, problem) from None
     try:
         if ck.is_dir and dst.suffix == ".safetensors":
             raise CheckpointError(dst, "DST for a directory SRC is a directory (same layout as SRC); give a "
@@ -152,7 +148,7 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
             kept = [k for k in s.entries if not is_target_key(k)]
             dropped = [k for k in s.entries if is_target_key(k)]
             if kept or not ck.sharded:
-                files.append((s, _dst_name(s.path, ck) if ck.is_dir else dst.name, kept, dropped))
+                files.append((s, dst_name(s.path.name) if ck.is_dir else dst.name, kept, dropped))
             else:
                 files.append((s, "", [], dropped))
                 warnings.append(f"{s.path.name} holds only Mixout targets; no shard is written for it")
@@ -189,62 +185,41 @@ def plan_convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: b
         raise
 
 
-def _metadata(src: _Source) -> dict[str, str]:
-    md = {k: v for k, v in (src.metadata or {}).items() if k != RECORD_METADATA_KEY}
-    md.setdefault("format", "pt")
-    return md
-
-
 def execute(plan: Plan, *, overwrite: bool = False, progress: Progress | None = None,
-            state: Any = None) -> None:
-    """Write ``plan.dst`` (through a temporary beside it, renamed at the end). SRC is only read.
+            state: Any = None) -> list[str]:
+    """Write ``plan.dst`` (through a temporary beside it, put in place at the end, see
+    :mod:`surgery.checkpoint.swap`). SRC is only read.
 
     Files and folders get SRC's permission bits as ``cp`` without ``-p`` would (see
     :mod:`surgery.checkpoint.modes`: under the umask, never setuid, setgid, sticky, and no
-    execute bit on the files convert writes itself). The final rename runs with
+    execute bit on the files convert writes itself). Putting DST in place runs with
     SIGINT/SIGTERM held back; a signal that came before it (or, with ``state``, the CLI's
     :data:`surgery.interrupts.STATE`, one that library code swallowed) aborts instead, and
     ``state.committed`` is set once DST is in place.
 
+    Returns:
+        notes on what could not be finished after DST was in place (the old copy not removed,
+        a folder not synced), each naming what is left; DST is the new checkpoint either way.
+
     Raises:
-        CheckpointError: a read or write problem; nothing is left at DST, no temporary, no
-            parent folder this call created.
-        KeyboardInterrupt: interrupted; likewise nothing is left.
+        CheckpointError: a read or write problem; DST is as it was (absent, or the old one),
+            no temporary and no parent folder this call created is left, or the message
+            names what could not be removed.
+        KeyboardInterrupt: interrupted; likewise.
     """
-    dst = plan.dst
-    if os.path.lexists(dst) and not overwrite:
-        raise CheckpointError(dst, "already exists; pass --overwrite (overwrite=True) to replace it")
-    tmp: Path | None = None
-    created: list[Path] = []
-    try:
-        try:
-            created = make_parents(dst.parent)
-        except OSError as e:
-            name, problem = os_error(e, dst=dst)
-            raise CheckpointError(name, f"cannot create DST's folder ({problem})") from None
-        remove_leftovers(plan.leftovers)
-        tmp = atomic_path(dst)
-        _write(plan, tmp, progress, state)
+    with Staging(plan.dst, overwrite=overwrite) as st:
+        not_removed = remove_leftovers(plan.leftovers)
+        _write(plan, st.tmp, progress, state)
+        plan.ck.tree.check_unchanged()  # nothing of SRC was replaced or rewritten while DST was written
         with signals_blocked():
             if signal_pending() or (state is not None and state.interrupted):
                 if state is not None:
                     state.interrupted = True  # the held-back signal, delivered after the cleanup, is then ignored
                 raise KeyboardInterrupt
-            commit(tmp, dst, overwrite)
+            st.place()
             if state is not None:
                 state.committed = True
-    except BaseException as e:
-        with signals_blocked():  # the clean-up never raises: the first error is the one reported
-            interrupts.test_hook("cleanup")
-            kept = tmp is not None and not remove(tmp)
-            remove_parents(created)
-        note = f"; the temporary {tmp} could not be removed" if kept else ""
-        if isinstance(e, OSError):
-            name, problem = os_error(e, tmp=tmp, dst=dst)
-            raise CheckpointError(name, f"write failed ({problem}); nothing was left at DST{note}") from None
-        if isinstance(e, CheckpointError) and tmp is not None and e.path.startswith(str(tmp)):
-            raise CheckpointError(str(dst) + e.path[len(str(tmp)):], e.problem + note) from None  # DST's name
-        raise
+    return [f"{f.path} (a temporary of an earlier run) could not be removed" for f in not_removed] + st.notes
 
 
 def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None:
@@ -252,13 +227,17 @@ def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None
     mask = umask()  # modes: see modes.py (never setuid/setgid/sticky, nothing beyond the umask)
     if not ck.is_dir:
         s, _, kept, _ = plan.files[0]
-        write_safetensors(tmp, _Items(s, kept), _metadata(s), _hooked(progress), mode=data_mode(s.mode, mask))
+        write_safetensors(tmp, _Items(s, kept), output_metadata(s), _hooked(progress), mode=data_mode(s.mode, mask))
+        s.check_unchanged()  # the file was not rewritten while it was copied
         return
     os.mkdir(tmp, 0o700)
+    made = {Path(".")}
     for s, name, kept, _ in plan.files:
         if name:
-            write_safetensors(tmp / name, _Items(s, kept), _metadata(s), _hooked(progress),
+            write_safetensors(tmp / name, _Items(s, kept), output_metadata(s), _hooked(progress),
                               mode=data_mode(s.mode, mask))
+        s.check_unchanged()
+        s.close()  # one shard's descriptor (or mapped pickle) at a time from here on
         if state is not None and state.interrupted:  # a KeyboardInterrupt some library swallowed
             raise KeyboardInterrupt
     if plan.index is not None:
@@ -268,8 +247,9 @@ def _write(plan: Plan, tmp: Path, progress: Progress | None, state: Any) -> None
     for rel in ck.copies:
         out = tmp / rel
         for d in reversed(Path(rel).parents[:-1]):
-            if not (tmp / d).is_dir():
+            if d not in made:
                 os.mkdir(tmp / d, 0o700)
+                made.add(d)
         copy_file(ck.tree, ck.path / rel, out, mask=mask)
     for rel in sorted({str(d) for r in ck.copies for d in Path(r).parents[:-1]}, key=len, reverse=True):
         os.chmod(tmp / rel, dir_mode(os.stat(ck.path / rel).st_mode, mask))
@@ -305,20 +285,21 @@ def copy_file(tree: SourceTree, src: Path, dst: Path, *, mask: int | None = None
         fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             try:
-                copy_range(fd_in, src, 0, st.st_size, fd_out, None)
+                copy_range(fd_in, src, 0, st.st_size, fd_out, None)  # holes of a sparse file stay holes
+                end_file(fd_out)
             except OSError as e:
                 if e.filename is None and _is_read_error(fd_in):
                     raise CheckpointError(src, f"cannot read ({e.strerror or e})") from None
                 raise
-            if os.fstat(fd_out).st_size != st.st_size:
-                raise CheckpointError(src, "the file changed size while being copied; run convert again")
+            if identity(os.fstat(fd_in)) != identity(st) or os.fstat(fd_out).st_size != st.st_size:
+                raise changed(src)
             os.fchmod(fd_out, copy_mode(st.st_mode, mask))
             os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(fd_out)
         finally:
             os.close(fd_out)
     finally:
-        os.close(fd_in)
+        close_quietly(fd_in)
 
 
 def _is_read_error(fd_in: int) -> bool:
@@ -339,7 +320,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     (tokenizer, generation config ...) are copied, Trainer training state is not.
 
     Returns:
-        the :class:`Plan` that was carried out (or only made, with ``dry_run``).
+        the :class:`Plan` that was carried out (or only made, with ``dry_run``); its ``notes``
+        say what could not be finished after DST was in place (each also a
+        :class:`CheckpointWarning`).
 
     Raises:
         CheckpointError: bad SRC or DST (see :func:`plan_convert`) or a failed write.
@@ -349,7 +332,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
                         allow_external_hard_links=allow_external_hard_links)
     try:
         if not dry_run:
-            execute(plan, overwrite=overwrite, progress=progress)
+            plan.notes = execute(plan, overwrite=overwrite, progress=progress)
     finally:
         plan.ck.close()
+    for note in plan.notes:
+        warnings.warn(f"{plan.dst}: {note}", CheckpointWarning, stacklevel=2)
     return plan

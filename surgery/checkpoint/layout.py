@@ -16,12 +16,14 @@ from typing import Any, Iterable
 from ..record import CONFIG_KEY, Record
 from ..schema import parse_json, short
 from .common import (BIN_INDEX, BIN_NAME, CONFIG_NAME, OTHER_WEIGHTS, PICKLE_SUFFIXES, RECORD_METADATA_KEY, SAFE_INDEX,
-                     SAFE_NAME, TRAINER_STATE, CheckpointError)
+                     SAFE_NAME, TRAINER_STATE, CheckpointError, is_target_key, lexists)
 from .pickle_file import expanded_views, load_state_dict_file
-from .safetensors_file import MAX_TENSORS, Item, Progress, TensorInfo, copy_range, read_header, tensor_item
-from .trust import SourceTree
+from .torch_file import ZipTensor, scan
+from .safetensors_file import (MAX_TENSORS, Item, Progress, TensorInfo, check_header_size, copy_range, is_sparse,
+                               read_header, tensor_item)
+from .trust import SourceTree, changed, identity
 
-__all__ = ["Checkpoint", "open_checkpoint", "MAX_EXPANSION", "MAX_EXPANSION_BYTES"]
+__all__ = ["Checkpoint", "open_checkpoint", "dst_name", "output_metadata", "MAX_EXPANSION", "MAX_EXPANSION_BYTES"]
 
 # a .bin/.pt whose tensors written out exceed both bounds (stride-0 views) is refused
 MAX_EXPANSION, MAX_EXPANSION_BYTES = 64, 2**30
@@ -30,18 +32,33 @@ MAX_EXPANSION, MAX_EXPANSION_BYTES = 64, 2**30
 class _Source:
     """One weight file of a checkpoint: its tensors and a way to write each.
 
-    ``entries`` maps each tensor name to an object with ``dtype``, ``shape`` and ``nbytes``."""
+    ``entries`` maps each tensor name to an object with ``dtype``, ``shape`` and ``nbytes``.
+    The file is held open from planning to the end of the conversion; :meth:`check_unchanged`
+    compares its identity (device, inode, size, times) with the one it had when it was first
+    read, so a file rewritten in place while it is copied is refused, not half published."""
 
     path: Path
     metadata: dict[str, str] | None = None
     entries: Mapping[str, Any]
     mode: int = 0o644  # permission bits of the file, kept in DST
+    identity: tuple[int, ...] = ()
+    _fd: int | None = None
 
     def item(self, name: str) -> Item:
         raise NotImplementedError
 
+    def check_unchanged(self) -> None:
+        """Raises CheckpointError (naming the file) when it changed since it was first read."""
+        if self._fd is not None and identity(os.fstat(self._fd)) != self.identity:
+            raise changed(self.path)
+
     def close(self) -> None:
-        pass
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)  # read-only: an error closing it says nothing about what was read
+            except OSError:
+                pass
 
 
 class _SafetensorsSource(_Source):
@@ -51,43 +68,59 @@ class _SafetensorsSource(_Source):
         try:
             st = os.fstat(fd)
             self.header = read_header(path, fd=fd, max_tensors=max_tensors)
-        finally:
+            self.identity = identity(st)
+            if identity(os.fstat(fd)) != self.identity:
+                raise changed(path)
+            self.sparse = is_sparse(fd)
+        except BaseException:
             os.close(fd)
-        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            raise
+        self._fd = fd
         self.mode = stat.S_IMODE(st.st_mode)
         self.metadata = self.header.metadata
         self.entries = self.header.tensors
-        self._fd: int | None = None
-
-    def _open(self) -> int:
-        if self._fd is None:
-            fd = self.tree.open(self.path)
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
-                os.close(fd)
-                raise CheckpointError(self.path, "the file changed during the conversion; run it again")
-            self._fd = fd
-        return self._fd
 
     def _copy(self, t: TensorInfo, fd: int, progress: Progress | None) -> None:
-        copy_range(self._open(), self.path, self.header.data_start + t.start, t.nbytes, fd, progress)
+        copy_range(self._fd, self.path, self.header.data_start + t.start, t.nbytes, fd, progress, self.sparse)
 
     def item(self, name: str) -> Item:
         t = self.header.tensors[name]
         return Item(name, t.dtype, t.shape, t.nbytes, functools.partial(self._copy, t))
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
 
 class _PickleSource(_Source):
+    """A ``.bin``/``.pt`` state dict. Its pickle is scanned first (``torch_file``: tensors
+    counted before any is built, nothing run); the standard zip form of contiguous tensors is
+    then copied file to file like safetensors data, anything else is read by
+    ``torch.load(weights_only=True)``."""
+
     def __init__(self, path: Path, tree: SourceTree, max_tensors: int):
         self.path = path
-        st = tree.check_readable(path)
-        self.mode, self.file_size = stat.S_IMODE(st.st_mode), st.st_size
-        self.sd = load_state_dict_file(tree.resolve(path), name=path)
+        fd = tree.open(path)
+        try:
+            st = os.fstat(fd)
+            self.identity = identity(st)
+            self.mode, self.file_size = stat.S_IMODE(st.st_mode), st.st_size
+            found = scan(fd, path, max_tensors)
+            self.zip = found.tensors
+            self.expanded: list[tuple[str, int, int]] = []
+            if self.zip is not None:
+                self.entries = self.zip
+                self.sparse = is_sparse(fd)
+            else:
+                self._load(fd, path, tree, max_tensors)
+            if identity(os.fstat(fd)) != self.identity:
+                raise changed(path)
+            _check_pickle_entries(path, self.entries)
+        except BaseException:
+            self.sd = self.items = None  # type: ignore[assignment]
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _load(self, fd: int, path: Path, tree: SourceTree, max_tensors: int) -> None:
+        fd_path = Path(f"/proc/self/fd/{fd}")  # the file that was checked, not whatever the path names now
+        self.sd = load_state_dict_file(fd_path if fd_path.exists() else tree.resolve(path), name=path)
         if len(self.sd) > max_tensors:
             raise CheckpointError(path, f"holds {len(self.sd):,} tensors, more than {max_tensors:,}; refused as "
                                         "absurd")
@@ -97,11 +130,41 @@ class _PickleSource(_Source):
             self.expanded = expanded_views(self.sd)
         self.entries = self.items
 
+    def _copy(self, t: ZipTensor, fd: int, progress: Progress | None) -> None:
+        copy_range(self._fd, self.path, t.file_offset, t.nbytes, fd, progress, self.sparse)
+
     def item(self, name: str) -> Item:
+        if self.zip is not None:
+            t = self.zip[name]
+            return Item(name, t.dtype, t.shape, t.nbytes, functools.partial(self._copy, t))
         return self.items[name]
 
     def close(self) -> None:
         self.sd = self.items = None  # type: ignore[assignment]
+        super().close()
+
+
+def _check_pickle_entries(path: Path, entries: Mapping[str, Any]) -> None:
+    """What safetensors cannot hold, refused on SRC: a tensor named ``__metadata__`` (the
+    header's own entry: DST would have it twice), a name that is not Unicode text (a lone
+    surrogate, which a pickle can carry and UTF-8 cannot), a shape whose size overflows
+    safetensors' 64-bit arithmetic (a pickle can give an empty tensor any shape)."""
+    from .safetensors_file import METADATA_KEY, shape_problem
+
+    if METADATA_KEY in entries:
+        raise CheckpointError(path, f"holds a tensor named {METADATA_KEY!r}, the name safetensors reserves for its "
+                                    "header metadata; rename it (state_dict keys are module paths) and save again")
+    for name, e in entries.items():
+        if not name.isascii():
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CheckpointError(path, f"holds a tensor name that is not Unicode text ({name!r}: an unpaired "
+                                            "UTF-16 surrogate), which safetensors cannot store") from None
+        problem = shape_problem(e.dtype, e.shape)
+        if problem:
+            raise CheckpointError(path, f"tensor {name!r} ({e.dtype} {list(e.shape)}) {problem}; safetensors cannot "
+                                        "store it")
 
 
 class _Items(Sequence):
@@ -203,11 +266,13 @@ SHARD_NAME = re.compile(r"(.+)-(\d+)-of-(\d+)(\.safetensors|\.bin)")
 def _read_json(path: Path, what: str, tree: SourceTree) -> dict[str, Any]:
     fd = tree.open(path)
     try:
-        size = os.fstat(fd).st_size
-        if size > MAX_JSON:
-            raise CheckpointError(path, f"{what} is {size:,} bytes, over the {MAX_JSON:,} byte limit; refused as "
-                                        "absurd (memory)")
+        st = os.fstat(fd)
+        if st.st_size > MAX_JSON:
+            raise CheckpointError(path, f"{what} is {st.st_size:,} bytes, over the {MAX_JSON:,} byte limit; refused "
+                                        "as absurd (memory)")
         raw = _read_fd(fd, path)
+        if identity(os.fstat(fd)) != identity(st) or len(raw) != st.st_size:
+            raise changed(path)
     finally:
         os.close(fd)
     try:
@@ -245,7 +310,7 @@ def _check_index(path: Path, index: dict[str, Any]) -> dict[str, str]:
 
 
 def _source(path: Path, tree: SourceTree, max_tensors: int) -> _Source:
-    if not os.path.lexists(path):
+    if not lexists(path):
         raise CheckpointError(path, "no such file")
     return (_SafetensorsSource if path.suffix == ".safetensors" else _PickleSource)(path, tree, max_tensors)
 
@@ -281,10 +346,11 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
             folders nested too deep, or a refused pickle.
     """
     path = Path(path)
-    if not path.exists():
+    st = _stat_or_none(path)  # an I/O error is raised, not taken for "missing"
+    if st is None:
         raise CheckpointError(path, "no such file or directory")
     tree = SourceTree(path, follow_external_symlinks, allow_external_hard_links)
-    if path.is_file():
+    if stat.S_ISREG(st.st_mode):
         if path.suffix == ".safetensors":
             ck = Checkpoint(path, "safetensors file", [_SafetensorsSource(path, tree, max_tensors)])
         elif path.suffix in PICKLE_SUFFIXES:
@@ -293,9 +359,10 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
             raise CheckpointError(path, "unknown checkpoint layout: expected a .safetensors file, a .bin/.pt/.pth "
                                         "state dict, or a model directory")
         ck.mode = ck.sources[0].mode
+        ck.tree = tree
         _check_weights(ck)
         return ck
-    if not path.is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise CheckpointError(path, "not a regular file or directory")
     ck = Checkpoint(path, "model directory", [])
     ck.mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -310,7 +377,7 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
 def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
     path = ck.path
     for name in (SAFE_NAME, SAFE_INDEX, BIN_NAME, BIN_INDEX):
-        if os.path.lexists(path / name):
+        if lexists(path / name):
             break
     else:
         raise CheckpointError(path, f"unknown checkpoint layout: no {SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME} or "
@@ -321,10 +388,15 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
         ck.index_mode = stat.S_IMODE(os.stat(path / name).st_mode)
         wm = _check_index(path / name, ck.index)
         shards = list(dict.fromkeys(wm.values()))
+        kinds = (".safetensors",) if name == SAFE_INDEX else PICKLE_SUFFIXES
         for s in shards:
             if Path(s).name != s or s in (".", ".."):
                 raise CheckpointError(path / name, f"shard index names {s!r}, which is not a file in this directory")
-            if not os.path.lexists(path / s):
+            if not s.endswith(kinds):
+                raise CheckpointError(path / name, f"shard index maps tensors to {s!r}, which is not a "
+                                                   f"{' or '.join(kinds)} file: the shards of {name} are all of one "
+                                                   "format (transformers reads them so)")
+            if not lexists(path / s):
                 raise CheckpointError(path / s, f"missing shard: {name} maps {sum(v == s for v in wm.values())} "
                                                 "tensors to it but it does not exist")
         problem = _unreferenced_shards(path, name, shards)
@@ -335,6 +407,7 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
             ck.sources.append(_source(path / s, tree, max(budget, 0)))
             budget -= len(ck.sources[-1].entries)
         used |= set(shards)
+        _check_dst_names(path / name, shards)
         found: dict[str, str] = {}
         for src in ck.sources:
             for n in src.entries:
@@ -353,7 +426,7 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
     else:
         ck.sources = [_source(path / name, tree, max_tensors)]
     _check_weights(ck)
-    if os.path.lexists(path / CONFIG_NAME):
+    if lexists(path / CONFIG_NAME):
         ck.config = _read_json(path / CONFIG_NAME, CONFIG_NAME, tree)
         ck.config_mode = stat.S_IMODE(os.stat(path / CONFIG_NAME).st_mode)
         used.add(CONFIG_NAME)
@@ -374,6 +447,36 @@ def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
     ck.tree = tree
 
 
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    """``os.stat``, or None when nothing (or a broken link) is there; an I/O error is raised."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def dst_name(name: str) -> str:
+    """The name a weight file of a directory SRC gets in DST: a safetensors shard keeps its
+    name, a pickle becomes ``.safetensors`` (``pytorch_model*`` -> ``model*``)."""
+    if name.endswith(".safetensors"):
+        return name
+    if name == BIN_NAME:
+        return SAFE_NAME
+    stem = name[:-len(".bin")] if name.endswith(".bin") else Path(name).stem
+    return (stem.replace("pytorch_model", "model", 1) if stem.startswith("pytorch_model") else stem) + ".safetensors"
+
+
+def _check_dst_names(index: Path, shards: list[str]) -> None:
+    """Two shards that would be written under one name in DST are refused up front."""
+    seen: dict[str, str] = {}
+    for s in shards:
+        other = seen.setdefault(dst_name(s), s)
+        if other != s:
+            raise CheckpointError(index, f"shards {other!r} and {s!r} would both be written as {dst_name(s)!r} in DST "
+                                         "(pickle shards become .safetensors); rename one of them and its entries in "
+                                         "the index")
+
+
 def _check_weights(ck: Checkpoint) -> None:
     if not any(s.entries for s in ck.sources):
         raise CheckpointError(ck.sources[0].path if ck.sources else ck.path,
@@ -386,6 +489,16 @@ def _check_weights(ck: Checkpoint) -> None:
         total = sum(e.nbytes for e in s.entries.values()) if isinstance(s, _PickleSource) else 0
         if total > MAX_EXPANSION_BYTES and total > MAX_EXPANSION * s.file_size:
             raise CheckpointError(s.path, f"its tensors would take {total:,} bytes written out, {total // s.file_size:,}"
-                                          f" times the {s.file_size:,} bytes of the file (expanded stride-0 views); "
+                                          f" times the {s.file_size:,} bytes of the file (expanded stride-0 views, or "
+                                          "many views of one storage); "
                                           f"refused past {MAX_EXPANSION}x and {MAX_EXPANSION_BYTES // 2**30} GiB. "
                                           "Save tensor.contiguous() yourself if you mean it")
+        kept = {k: e for k, e in s.entries.items() if not is_target_key(k)}
+        check_header_size(s.path, kept, output_metadata(s))  # what convert writes: safetensors must read it
+
+
+def output_metadata(src: _Source) -> dict[str, str]:
+    """The header metadata of the file convert writes for ``src``: SRC's, without the record."""
+    md = {k: v for k, v in (src.metadata or {}).items() if k != RECORD_METADATA_KEY}
+    md.setdefault("format", "pt")
+    return md

@@ -95,8 +95,7 @@ def find_leftovers(dst: Path) -> list[Leftover]:
     return out
 
 
-def remove_leftovers(found: list[Leftover]) -> None:
-    """Remove the removable ones, checking again that their process is still gone."""
-    for f in found:
-        if f.removable and not _running(f.pid):
-            remove(f.path)
+def remove_leftovers(found: list[Leftover]) -> list[Leftover]:
+    """Remove the removable ones, checking again that their process is still gone; those that
+    could not be removed."""
+    return [f for f in found if f.removable and not _running(f.pid) and not remove(f.path)]

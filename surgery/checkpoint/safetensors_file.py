@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["TensorInfo", "SafetensorsFile", "Item", "Progress", "read_header", "write_safetensors", "tensor_item",
-           "copy_range", "torch_to_st", "BITS", "METADATA_KEY"]
+           "copy_range", "end_file", "is_sparse", "check_header_size", "written_header_size", "shape_problem",
+           "torch_to_st", "BITS", "METADATA_KEY"]
 
 METADATA_KEY = "__metadata__"
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
@@ -75,11 +76,21 @@ class SafetensorsFile:
         return self.size - self.data_start
 
 
-def _nbytes(dtype: str, shape: Iterable[int]) -> int | None:
-    n = BITS[dtype]
+USIZE_MAX = 2**64 - 1  # safetensors reads shapes and offsets as 64-bit unsigned integers
+
+
+def _nbits(dtype: str, shape: Iterable[int]) -> int | None:
+    """Bits of a tensor, or None where safetensors' own check overflows: it multiplies the
+    dimensions in order as 64-bit unsigned integers, then by the bits per element, and
+    refuses a product past 2**64 at any step (``[2**40, 2**40, 0]`` is refused although it
+    has no element; ``[0, 2**40, 2**40]`` is not)."""
+    n = 1
     for d in shape:
         n *= d
-    return n // 8 if n % 8 == 0 else None
+        if n > USIZE_MAX:
+            return None
+    n *= BITS[dtype]
+    return None if n > USIZE_MAX else n
 
 
 _ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
@@ -129,7 +140,11 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
             if size < 8:
                 raise CheckpointError(path, f"truncated or not a safetensors file: {size} bytes, but the format "
                                             "starts with an 8-byte header length")
-            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            head = _pread_all(fd, 8, 0)  # a read may return less than asked (a file changing, a failing disk)
+            if len(head) < 8:
+                raise CheckpointError(path, "the file ended early while being read (truncated or changed during "
+                                            "the conversion)")
+            (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER:
                 raise CheckpointError(path, f"corrupt or not a safetensors file: the header length field says {n} "
                                             f"bytes, over the {MAX_HEADER} byte limit safetensors sets")
@@ -165,12 +180,10 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
                                         f"safetensors dtype), shape (non-negative ints), data_offsets (two "
                                         f"non-negative ints)}}: {short(t)}")
         t.name = name
-        need = _nbytes(t.dtype, t.shape)
-        if t.end < t.start or need != t.end - t.start:
-            shape = short(list(t.shape)) if any(d.bit_length() > 64 for d in t.shape) else list(t.shape)
-            needs = "more than 2**64" if need is not None and need.bit_length() > 64 else need
-            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} ({t.dtype} {shape}) "
-                                        f"needs {needs} bytes but its data_offsets span {t.end - t.start}")
+        problem = _entry_problem(t)
+        if problem:
+            raise CheckpointError(path, f"corrupt safetensors header: tensor {name!r} "
+                                        f"({t.dtype} {_shape_text(t.shape)}) {problem}")
         if t.end > data_bytes:
             raise CheckpointError(path, f"truncated or corrupt safetensors file: tensor {name!r} ends at byte "
                                         f"{t.end if t.end.bit_length() <= 64 else 'past 2**64'} of the data section (offsets point past the end of the file, which "
@@ -186,6 +199,38 @@ def read_header(path: str | os.PathLike, *, fd: int | None = None, max_tensors: 
         raise CheckpointError(path, f"corrupt safetensors file: {data_bytes - pos} bytes after the last tensor "
                                     "that the header does not account for")
     return SafetensorsFile(path, tensors, metadata, 8 + n, size)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return short(list(shape)) if any(d.bit_length() > 64 for d in shape) or len(shape) > 8 else str(list(shape))
+
+
+def shape_problem(dtype: str, shape: tuple[int, ...]) -> str | None:
+    """What safetensors refuses in a shape of ``dtype``, in words (None: nothing)."""
+    if any(d > USIZE_MAX for d in shape):
+        return "has a dimension past 2**64 - 1, which safetensors cannot read"
+    bits = _nbits(dtype, shape)
+    if bits is None:
+        return ("has a shape whose element count or size overflows 64 bits (safetensors multiplies the dimensions "
+                "in order)")
+    if bits % 8:
+        return (f"holds {bits} bits, not a whole number of bytes ({BITS[dtype]}-bit elements need a count that "
+                "fills whole bytes)")
+    return None
+
+
+def _entry_problem(t: TensorInfo) -> str | None:
+    """What safetensors refuses in one well-typed entry, in words (None: nothing)."""
+    problem = shape_problem(t.dtype, t.shape)
+    if problem:
+        return problem
+    bits = _nbits(t.dtype, t.shape) or 0
+    if t.end < t.start:
+        return "has data_offsets that end before they start"
+    if bits // 8 != t.end - t.start:
+        span = t.end - t.start if (t.end - t.start).bit_length() <= 64 else "more than 2**64"
+        return f"needs {bits // 8} bytes but its data_offsets span {span}"
+    return None
 
 
 def _too_many(max_tensors: int) -> str:
@@ -235,32 +280,89 @@ def _write_all(fd: int, buf, progress: Progress | None) -> None:
             progress(n)
 
 
-def copy_range(src_fd: int, src_path: Path, offset: int, count: int, dst_fd: int, progress: Progress | None) -> None:
+def copy_range(src_fd: int, src_path: Path, offset: int, count: int, dst_fd: int, progress: Progress | None,
+               sparse: bool | None = None) -> None:
     """Copy ``count`` bytes at ``offset`` of ``src_fd`` to the current position of ``dst_fd``
-    inside the kernel (no user-space buffer); 8 MiB reads where the kernel cannot."""
+    inside the kernel (no user-space buffer); 8 MiB reads where the kernel cannot.
+
+    Holes of a sparse ``src_fd`` (``SEEK_DATA``/``SEEK_HOLE``) are not read: ``dst_fd``'s
+    position skips over them, so DST keeps them as holes as ``cp`` does (a caller that may
+    end a file on a hole sets its size with :func:`end_file`). ``sparse``: whether
+    ``src_fd`` has holes (:func:`is_sparse`; found out here when None)."""
     fast = hasattr(os, "copy_file_range")
-    while count > 0:
-        n = 0
-        if fast:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, min(count, CHUNK), offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                    raise
-                fast = False
-                continue
-        else:
-            buf = os.pread(src_fd, min(count, 8 * 2**20), offset)
-            n = len(buf)
-            if n:
-                _write_all(dst_fd, buf, None)
-        if n == 0:
-            raise CheckpointError(src_path, "the file ended early while being copied (truncated or changed during "
-                                            "the conversion)")
-        offset += n
-        count -= n
-        if progress:
-            progress(n)
+    end = offset + count
+    if sparse is None:
+        sparse = is_sparse(src_fd)
+    while offset < end:
+        data, hole = _data_extent(src_fd, src_path, offset, end) if sparse else (offset, end)
+        if data > offset:  # a hole: nothing to read, DST's position moves on
+            os.lseek(dst_fd, data - offset, os.SEEK_CUR)
+            if progress:
+                progress(data - offset)
+            offset = data
+            continue
+        while offset < hole:
+            n = 0
+            if fast:
+                try:
+                    n = os.copy_file_range(src_fd, dst_fd, min(hole - offset, CHUNK), offset)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                        raise
+                    fast = False
+                    continue
+            else:
+                buf = os.pread(src_fd, min(hole - offset, 8 * 2**20), offset)
+                n = len(buf)
+                if n:
+                    _write_all(dst_fd, buf, None)
+            if n == 0:
+                raise _ended_early(src_path)
+            offset += n
+            if progress:
+                progress(n)
+
+
+def _ended_early(src_path: Path) -> CheckpointError:
+    return CheckpointError(src_path, "the file ended early while being copied (truncated or changed during the "
+                                     "conversion)")
+
+
+def is_sparse(fd: int) -> bool:
+    """The file has holes (fewer blocks on disk than its size needs), so copies look for them."""
+    st = os.fstat(fd)
+    return hasattr(st, "st_blocks") and st.st_blocks * 512 < st.st_size and hasattr(os, "SEEK_DATA")
+
+
+def _data_extent(fd: int, path: Path, offset: int, end: int) -> tuple[int, int]:
+    """``(data, hole)``: where the next bytes stored on disk start at or after ``offset``
+    and where the run of them ends, both capped at ``end`` (all data where the file system
+    cannot tell).
+
+    Raises:
+        CheckpointError: the file ends before ``end``."""
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            return offset, end
+        if os.fstat(fd).st_size < end:  # ENXIO: past the end of the file, or a hole up to it
+            raise _ended_early(path) from None
+        return end, end
+    if data >= end:
+        return end, end
+    try:
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError:
+        return data, end
+    return data, min(max(hole, data + 1), end)
+
+
+def end_file(fd: int) -> None:
+    """Give ``fd``'s file the size of its current position (a copy that ended on a hole)."""
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    if os.fstat(fd).st_size < pos:
+        os.ftruncate(fd, pos)
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,6 +447,31 @@ def _header_bytes(order: Sequence[Item], metadata: dict[str, str] | None) -> tup
     return raw + b" " * (-len(raw) % 8), pos
 
 
+def written_header_size(items: Sequence[Item] | Mapping[str, Any], metadata: dict[str, str] | None) -> int:
+    """The exact size of the header :func:`write_safetensors` writes for ``items`` (a sequence
+    of :class:`Item`, or a mapping of names to entries with ``dtype``, ``shape``, ``nbytes``),
+    found without building it where a cheap bound shows it is far under :data:`MAX_HEADER`."""
+    if isinstance(items, Mapping):
+        items = [Item(k, e.dtype, tuple(e.shape), e.nbytes, None) for k, e in items.items()]  # type: ignore[arg-type]
+    ndim = max((len(it.shape) for it in items), default=0)
+    bound = (6 * sum(len(it.name) for it in items) + len(items) * (100 + 21 * ndim)
+             + 6 * sum(len(k) + len(v) + 6 for k, v in (metadata or {}).items()) + 64)
+    if bound <= MAX_HEADER:
+        return min(bound, MAX_HEADER)
+    widths = [BITS[it.dtype] for it in items]
+    order = _Reordered(items, sorted(range(len(items)), key=lambda i: -widths[i]))
+    return len(_header_bytes(order, metadata)[0])
+
+
+def check_header_size(path: Any, items: Sequence[Item] | Mapping[str, Any], metadata: dict[str, str] | None) -> None:
+    """Refuse (naming ``path``) tensors whose safetensors header would pass the 100 MB that
+    safetensors reads: written, the file would be one no reader opens."""
+    n = written_header_size(items, metadata)
+    if n > MAX_HEADER:
+        raise CheckpointError(path, f"written as safetensors, its {len(items):,} tensors need a header of {n:,} bytes, "
+                                    f"over the {MAX_HEADER:,} bytes safetensors reads (long names?); refused")
+
+
 def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: dict[str, str] | None = None,
                       progress: Progress | None = None, *, mode: int | None = None) -> SafetensorsFile:
     """Write ``items`` as a safetensors file, one tensor at a time, then verify it.
@@ -373,6 +500,10 @@ def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: 
     del widths
     order = _Reordered(items, order_idx)
     raw, data_size = _header_bytes(order, metadata)
+    if len(raw) > MAX_HEADER:  # convert refuses this on SRC already; a save or export gets it here, before writing
+        raise CheckpointError(path, f"the header of {n_items:,} tensors would be {len(raw):,} bytes, over the "
+                                    f"{MAX_HEADER:,} bytes safetensors reads; save fewer or shorter-named tensors "
+                                    "per file")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         if mode is not None:
@@ -384,6 +515,7 @@ def write_safetensors(path: str | os.PathLike, items: Sequence[Item], metadata: 
             wrote = os.lseek(fd, 0, os.SEEK_CUR) - before
             if wrote != it.nbytes:
                 raise CheckpointError(path, f"wrote {wrote} bytes for tensor {it.name!r}, expected {it.nbytes}")
+        end_file(fd)  # the last tensor may end on a hole of a sparse SRC
         os.fsync(fd)
         # verify: what is on disk is what we meant to write, and safetensors itself accepts it
         size = os.fstat(fd).st_size

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import atomic_path, commit, remove
 from .common import RECORD_METADATA_KEY, CheckpointError
 from .safetensors_file import Progress, tensor_item, write_safetensors
+from .swap import Staging
 
 if TYPE_CHECKING:
     import torch
@@ -36,11 +36,8 @@ def save(model: "torch.nn.Module", path: str | os.PathLike, *, progress: Progres
                                     ".safetensors")
     sd = unwrap(model).state_dict()
     items = [tensor_item(k, v, path=path) for k, v in sd.items()]
-    tmp = atomic_path(path)
-    try:
-        write_safetensors(tmp, items, {"format": "pt", RECORD_METADATA_KEY: rec.to_json()}, progress)
-        commit(tmp, path, overwrite=True)
-    except BaseException:
-        remove(tmp)
-        raise
+    with Staging(path, overwrite=True) as st:
+        write_safetensors(st.tmp, items, {"format": "pt", RECORD_METADATA_KEY: rec.to_json()}, progress)
+        st.place()
+    st.warn()
     return path

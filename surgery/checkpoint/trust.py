@@ -28,17 +28,30 @@ private key) into DST, which is then published. The rule:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
-from .common import CheckpointError
+from .common import CheckpointError, os_error
 
-__all__ = ["SourceTree", "hf_repo_root", "MAX_DIR_DEPTH"]
+__all__ = ["SourceTree", "hf_repo_root", "identity", "changed", "MAX_DIR_DEPTH"]
 
 MAX_DIR_DEPTH = 64  # folder levels below SRC
 
 _FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or written (device, inode, size, modification and
+    change times): compared before and after a file is read."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def changed(path: Path) -> CheckpointError:
+    return CheckpointError(path, "changed while convert was reading it (rewritten, replaced or still being written); "
+                                 "nothing is published from a mix of two versions: run convert again once the file "
+                                 "is complete")
 
 
 def hf_repo_root(real_dir: Path) -> Path | None:
@@ -70,9 +83,10 @@ class SourceTree:
         self.follow_external = follow_external_symlinks
         self.allow_hard_links = allow_external_hard_links
         real = Path(os.path.realpath(src))
-        self.is_dir = real.is_dir()
+        self.is_dir = stat.S_ISDIR(os.stat(real).st_mode)  # an I/O error is raised, not taken for "a file"
         self.root = (hf_repo_root(real) or real) if self.is_dir else real
         self._names: dict[tuple[int, int], int] | None = None  # (dev, ino) -> names inside root (nlink > 1 only)
+        self.read: dict[Path, tuple[Path, tuple[int, ...]]] = {}  # file -> (real path, identity when last opened)
 
     def _inside(self, real: Path) -> bool:
         return real == self.root or self.root in real.parents
@@ -112,7 +126,27 @@ class SourceTree:
         except BaseException:
             os.close(fd)
             raise
+        self.read[path] = (real, identity(st))
         return fd
+
+    def check_unchanged(self) -> None:
+        """Every file read is still the file that was read (same identity at the same path):
+        run before DST is published, so a file a trainer replaced or rewrote meanwhile (a new
+        ``config.json`` beside the old weights) is refused, not mixed into DST.
+
+        Raises:
+            CheckpointError: naming the first file that changed or went away.
+        """
+        for path, (real, known) in self.read.items():
+            try:
+                now = identity(os.stat(real))
+            except (FileNotFoundError, NotADirectoryError):
+                now = ()  # gone: changed
+            except OSError as e:
+                raise CheckpointError(path, f"cannot be checked again before DST is published ({os_error(e)[1]}); "
+                                            "nothing was published") from None
+            if now != known:
+                raise changed(path)
 
     def check_readable(self, path: Path) -> os.stat_result:
         """Open ``path`` as :meth:`open` does and close it; its ``stat``."""
@@ -142,8 +176,10 @@ class SourceTree:
         """``(files, warnings)``: the regular files (or links to them) under a directory SRC,
         relative to it, each folder's files (sorted) before its subfolders (sorted); links
         are checked later by :meth:`resolve`. Symlinked folders, FIFOs, sockets, devices and
-        broken links are not returned but named in a warning. Hidden ``.surgery-tmp*``
-        folders of an interrupted run are left out.
+        broken links are not returned but named in a warning. Nothing is left out by its
+        name: a ``.surgery-tmp-*`` file or folder in SRC (left there by an interrupted run
+        whose output was inside SRC's folder) is SRC's content, copied like the rest and named
+        in a warning. DST's own temporaries are never inside SRC (DST may not be).
 
         Raises:
             CheckpointError: a folder that cannot be listed, or folders nested more than
@@ -160,9 +196,11 @@ class SourceTree:
                     is_dir = e.is_dir()  # a folder, or a link to one
                 except OSError:  # a link loop: named as a broken link below
                     is_dir = False
+                if e.name.startswith(".surgery-tmp"):
+                    warnings.append(f"{r} looks like the temporary of an interrupted surgery run (convert or export); "
+                                    "it is SRC's content and is copied like the rest (remove it from SRC if it is "
+                                    "one)")
                 if is_dir:
-                    if e.name.startswith(".surgery-tmp"):
-                        continue
                     if e.is_symlink():
                         warnings.append(f"{r} is a symbolic link to a folder; not followed, not copied")
                     else:
@@ -170,7 +208,9 @@ class SourceTree:
                     continue
                 try:
                     st = os.stat(e.path)
-                except OSError:
+                except OSError as err:
+                    if err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # an I/O error: not "broken"
+                        raise CheckpointError(self.src / r, f"cannot read ({err.strerror or err})") from None
                     warnings.append(f"{r} is a broken symbolic link; not copied")
                     continue
                 if stat.S_ISREG(st.st_mode):

@@ -5,8 +5,10 @@
     surgery compare ...         which regularizer helps on your data, at what cost
 
 ``main(argv)`` returns the exit status (the ``surgery`` console script and
-``python -m surgery`` exit with it): 0 done, 2 bad input with one line on stderr naming
-the file and the problem (``--debug`` adds the traceback), 130 interrupted, 141 (what a
+``python -m surgery`` exit with it): 0 done (for ``convert``: DST is the new checkpoint,
+even when something after that failed, which a warning line names), 2 bad input or a failed
+write with one line on stderr naming the file and the problem (``--debug`` adds the
+traceback; ``convert``: DST is as it was), 130 interrupted, 141 (what a
 shell reports for a program ended by SIGPIPE, as ``cat`` or ``git log`` are) when the
 reader of the output went away (``surgery inspect X | head -1``), without a message.
 """
@@ -21,7 +23,7 @@ import textwrap
 import traceback
 
 from .. import interrupts
-from ..checkpoint.atomic import os_error
+from ..checkpoint.common import os_error
 from ..checkpoint.common import one_line
 from .compare import Compare
 from .convert import Convert
@@ -79,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         interrupts.arm()  # exit 130 now for a signal that came while Python was starting
         return _main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         cmd = _COMMAND[0] or next((a for a in (sys.argv[1:] if argv is None else argv) if a in _NAMES), "")
         done = {"convert": "; nothing was written to DST",
                 "compare": "; the finished runs are saved: the same command resumes"}.get(cmd, "")
-        print(f"surgery{' ' + cmd if cmd else ''}: interrupted{done}", file=sys.stderr)
+        left = f"; {_one_line(e)}" if str(e) else ""  # what the clean-up could not remove
+        print(f"surgery{' ' + cmd if cmd else ''}: interrupted{done}{left}", file=sys.stderr)
         return 130
     finally:
         interrupts.disarm()
@@ -118,9 +121,14 @@ def _main(argv: list[str] | None) -> int:
         raise
     except BrokenPipeError:
         return _reader_gone()
-    except Exception:
+    except Exception as e:
         if interrupts.STATE.interrupted and not interrupts.STATE.committed:
             raise KeyboardInterrupt from None  # a Ctrl-C that a library turned into another error (an ImportError)
+        if interrupts.STATE.committed:  # DST is already the new checkpoint: saying "error" would say it is not
+            if args.debug:
+                traceback.print_exc()
+            print(f"surgery {args.command}: warning: DST was written, but then: {_one_line(e)}", file=sys.stderr)
+            return 0
         return _report(args)
 
 

@@ -22,9 +22,10 @@ class Convert(Subcommand):
         Convert a checkpoint saved with surgery applied into a plain one that loads with plain
         transformers / torch, on machines that never heard of surgery.
 
-        SRC is a .safetensors file, a .bin/.pt/.pth state dict (loaded with torch.load(weights_only=True)
-        only), or a transformers model / Trainer checkpoint directory (model.safetensors, sharded with
-        model.safetensors.index.json, or pytorch_model.bin[.index.json]). DST gets the same layout:
+        SRC is a .safetensors file, a .bin/.pt/.pth state dict (its pickle read without running it,
+        as torch.load(weights_only=True) would), or a transformers model / Trainer checkpoint
+        directory (model.safetensors, sharded with model.safetensors.index.json, or
+        pytorch_model.bin[.index.json]). DST gets the same layout:
         sharded stays sharded with a valid index, .bin/.pt becomes safetensors, config.json is restored
         (original dropout values, no 'surgery' record), other files (tokenizer, generation config) are
         copied and Trainer training state (optimizer.pt, scheduler.pt, rng_state.pth ...) is not.
@@ -53,8 +54,9 @@ class Convert(Subcommand):
           # a Hugging Face cache snapshot (its links into ../../blobs are inside the repository: allowed)
           $ surgery convert ~/.cache/huggingface/hub/models--org--name/snapshots/<rev> plain-model
 
-        exit status: 0 done, 2 bad input (one line on stderr naming the file), 130 interrupted
-        (Ctrl-C or SIGTERM: no DST, no temporary).""")
+        exit status: 0 DST is the new checkpoint (a warning names anything left that could not be
+        removed after it was in place), 2 bad input or a failed write (one line on stderr naming the
+        file; DST is as it was), 130 interrupted (Ctrl-C or SIGTERM: DST as it was, no temporary).""")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("src", metavar="SRC", help="surgered checkpoint: file or directory")
@@ -86,15 +88,17 @@ class Convert(Subcommand):
             for w in plan.warnings:
                 print(f"surgery convert: warning: {one_line(w)}", file=sys.stderr)
             if args.quiet or not sys.stderr.isatty():
-                execute(plan, overwrite=args.overwrite, state=interrupts.STATE)
+                notes = execute(plan, overwrite=args.overwrite, state=interrupts.STATE)
             else:
                 from tqdm.auto import tqdm
 
                 with tqdm(total=plan.kept_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                           desc="convert", delay=0.5) as bar:
-                    execute(plan, overwrite=args.overwrite, progress=bar.update, state=interrupts.STATE)
+                    notes = execute(plan, overwrite=args.overwrite, progress=bar.update, state=interrupts.STATE)
         finally:
             plan.ck.close()
+        for note in notes:  # DST is the new checkpoint; what could not be finished after that is named
+            print(f"surgery convert: warning: {one_line(note)}", file=sys.stderr)
         if not args.quiet:
             n = sum(len(k) for _, _, k, _ in plan.files)
             what = (f"dropped {len(plan.dropped)} Mixout targets ({fmt_bytes(plan.dropped_bytes)})" if plan.surgered

@@ -19,7 +19,7 @@ call the module's forward untouched (the plain model bitwise); ``p == 1`` uses t
 
 The swap follows the Linear rule: :meth:`MixoutParams.from_module` builds an instance of a subclass
 of the module's own class (``Mixout<Class>``) that shares the Parameter, buffer and submodule
-objects, the hook dictionaries and its other attributes (:func:`~surgery.layers.mixout.carry_over`)
+objects, the hook dictionaries and its other attributes (:func:`~surgery.layers.swap.carry_over`)
 and adds one frozen Parameter ``mixout_target`` holding every mixed Parameter's target, ``(E, sum of
 the per-expert sizes)`` (its state_dict key ``<module>.mixout_target`` is a Mixout target's key, dropped by export
 and ``surgery convert``; dim 0 is the experts dim, so FSDP2 shards it with the weights);
@@ -31,24 +31,24 @@ are views of it are recomputed from ``W``, ``T`` and the mask when backward need
 Under a PEFT ``ParamWrapper`` (LoRA on ``target_parameters``) the module reads its weight as
 ``W0 + delta`` (a parametrization PEFT installs for each forward); the layer then mixes that
 effective weight toward the frozen base ``W0`` itself (no target copy): ``W0 + M * delta / (1 - p)``,
-the LoRA rule of :mod:`surgery.regularizers.lora`.
+the LoRA rule of :mod:`surgery.regularizers.mixout.lora`.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..arguments import check_p
 from ..errors import SurgeryError
+from ..options import check_p
 from ..record import TARGET_SUFFIX
-from .mixout import _MODULE_STATE, _check_target, _mix, _scale, carry_over
+from .mixout import _check_target, _mix, _scale
+from .swap import MODULE_STATE, MixoutLayer, carry_over
 
 __all__ = ["MixoutParams", "mixout_class"]
 
@@ -130,7 +130,7 @@ def _recompute_hooks(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return pack, unpack
 
 
-class MixoutParams(nn.Module):
+class MixoutParams(MixoutLayer, nn.Module):
     """Mixout on Parameters that a module's own forward reads (fused experts, routers); see the module doc.
 
     Never instantiated directly: :func:`mixout_class` derives ``Mixout<Class>`` from this and the
@@ -207,7 +207,7 @@ class MixoutParams(nn.Module):
             target = cls.make_target(module, layout, target_dtype)
         new = object.__new__(mixout_class(type(module)))
         state = vars(new)
-        state.update({k: v for k, v in vars(module).items() if k in _MODULE_STATE})
+        state.update({k: v for k, v in vars(module).items() if k in MODULE_STATE})
         for key in ("_parameters", "_buffers", "_modules"):
             state[key] = dict(vars(module)[key])
         state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
@@ -248,12 +248,6 @@ class MixoutParams(nn.Module):
             out[name] = t[:, lo:hi].view(self._weight(name).shape)
         return out
 
-    @property
-    def orig(self) -> str:
-        """Dotted class name of the module :meth:`to_module` gives back (the record's ``orig``)."""
-        cls = type(vars(self)["_original"])
-        return f"{cls.__module__}.{cls.__qualname__}"
-
     def to_module(self) -> nn.Module:
         """The original module (same object and class) holding this module's current Parameters (without
         the target), buffers and submodules, in this module's training mode."""
@@ -262,9 +256,7 @@ class MixoutParams(nn.Module):
             kept = {k: v for k, v in vars(self)[key].items() if not (key == "_parameters" and k == TARGET_SUFFIX)}
             vars(orig)[key].clear()
             vars(orig)[key].update(kept)
-        orig._is_full_backward_hook = self._is_full_backward_hook
-        orig.train(self.training)
-        return orig
+        return self._hand_back(orig)
 
     def forward(self, *args, **kwargs):
         if not self.training or self.mixout_p == 0.0:
@@ -274,8 +266,9 @@ class MixoutParams(nn.Module):
             weight = getattr(self, name)  # the Parameter, or PEFT's W0 + delta
             if not torch.compiler.is_compiling():
                 _check_target(weight, target)
-            if not weight.requires_grad:
-                self._warn_frozen()
+            if not weight.requires_grad and not self.mixout_base:
+                self._warn_frozen("This happens when the model is frozen after surgery.apply: unfreeze it, or call "
+                                  "surgery.revert(model) first and apply to the model as it will train")
             shape = [n if d in axes else 1 for d, n in enumerate(weight.shape)]
             if self.mixout_p == 1.0:
                 s = torch.zeros(shape, device=weight.device, dtype=torch.float64 if weight.dtype == torch.float64
@@ -297,17 +290,6 @@ class MixoutParams(nn.Module):
                 by_module.pop(id(self), None)
             else:
                 by_module[id(self)] = before
-
-    def _warn_frozen(self) -> None:
-        """Once per ``apply``: a Mixout layer is training with a frozen weight (see ``MixLinear``)."""
-        state = vars(self).setdefault("_frozen_warning", {})
-        if not state and not self.mixout_base:
-            state["warned"] = True
-            warnings.warn(
-                f"surgery: Mixout layer {vars(self).get('_record_name', '?')!r} (and maybe others) holds a frozen "
-                "weight (requires_grad=False): Mixout does not train it, and on an untrained weight it is the identity. "
-                "This happens when the model is frozen after surgery.apply: unfreeze it, or call surgery.revert(model) "
-                "first and apply to the model as it will train", UserWarning, stacklevel=3)
 
     def __reduce_ex__(self, protocol):
         # pickled as the original class plus the Mixout state: the derived class is rebuilt on load

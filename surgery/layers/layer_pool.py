@@ -4,7 +4,7 @@
 ``L + 1`` hidden states of a transformers backbone; :class:`LayerMSD` holds the hooks that feed it
 (the backbone's pre-hook asks for the hidden states, its post-hook pools them, the head's pre-hook
 replaces the head's input with the pooled vector and stacks the ``K`` dropout samples). Installed by
-:mod:`surgery.regularizers.layer_msd`, which also says what the head is and why.
+:mod:`surgery.regularizers.msd.layered`, which also says what the head is and why.
 
 No dropout, weighting or head call runs per layer or per sample: the ``L + 1`` summary vectors are
 gathered into one ``(B, H, L + 1)`` tensor (one ``torch.stack`` of views), which gets one dropout

@@ -19,69 +19,23 @@ activation checkpointing (which restores RNG state) recomputes the same masks.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import types
-import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arguments import check_p
 from ..errors import SurgeryError
+from ..options import check_p
 from ..record import TARGET_SUFFIX
+from .swap import MixoutLayer
 
-__all__ = ["MixLinear", "LoraMixout", "mixout_weight", "is_conv1d", "carry_over", "rebindable", "TARGET_CHECKS"]
+__all__ = ["MixLinear", "LoraMixout", "mixout_weight", "is_conv1d", "TARGET_CHECKS"]
 
 # Checks a training forward runs on ``(weight, target)`` before mixing: each returns when the pair can be
 # mixed and raises the one error that explains why not. Engines register theirs (``surgery.distributed``
 # refuses weights a sharding engine partitioned without their targets); a layer knows no engine.
 TARGET_CHECKS: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
-
-
-# what every nn.Module holds in its instance dict: parameters, buffers, children, hook dictionaries, flags
-_MODULE_STATE = frozenset(vars(nn.Module()))
-_HOOK_DICTS = tuple(k for k in sorted(_MODULE_STATE) if "hook" in k and isinstance(vars(nn.Module())[k], dict))
-
-
-def rebindable(value, original: nn.Module) -> bool:
-    """Whether :func:`carry_over` can point ``value`` (an instance attribute of ``original``) at the
-    module that replaces it: a method bound to ``original``, or a ``functools.partial`` whose first
-    argument is ``original`` (how accelerate's ``add_hook_to_module`` wraps ``forward``)."""
-    if inspect.ismethod(value):
-        return value.__self__ is original
-    return isinstance(value, functools.partial) and bool(value.args) and value.args[0] is original
-
-
-def _rebind(value, original: nn.Module, new: nn.Module):
-    if inspect.ismethod(value) and value.__self__ is original:
-        return types.MethodType(getattr(type(new), value.__func__.__name__), new)
-    if isinstance(value, functools.partial) and value.args and value.args[0] is original:
-        bound = functools.partial(value.func, new, *value.args[1:], **value.keywords)
-        wrapped = getattr(value, "__wrapped__", None)
-        return functools.update_wrapper(bound, _rebind(wrapped, original, new)) if wrapped is not None else bound
-    return value
-
-
-def carry_over(original: nn.Module, new: nn.Module) -> None:
-    """``new`` takes ``original``'s place with what hangs on it.
-
-    * Hooks (forward, pre-forward, backward, state-dict, load-state-dict; registered by the user or a
-      library): the two modules share the hook dictionaries, so a hook registered on either while
-      ``new`` stands in is on both, its handle removes it from both, and ``to_linear`` hands them back.
-    * Instance attributes a library put on ``original`` (accelerate's ``_hf_hook`` and the
-      ``forward`` wrapper its device hooks install, ``_is_hf_initialized`` ...) are set on ``new``;
-      methods and partials bound to ``original`` are bound to ``new`` (:func:`rebindable`).
-    """
-    for key in _HOOK_DICTS:
-        vars(new)[key] = vars(original)[key]
-    new._is_full_backward_hook = original._is_full_backward_hook
-    for key, value in list(vars(original).items()):
-        if key in _MODULE_STATE or key in vars(new) or key == "_compiled_call_impl":
-            continue
-        vars(new)[key] = _rebind(value, original, new)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -203,13 +157,13 @@ def _check_target(weight: torch.Tensor, target: torch.Tensor) -> None:
         check(weight, target)
 
 
-class MixLinear(nn.Linear):
+class MixLinear(MixoutLayer, nn.Linear):
     """A ``nn.Linear`` (or transformers ``Conv1D``) with Mixout toward a frozen target.
 
-    Build it with :meth:`from_linear`, which shares the original ``weight``/``bias``
+    Build it with :meth:`from_module`, which shares the original ``weight``/``bias``
     Parameter objects (state_dict keys and optimizer references survive) and hook
-    dictionaries and library attributes (:func:`carry_over`) and adds one frozen Parameter ``mixout_target``
-    (``requires_grad=False``). :meth:`to_linear` gives
+    dictionaries and library attributes (:func:`~surgery.layers.swap.carry_over`) and adds one frozen
+    Parameter ``mixout_target`` (``requires_grad=False``). :meth:`to_module` gives
     back the original module (same object, same class) holding the current Parameters.
 
     The target is a Parameter, not a buffer, so distributed engines treat it like the
@@ -221,28 +175,28 @@ class MixLinear(nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        p: Mixout probability in [0, 1].
+        p: Mixout probability in [0, 1] (the attribute ``mixout_p``).
         transposed: weight stored (in, out), as transformers ``Conv1D`` stores it.
         low_memory: keep only the input and the mask for backward, recomputing the
             mixed weight there (saves one weight-sized tensor per layer, costs one
-            elementwise pass).
+            elementwise pass; the attribute ``mixout_low_memory``).
     """
 
     def __init__(self, in_features, out_features, bias=True, p: float = 0.0, *, transposed=False,
                  low_memory=False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.p = check_p(p, "p")
+        self.mixout_p = check_p(p, "p")
         self.transposed = transposed
-        self.low_memory = low_memory
+        self.mixout_low_memory = low_memory
         if transposed:
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
         self.register_parameter(TARGET_SUFFIX, _frozen(self.weight.detach().clone()))
         self.__dict__["_original"] = None  # the module this replaced (not a submodule: keys stay)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, p: float, *, target: torch.Tensor | None = None,
+    def from_module(cls, linear: nn.Module, p: float, *, target: torch.Tensor | None = None,
                     target_dtype: torch.dtype | None = None, low_memory: bool = False) -> "MixLinear":
-        """Wrap ``linear`` (an ``nn.Linear`` or ``Conv1D``) sharing its Parameters.
+        """Take the place of ``linear`` (an ``nn.Linear`` or ``Conv1D``) sharing its Parameters.
 
         ``target`` defaults to a copy of the current weight (in ``target_dtype`` if given).
         """
@@ -258,41 +212,37 @@ class MixLinear(nn.Linear):
         if target.shape != w.shape:
             raise ValueError(f"target shape {tuple(target.shape)} does not match weight shape {tuple(w.shape)}")
         setattr(new, TARGET_SUFFIX, _frozen(target.detach()))
-        new.__dict__["_original"] = linear
-        carry_over(linear, new)
-        new.train(linear.training)
+        new._adopt(linear)
         return new
 
     @property
     def orig(self) -> str:
-        """Dotted class name of the module :meth:`to_linear` gives back (the record's ``orig``)."""
-        cls = type(self.__dict__.get("_original"))
-        if cls is type(None):
+        """Dotted class name of the module :meth:`to_module` gives back (the record's ``orig``)."""
+        if self.__dict__.get("_original") is None:
             return "transformers.pytorch_utils.Conv1D" if self.transposed else "torch.nn.modules.linear.Linear"
-        return f"{cls.__module__}.{cls.__qualname__}"
+        return super().orig
 
-    def to_linear(self) -> nn.Module:
+    def to_module(self) -> nn.Module:
         """The original module (same object and class) holding this layer's current Parameters."""
         orig = self.__dict__.get("_original")
         if orig is None:
             with torch.device("meta"):
-                if self.transposed:  # what from_linear wrapped: transformers' Conv1D (nf=out, nx=in)
+                if self.transposed:  # what from_module took the place of: transformers' Conv1D (nf=out, nx=in)
                     from transformers.pytorch_utils import Conv1D
                     orig = Conv1D(self.out_features, self.in_features)
                 else:
                     orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         orig.weight = self.weight
         orig.bias = self.bias
-        orig._is_full_backward_hook = self._is_full_backward_hook
-        orig.train(self.training)
-        return orig
+        return self._hand_back(orig)
 
     @property
     def target(self) -> torch.Tensor:
         return getattr(self, TARGET_SUFFIX)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        p = self.mixout_p
+        if not self.training or p == 0.0:
             if self.transposed:  # exactly what transformers' Conv1D computes
                 out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight) if self.bias is not None \
                     else x.reshape(-1, x.size(-1)) @ self.weight
@@ -302,81 +252,73 @@ class MixLinear(nn.Linear):
         if not torch.compiler.is_compiling():
             _check_target(w, t)
         if not w.requires_grad:
-            self._warn_frozen()
-        if self.p < 1.0:  # a target in a smaller dtype is cast inside (low-memory mode keeps it uncast)
+            self._warn_frozen("This happens when the model is frozen or wrapped by get_peft_model after "
+                              "surgery.apply: call surgery.revert(model) first, then surgery.apply(peft_model, "
+                              "mixout=p), which mixes the LoRA adapters and leaves frozen layers alone")
+        if p < 1.0:  # a target in a smaller dtype is cast inside (low-memory mode keeps it uncast)
             n = w.shape[0] if self.transposed else w.shape[1]
-            s = _scale(self.p, n, w)
+            s = _scale(p, n, w)
             return _MixoutLinear.apply(x, w, t, s.unsqueeze(1) if self.transposed else s, self.bias, self.transposed,
-                                       not self.low_memory)
-        wm = mixout_weight(w, t.to(w.dtype), self.p, transposed=self.transposed)
+                                       not self.mixout_low_memory)
+        wm = mixout_weight(w, t.to(w.dtype), p, transposed=self.transposed)
         return F.linear(x, wm.t() if self.transposed else wm, self.bias)
 
-    def _warn_frozen(self) -> None:
-        """Once per ``apply`` (all its layers share the flag): a Mixout layer is training frozen."""
-        state = self.__dict__.setdefault("_frozen_warning", {})
-        if not state:
-            state["warned"] = True
-            warnings.warn(
-                f"surgery: Mixout layer {self.__dict__.get('_record_name', '?')!r} (and maybe others) holds a frozen "
-                "weight (requires_grad=False): Mixout does not train it, and on an untrained weight it is the identity. "
-                "This happens when the model is frozen or wrapped by get_peft_model after surgery.apply: call "
-                "surgery.revert(model) first, then surgery.apply(peft_model, mixout=p), which mixes the LoRA adapters "
-                "and leaves frozen layers alone", UserWarning, stacklevel=3)
-
     def extra_repr(self) -> str:
-        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, p={self.p}"
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"p={self.mixout_p}")
         if self.transposed:
             s += ", transposed=True"
-        if self.low_memory:
+        if self.mixout_low_memory:
             s += ", low_memory=True"
         return s
 
 
-class LoraMixout(nn.Linear):
+class LoraMixout(MixoutLayer, nn.Linear):
     """A PEFT LoRA layer's ``lora_A`` with Mixout on the layer's effective weight ``W0 + s B A``
     toward the frozen base weight ``W0``: its input is scaled by ``M / (1 - p)``, one mask per
     forward shared by the batch, so the LoRA layer computes ``W0 x + s B A (x * M / (1 - p))``
-    (the math: :mod:`surgery.regularizers.lora`). No target copy: the target is ``W0``.
+    (the math: :mod:`surgery.regularizers.mixout.lora`). No target copy: the target is ``W0``.
 
     Shares the ``lora_A`` Linear's Parameters (keys and optimizer references survive);
-    :meth:`to_linear` gives back the original module holding them.
+    :meth:`to_module` gives back the original module holding them.
     """
 
     transposed = False  # recorded like MixLinear's flag
 
     def __init__(self, in_features, out_features, bias=False, p: float = 0.0, *, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.p = check_p(p, "p")
+        self.mixout_p = check_p(p, "p")
         self.__dict__["_original"] = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, p: float) -> "LoraMixout":
+    def from_module(cls, linear: nn.Linear, p: float) -> "LoraMixout":
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False, p=p)
         new.weight, new.bias = linear.weight, linear.bias
-        new.__dict__["_original"] = linear
-        carry_over(linear, new)
-        new.train(linear.training)
+        new._adopt(linear)
         return new
 
-    def to_linear(self) -> nn.Module:
+    @property
+    def orig(self) -> str:
+        return "torch.nn.modules.linear.Linear" if self.__dict__.get("_original") is None else super().orig
+
+    def to_module(self) -> nn.Module:
         orig = self.__dict__.get("_original")
         if orig is None:
             with torch.device("meta"):
                 orig = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         orig.weight, orig.bias = self.weight, self.bias
-        orig._is_full_backward_hook = self._is_full_backward_hook
-        orig.train(self.training)
-        return orig
+        return self._hand_back(orig)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.p > 0.0:
-            if self.p == 1.0:
+        p = self.mixout_p
+        if self.training and p > 0.0:
+            if p == 1.0:
                 x = x * torch.zeros(self.in_features, device=x.device, dtype=x.dtype)
             else:
                 # the float32 scale multiplies first, one rounding to x's dtype after (no bf16 1/(1-p))
-                x = (x * _scale(self.p, self.in_features, self.weight)).to(x.dtype)
+                x = (x * _scale(p, self.in_features, self.weight)).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, lora_mixout_p={self.p}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, lora_mixout_p={self.mixout_p}"

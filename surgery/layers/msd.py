@@ -68,7 +68,8 @@ def _head_input(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | N
 
 
 class MultiSampleDropout:
-    """The hook pair that turns ``head`` into a multi-sample-dropout head (see module doc).
+    """The hook pair that turns ``head`` into a multi-sample-dropout head (see module doc), and its undo
+    (``apply`` keeps it with the live record; ``revert`` calls :meth:`undo`).
 
     Nothing about one call is kept on this shared object: the pre-hook stacks the K samples
     and the post-hook recognises that call by its input tensor (the stacked one, which the
@@ -79,13 +80,15 @@ class MultiSampleDropout:
 
     def __init__(self, k: int, p: float):
         self.k, self.p = k, p
+        self.handles: list = []  # the hooks installed (removed by undo)
         self._local = threading.local()  # .stacked: weak refs to this thread's stacked inputs; .collect
 
     def __getstate__(self):  # copies (deepcopy of the model, pickling) start with no calls in flight
-        return {"k": self.k, "p": self.p}
+        return {"k": self.k, "p": self.p, "handles": self.handles}
 
     def __setstate__(self, state):
         self.__init__(state["k"], state["p"])
+        self.handles = state.get("handles", [])
 
     def _thread(self, attr: str, default):
         if not hasattr(self._local, attr):
@@ -127,9 +130,16 @@ class MultiSampleDropout:
             # the collected view and the returned mean share storage; nothing is copied
         return per_sample(out, self.k, lambda o: o.mean(0))
 
-    def install(self, head: nn.Module) -> list:
-        return [head.register_forward_pre_hook(self.pre, with_kwargs=True),
-                head.register_forward_hook(self.post, with_kwargs=True)]
+    def install(self, head: nn.Module) -> None:
+        self.handles += [head.register_forward_pre_hook(self.pre, with_kwargs=True),
+                         head.register_forward_hook(self.post, with_kwargs=True)]
+
+    def check(self, view, rec) -> None:
+        """Nothing to check: hooks are removed wherever the head is now."""
+
+    def undo(self, view, rec) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -144,7 +154,8 @@ def msd_samples(model: nn.Module):
         NotSurgeredError / SurgeryError: the model has no MSD head (``apply(model, msd=K)`` first).
     """
     rec = get_record(model)
-    states = [h for h in rec.handles if isinstance(h, MultiSampleDropout)]
+    states = [u for u in rec.undos if isinstance(u, MultiSampleDropout)]
+    states += [u.state for u in rec.undos if isinstance(getattr(u, "state", None), MultiSampleDropout)]
     if not rec.msd:
         raise SurgeryError("model has no multi-sample-dropout head; call surgery.apply(model, msd=K) first")
     got: list = []

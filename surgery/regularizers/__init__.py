@@ -1,20 +1,23 @@
-"""The regularizers ``apply`` plans, in planning and install order (see :mod:`.base`).
+"""The regularizers of ``apply``, each one registered unit (:mod:`.unit`), and their registry (:mod:`.registry`).
 
-A regularizer planned earlier can tell later ones what it resolved: the layer-weighted MSD head
-freezes the layers it bypasses (Mixout leaves them alone), an MSD head names the task head
-(``mixout_head=False`` leaves it a plain layer), the fused-experts plan takes its modules from the Linear
-rule. ``Coverage`` comes last: it changes nothing and records what share of the trainable weights the
-others cover. Adding a regularizer is one file and one line here.
+Built in, in ``describe``'s and the record's order: :mod:`.mixout` (Mixout on Linear layers, LoRA
+adapters, fused experts and routers), :mod:`.rates` (dropout, stochastic-depth and router-noise rates)
+and :mod:`.msd` (the multi-sample-dropout head, plain or layer-weighted). Importing this package
+imports no torch: each unit's face is torch-free, its torch part is imported when ``apply`` runs.
+
+A new regularizer is one unit and one line: ``surgery.regularizers.register(MyRegularizer())``.
 """
 
-from .base import Plan, Regularizer
-from .coverage import Coverage
-from .experts import ExpertsMixout
-from .layer_msd import LayerWeightedMSD
 from .mixout import Mixout
 from .msd import MSD
 from .rates import Rates
+from .registry import (all_options, apply_kwargs, check_options, get, plan_order, record_args, register, registered,
+                       section_types, units, unregister)
+from .unit import Plan, Regularizer, Undo
 
-__all__ = ["REGULARIZERS", "Plan", "Regularizer"]
+__all__ = ["Regularizer", "Plan", "Undo", "register", "unregister", "registered", "units", "get", "plan_order",
+           "all_options", "check_options", "record_args", "apply_kwargs", "section_types"]
 
-REGULARIZERS: tuple[Regularizer, ...] = (LayerWeightedMSD(), MSD(), ExpertsMixout(), Mixout(), Rates(), Coverage())
+register(Mixout())
+register(Rates())
+register(MSD())

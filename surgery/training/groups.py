@@ -115,9 +115,9 @@ def param_groups(model: nn.Module, *, lr: float, head_lr: float, head_options: M
     ids: set[int] = set()
     layer_ids: set[int] = set()
     for h in rec.msd:
-        ids |= {id(p) for p in root.get_submodule(h["name"]).parameters()}
-        if h.get("layers"):
-            layer_ids.add(id(root.get_parameter(h["layers"]["param"])))
+        ids |= {id(p) for p in root.get_submodule(h.name).parameters()}
+        if h.layers is not None:
+            layer_ids.add(id(root.get_parameter(h.layers.param)))
     if layer_weight_options is not None and not layer_ids:
         raise SurgeryError("layer_weight_options configures the layer weights of a layer-weighted MSD head and this "
                            "model has none (apply(..., msd_layers=True)); drop layer_weight_options")

@@ -5,7 +5,7 @@ hook between "checkpoint saved" and "upload the output folder", so :func:`push_f
 follows ``Trainer._push_from_checkpoint`` (transformers 4.4x-5.x): it writes the plain model into
 ``output_dir`` (transformers would copy the checkpoint's surgered files there) and uploads it, and
 uploads the checkpoint itself as saved, surgered, so training resumes from it. Its test
-(tests/test_hub_upload.py) runs against a local fake Hub and fails when transformers changes the
+(tests/training/test_hub_upload.py) runs against a local fake Hub and fails when transformers changes the
 names used here.
 """
 

@@ -5,22 +5,78 @@ once per forward (:func:`rdrop_strategy`). The loss on the two outputs: :func:`s
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import weakref
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
+from .. import regularizers
+from ..configs import is_config, nested
 from ..errors import SurgeryError, SurgeryTypeError
-from ..layers.experts import MixoutParams
-from ..layers.mixout import LoraMixout, MixLinear
 from ..outputs import map_tensors
-from ..record import unwrap
-from ..regularizers.rates import layerdrop_rates
-from ..view import View
+from ..record import ATTR, unwrap
+from ..regularizers.rates.plan import layerdrop_sources
 
 __all__ = ["rdrop_forward", "rdrop_strategy", "STRATEGIES", "call"]
 
 STRATEGIES = ("auto", "concat", "separate")
+
+
+class _Sources:
+    """What in a model can draw noise once per forward for the whole batch, found by one walk and kept per
+    model until its module tree changes: each source with the test of whether it draws now (a training
+    Mixout layer with p > 0, a training BatchNorm, a LayerDrop rate > 0 while the model trains)."""
+
+    def __init__(self, root: nn.Module):
+        units = regularizers.units()
+        self.modules: list[tuple[str, Callable[[], bool]]] = []
+        modules = {}
+        for name, mod in root.named_modules():
+            modules[name] = mod
+            found = next((f for u in units if (f := u.noise(mod)) is not None), None)
+            if found is not None:
+                self.modules.append((f"{found[0]} {name}", found[1]))
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                self.modules.append((f"BatchNorm {name}", lambda m=mod: m.training))
+        configs, seen = [], set()  # every distinct config a module holds as .config, nested ones included
+        for name, mod in modules.items():
+            cfg = vars(mod).get("config")
+            for path, c in nested(cfg) if is_config(cfg) else ():
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    configs.append((name, path, c))
+        self.layerdrop = layerdrop_sources(modules, configs, type(root).__name__)
+
+    def shared(self, root: nn.Module) -> list[str]:
+        """The sources that draw now: modules in walk order, then LayerDrop rates (sorted)."""
+        out = [what for what, draws in self.modules if draws()]
+        if root.training:
+            out += sorted({f"LayerDrop {where}={v}" for where, rate in self.layerdrop if (v := rate()) > 0})
+        return out
+
+
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Sources]]" = weakref.WeakKeyDictionary()
+_CHANGES = [0]  # modules registered anywhere (assigned as submodules) since import: a module tree changed
+
+
+def _changed(module, name, submodule):
+    _CHANGES[0] += 1
+
+
+register_module_module_registration_hook(_changed)
+
+
+def _sources(root: nn.Module) -> _Sources:
+    """The noise sources of ``root``, walked again only when a module was registered anywhere since (a swap,
+    ``apply``, ``revert``, PEFT wrapping a layer) or the model's surgery changed."""
+    key = (_CHANGES[0], id(vars(root).get(ATTR)))
+    cached = _SOURCES.get(root)
+    if cached is None or cached[0] != key:
+        cached = (key, _Sources(root))
+        _SOURCES[root] = cached
+    return cached[1]
 
 
 def rdrop_strategy(model: nn.Module) -> tuple[str, str]:
@@ -32,17 +88,12 @@ def rdrop_strategy(model: nn.Module) -> tuple[str, str]:
     with ``p > 0`` draws one mask per layer per forward for the whole batch, LayerDrop drops
     a whole layer per forward, and BatchNorm couples the rows of a batch: with any of those
     the halves would share noise (or statistics), so the two passes are two forwards.
+
+    Which modules can do that is found by one walk of the model, kept until its module tree changes;
+    every call then reads only their training flags and rates (no walk per training step).
     """
-    view = View(unwrap(model))
-    shared = []
-    for name, mod in view.modules.items():
-        if mod.training and (isinstance(mod, (MixLinear, LoraMixout)) and mod.p > 0
-                             or isinstance(mod, MixoutParams) and mod.mixout_p > 0):  # fused experts, routers
-            shared.append(f"Mixout {name}")
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            shared.append(f"BatchNorm {name}")
-    if view.root.training:
-        shared += [f"LayerDrop {s}" for s in layerdrop_rates(view)]
+    root = unwrap(model)
+    shared = _sources(root).shared(root)
     if shared:
         more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
         return "separate", f"{shared[0]}{more} draw noise once per forward for the whole batch"

@@ -27,7 +27,7 @@ from ..distributed import refuse_deepspeed
 from ..errors import SurgeryError
 from .. import exporting
 from ..record import Record, get_record, no_plain_form, unwrap
-from ..wrappers import _cls
+from ..wrappers import loaded_class
 from .compute import compute_loss, shifts_labels
 from .hub import push_from_checkpoint
 from .losses import check_alpha, check_task
@@ -153,7 +153,7 @@ class SurgeryTrainerMixin:
         elif compute_loss_func is not None:
             why = "compute_loss_func"
         else:
-            sft = _cls("trl.trainer.sft_trainer", "SFTTrainer")
+            sft = loaded_class("trl.trainer.sft_trainer", "SFTTrainer")
             mro = type(self).__mro__
             for cls in mro[mro.index(SurgeryTrainerMixin) + 1:]:
                 if cls is Trainer:
@@ -189,8 +189,8 @@ class SurgeryTrainerMixin:
         head = _module_name(root, root.get_output_embeddings())
         if not head:
             return
-        on = [f"Mixout on {e['name']!r}" for e in rec.mixout if e["name"] == head or e["name"].startswith(head + ".")]
-        on += [f"the multi-sample-dropout head {e['name']!r}" for e in rec.msd if e["name"] == head]
+        on = [f"Mixout on {e.name!r}" for e in rec.mixout if e.name == head or e.name.startswith(head + ".")]
+        on += [f"the multi-sample-dropout head {e.name!r}" for e in rec.msd if e.name == head]
         if on:
             raise SurgeryError(
                 f"{type(self).__name__} trains through TRL's fused LM head: the model's forward computes the "
