@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 # the subpackages the docs name as ``surgery.<name>.<attribute>``, imported on first access
-_SUBMODULES = ("checkpoint", "cli", "configs", "describing", "exporting", "layers", "record", "regularizers", "training")
+_SUBMODULES = ("checkpoint", "cli", "compare", "configs", "describing", "exporting", "layers", "record", "regularizers", "training")
 
 
 def __getattr__(name: str):
