@@ -33,7 +33,7 @@ from .checkpoint.swap import Staging
 from .configs import restore_config
 from .errors import SurgeryError, SurgeryTypeError
 from .layers.swap import MixoutLayer
-from .record import TARGET_SUFFIX, get_record, no_plain_form, unwrap
+from .record import TARGET_SUFFIX, get_record, no_plain_form, records, unwrap
 from .wrappers import loaded_class, chain
 
 __all__ = ["export", "export_sharded", "plain_state_dict", "writes_directory", "adapter_model"]
@@ -69,7 +69,7 @@ def plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | Non
     """
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    why = no_plain_form(get_record(model, required=False), "surgery.exporting.plain_state_dict")
+    why = next((w for _, r in records(model) if (w := no_plain_form(r, "surgery.exporting.plain_state_dict"))), None)
     if why:
         raise SurgeryError(why)
     return _plain_state_dict(model, state_dict)
@@ -266,7 +266,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = unwrap(model)
-    why = no_plain_form(get_record(root, required=False), "surgery.export")
+    why = next((w for _, r in records(root) if (w := no_plain_form(r, "surgery.export"))), None)  # at any depth
     if why:
         raise SurgeryError(why)
     path = Path(path)

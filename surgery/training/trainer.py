@@ -26,7 +26,7 @@ from ..checkpoint.save import save
 from ..distributed import refuse_deepspeed
 from ..errors import SurgeryError
 from .. import exporting
-from ..record import Record, get_record, no_plain_form, unwrap
+from ..record import Record, get_record, no_plain_form, records, unwrap
 from ..wrappers import loaded_class
 from .compute import compute_loss, shifts_labels
 from .hub import push_from_checkpoint
@@ -229,9 +229,9 @@ class SurgeryTrainerMixin:
 
     def _plain_output(self) -> bool:
         """Whether saves the user asks for and hub uploads get the plain model."""
-        rec = get_record(self.model, required=False)  # a layer-weighted MSD head has no plain form
-        return (self.plain_save and rec is not None and no_plain_form(rec, "save_model") is None
-                and not self.is_deepspeed_enabled)
+        recs = [r for _, r in records(self.model)]  # the model's own, or a sub-module's (apply(model.bert, ...))
+        return (self.plain_save and bool(recs) and all(no_plain_form(r, "save_model") is None for r in recs)
+                and not self.is_deepspeed_enabled)  # a layer-weighted MSD head has no plain form
 
     def _write_plain(self, output_dir: str) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
