@@ -28,7 +28,7 @@ from ..errors import SurgeryError
 from .. import exporting
 from ..record import Record, get_record, no_plain_form, records, unwrap
 from ..wrappers import loaded_class
-from .compute import compute_loss, shifts_labels
+from .compute import compute_loss, msd_loss_default, shifts_labels
 from .hub import push_from_checkpoint
 from .losses import check_alpha, check_task
 from .rdrop import STRATEGIES
@@ -83,7 +83,10 @@ class SurgeryTrainerMixin:
 
     Args (keyword, on top of the Trainer's):
         rdrop_alpha: R-Drop weight (0 = off); see :func:`compute_loss`.
-        msd_loss: train with the paper-form multi-sample-dropout loss (needs ``apply(msd=K)``).
+        msd_loss: train with the paper-form multi-sample-dropout loss, the mean of the K per-sample
+            losses (needs ``apply(msd=K)``). Default None: on for a model with an MSD head where the
+            trainer trains on the model's own loss; a trainer with a loss of its own (DPO, label
+            smoothing, ``compute_loss_func``) trains on the head's averaged output. ``False`` opts out.
         task: ``"classification"`` / ``"regression"``; default from the model config.
         rdrop_strategy: ``"auto"`` / ``"concat"`` / ``"separate"``.
         plain_save: a ``save_model()`` *you* call writes a plain checkpoint with
@@ -102,10 +105,9 @@ class SurgeryTrainerMixin:
             on a model without an MSD head; resuming with different surgery.
     """
 
-    def __init__(self, *args, rdrop_alpha: float = 0.0, msd_loss: bool = False, task: str | None = None,
+    def __init__(self, *args, rdrop_alpha: float = 0.0, msd_loss: bool | None = None, task: str | None = None,
                  rdrop_strategy: str = "auto", plain_save: bool = True, seed_per_rank: bool = True, **kwargs):
         self.rdrop_alpha = check_alpha(rdrop_alpha)
-        self.msd_loss = bool(msd_loss)
         self.task = check_task(task) if task is not None else None
         if rdrop_strategy not in STRATEGIES:
             raise SurgeryError(f"unknown rdrop_strategy {rdrop_strategy!r}; use one of "
@@ -113,13 +115,18 @@ class SurgeryTrainerMixin:
         self.rdrop_strategy = rdrop_strategy
         self.plain_save = plain_save
         model = kwargs.get("model", args[0] if args else None)
+        targs, loss_func = kwargs.get("args", args[1] if len(args) > 1 else None), kwargs.get("compute_loss_func")
+        if msd_loss is None:  # the paper's loss for a model with an MSD head, where the trainer trains on the model's own
+            rec = get_record(model, required=False) if model is not None else None
+            msd_loss = bool(rec is not None and rec.msd) and self._foreign_loss(targs, loss_func) is None
+        self.msd_loss = msd_loss_default(model, msd_loss)
         if self.msd_loss and model is not None:
             rec = get_record(model, required=False)
             if rec is None or not rec.msd:
                 raise SurgeryError("msd_loss=True needs a multi-sample-dropout head; call "
                                    "surgery.apply(model, msd=K) first")
         if self.rdrop_alpha > 0 or self.msd_loss:  # before the base trainer prepares anything
-            self._check_own_loss(kwargs.get("args", args[1] if len(args) > 1 else None), kwargs.get("compute_loss_func"))
+            self._check_own_loss(targs, loss_func)
         self._pushing = False
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled and get_record(self.model, required=False) is not None:
@@ -146,6 +153,16 @@ class SurgeryTrainerMixin:
             SurgeryError: label smoothing, ``compute_loss_func``, an SFT ``loss_type`` other than
                 ``"nll"``, or a Trainer subclass with its own ``compute_loss`` (DPO, GRPO, ...).
         """
+        why = self._foreign_loss(targs, compute_loss_func)
+        if why is not None:
+            raise SurgeryError(
+                "rdrop_alpha/msd_loss train on the model's own loss (its forward with labels) plus surgery's term, in "
+                f"place of the trainer's training loss, but this trainer's loss is not the model's own: {why} would be "
+                "silently dropped. Leave rdrop_alpha/msd_loss off here, or compute the loss yourself in a compute_loss "
+                "override with surgery.rdrop_forward/surgery.rdrop_loss or surgery.msd_samples")
+
+    def _foreign_loss(self, targs, compute_loss_func) -> str | None:
+        """What makes this trainer's training loss something other than the model's own, or None."""
         why = None
         smoothing = getattr(targs, "label_smoothing_factor", 0)
         if smoothing:
@@ -168,12 +185,7 @@ class SurgeryTrainerMixin:
                     continue
                 why = f"{cls.__module__}.{cls.__qualname__}.compute_loss (its own training loss)"
                 break
-        if why is not None:
-            raise SurgeryError(
-                "rdrop_alpha/msd_loss train on the model's own loss (its forward with labels) plus surgery's term, in "
-                f"place of the trainer's training loss, but this trainer's loss is not the model's own: {why} would be "
-                "silently dropped. Leave rdrop_alpha/msd_loss off here, or compute the loss yourself in a compute_loss "
-                "override with surgery.rdrop_forward/surgery.rdrop_loss or surgery.msd_samples")
+        return why
 
     def _check_fused_head(self) -> None:
         """Refuse surgery on the LM head when the trainer trains through TRL's fused LM head, which reads the
