@@ -27,6 +27,7 @@ from ..distributed import refuse_deepspeed
 from ..errors import SurgeryError
 from .. import exporting
 from ..record import Record, get_record, no_plain_form, records, unwrap
+from ..regularizers.mixout.copies import layout
 from ..wrappers import loaded_class
 from .compute import compute_loss, msd_loss_default, shifts_labels
 from .hub import push_from_checkpoint
@@ -131,6 +132,7 @@ class SurgeryTrainerMixin:
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled and get_record(self.model, required=False) is not None:
             refuse_deepspeed()
+        self._check_synced_reference()
         if self.rdrop_alpha > 0 or self.msd_loss:
             # compute_loss returns a per-batch mean, never normalised by num_items_in_batch, so every
             # transformers version must divide it by the accumulation steps: < 4.46 accelerate does;
@@ -186,6 +188,25 @@ class SurgeryTrainerMixin:
                 why = f"{cls.__module__}.{cls.__qualname__}.compute_loss (its own training loss)"
                 break
         return why
+
+    def _check_synced_reference(self) -> None:
+        """A reference model the trainer syncs with the model by position (TRL's ``sync_ref_model=True``, which
+        mixes ``ref.parameters()`` with ``model.parameters()`` pair by pair) must have the model's parameter
+        layout: a plain reference beside a model with Mixout targets would be paired with the wrong tensors.
+
+        Raises:
+            SurgeryError: the layouts differ, naming the order that works.
+        """
+        ref = getattr(self, "ref_model", None)
+        if ref is None or not getattr(self.args, "sync_ref_model", False) or not records(self.model):
+            return
+        if layout(unwrap(ref)) != layout(unwrap(self.model)):
+            raise SurgeryError(
+                "sync_ref_model=True mixes the reference model's parameters into the model's pair by pair, by position, "
+                "but the reference model is not surgered like the model: Mixout's frozen targets (one Parameter after "
+                "each mixed weight) would shift the pairs. Pass ref_model=copy.deepcopy(model) made after "
+                "surgery.apply (the reference then has the same layout; it runs in eval mode, where surgery is "
+                "inert), or sync_ref_model=False")
 
     def _check_fused_head(self) -> None:
         """Refuse surgery on the LM head when the trainer trains through TRL's fused LM head, which reads the

@@ -21,6 +21,7 @@ from ...record import Skip
 from ...wrappers import find_layers
 from .. import Plan, Undo
 from . import MixoutEntry
+from .copies import refuse_copies_made_before
 from .coverage import covered, left_plain
 from .experts import param_wrappers, plan_experts
 from .family import Swap
@@ -75,6 +76,7 @@ def plan(unit, ctx) -> MixoutPlan | None:
     opts = ctx.opts
     if opts.mixout == 0.0:
         return None
+    refuse_copies_made_before(ctx.root)  # the targets would shift a copy's pairs
     sel = select(ctx)
     wrappers = param_wrappers(ctx.view)
     experts, skipped, taken = plan_experts(ctx, sel, wrappers)
