@@ -31,6 +31,7 @@ from ..regularizers.mixout.copies import layout
 from ..wrappers import loaded_class
 from .compute import compute_loss, msd_loss_default, shifts_labels
 from .hub import push_from_checkpoint
+from .own_format import TARGETS_FILE, load_targets, own_format, targets_record, write_targets
 from .losses import check_alpha, check_task
 from .rdrop import STRATEGIES
 from .state import check_same_surgery, checkpoint_record
@@ -55,12 +56,15 @@ def _is_pretrained(model) -> bool:
 
 
 def _saved_record(checkpoint: str) -> dict | None:
-    """The record a checkpoint folder carries: ``surgery.json`` beside a PEFT adapter checkpoint, else
+    """The record a checkpoint folder carries: ``surgery.json`` beside a PEFT adapter checkpoint, the header of
+    the targets file beside a checkpoint in a trainer's own format, else
     :func:`~surgery.training.state.checkpoint_record`."""
     path = os.path.join(checkpoint, RECORD_FILE)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return Record.from_dict(f.read()).to_dict()
+    if os.path.isfile(os.path.join(checkpoint, TARGETS_FILE)):
+        return targets_record(checkpoint)
     return checkpoint_record(checkpoint)
 
 
@@ -129,6 +133,7 @@ class SurgeryTrainerMixin:
         if self.rdrop_alpha > 0 or self.msd_loss:  # before the base trainer prepares anything
             self._check_own_loss(targs, loss_func)
         self._pushing = False
+        self._final_save = False
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled and get_record(self.model, required=False) is not None:
             refuse_deepspeed()
@@ -293,6 +298,9 @@ class SurgeryTrainerMixin:
         """
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         rec = get_record(model, required=False)
+        recs = [r for _, r in records(model)]
+        if own_format(type(self), SurgeryTrainerMixin) and recs and all(no_plain_form(r, "save") is None for r in recs):
+            return self._save_own_format(model, output_dir, state_dict)
         if exporting.adapter_model(model) is not None:
             out = super()._save(output_dir, state_dict=state_dict)
             if rec is not None and self.args.should_save:
@@ -309,12 +317,35 @@ class SurgeryTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _save_own_format(self, model, output_dir, state_dict):
+        """The trainer's own save of the plain model; a periodic checkpoint gets the targets file beside it."""
+        with exporting.plain_view(model):
+            out = super()._save(output_dir, state_dict=state_dict)
+        if not self._final_save and self.args.should_save:
+            write_targets(model, os.path.join(output_dir if output_dir is not None else self.args.output_dir,
+                                              TARGETS_FILE))
+        return out
+
+    def _load_from_checkpoint(self, checkpoint, *args, **kwargs):
+        """The trainer's own load, then the Mixout targets a checkpoint in its own format holds beside it."""
+        out = super()._load_from_checkpoint(checkpoint, *args, **kwargs)
+        if own_format(type(self), SurgeryTrainerMixin):
+            load_targets(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), checkpoint)
+        return out
+
     def save_model(self, output_dir=None, _internal_call=False):
         # transformers' push_to_hub saves with _internal_call=True before uploading output_dir:
         # that save is plain too; periodic checkpoints (_internal_call, not pushing) stay surgered
         if not self._plain_output() or (_internal_call and not self._pushing):
             return super().save_model(output_dir, _internal_call=_internal_call)
-        self._write_plain(output_dir if output_dir is not None else self.args.output_dir)
+        if own_format(type(self), SurgeryTrainerMixin):  # the trainer's own format, plain (see _save_own_format)
+            self._final_save = True
+            try:
+                super().save_model(output_dir, _internal_call=_internal_call)
+            finally:
+                self._final_save = False
+        else:
+            self._write_plain(output_dir if output_dir is not None else self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
