@@ -196,7 +196,7 @@ class SurgeryTrainerMixin:
 
     def _check_synced_reference(self) -> None:
         """A reference model the trainer syncs with the model by position (TRL's ``sync_ref_model=True``, which
-        mixes ``ref.parameters()`` with ``model.parameters()`` pair by pair) must have the model's parameter
+        mixes ``model.parameters()`` into ``ref.parameters()`` pair by pair) must have the model's parameter
         layout: a plain reference beside a model with Mixout targets would be paired with the wrong tensors.
 
         Raises:
@@ -207,7 +207,7 @@ class SurgeryTrainerMixin:
             return
         if layout(unwrap(ref)) != layout(unwrap(self.model)):
             raise SurgeryError(
-                "sync_ref_model=True mixes the reference model's parameters into the model's pair by pair, by position, "
+                "sync_ref_model=True mixes the model's parameters into the reference model's pair by pair, by position, "
                 "but the reference model is not surgered like the model: Mixout's frozen targets (one Parameter after "
                 "each mixed weight) would shift the pairs. Pass ref_model=copy.deepcopy(model) made after "
                 "surgery.apply (the reference then has the same layout; it runs in eval mode, where surgery is "

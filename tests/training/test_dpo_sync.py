@@ -48,6 +48,7 @@ def test_a_reference_copied_after_apply_syncs_pair_by_pair(policy, tmp_path):
     trainer = DPO(model=policy, ref_model=ref, args=_args(tmp_path / "run"), train_dataset=_data(),
                   processing_class=tokenizer())
     trainer.train()
+    assert not ref.training  # the reference runs in eval mode: its Mixout layers are the plain layers
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(1.0)
