@@ -65,3 +65,25 @@ def test_model_ema_v3_made_after_apply_pairs_exactly():
         if v.is_floating_point():
             torch.testing.assert_close(v, (before[k] + now[k]) / 2, rtol=0, atol=1e-6)
     assert surgery.is_surgered(ema)
+
+
+FIRST_APPLY = """
+import torch, surgery
+from torch.optim.swa_utils import AveragedModel
+model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))  # square: no shape error
+swa = AveragedModel(model)  # before surgery watches anything: found when the first apply starts watching
+try:
+    surgery.apply(model, mixout=0.1)
+except surgery.SurgeryError as e:
+    assert str(e).startswith("AveragedModel (torch.optim.swa_utils) holds a copy of this model"), e
+else:
+    raise SystemExit("not refused")
+"""
+
+
+@pytest.mark.slow
+def test_a_copy_made_before_the_first_apply_of_the_process_is_found():
+    from conftest import run_python
+
+    rc, err = run_python(["-c", FIRST_APPLY], timeout=120)
+    assert rc == 0, err
