@@ -30,13 +30,13 @@ from .checkpoint.common import os_error
 from .checkpoint.common import SAFE_INDEX, SAFE_NAME, CheckpointError, is_target_key
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
 from .checkpoint.swap import Staging
-from .configs import restore_config
+from .configs import is_config, restore_config
 from .errors import SurgeryError, SurgeryTypeError
 from .layers.swap import MixoutLayer
-from .record import TARGET_SUFFIX, get_record, no_plain_form, unwrap
+from .record import CONFIG_KEY, TARGET_SUFFIX, get_record, no_plain_form, records, unwrap
 from .wrappers import loaded_class, chain
 
-__all__ = ["export", "export_sharded", "plain_state_dict", "writes_directory", "adapter_model"]
+__all__ = ["export", "export_sharded", "plain_state_dict", "plain_view", "writes_directory", "adapter_model"]
 
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
@@ -69,7 +69,7 @@ def plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | Non
     """
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    why = no_plain_form(get_record(model, required=False), "surgery.exporting.plain_state_dict")
+    why = next((w for _, r in records(model) if (w := no_plain_form(r, "surgery.exporting.plain_state_dict"))), None)
     if why:
         raise SurgeryError(why)
     return _plain_state_dict(model, state_dict)
@@ -103,6 +103,38 @@ def _targets_hidden(model: nn.Module):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def plain_view(model: nn.Module):
+    """While inside, ``model`` saves as its plain form through any framework's own save (a sentence-transformers
+    ``save_pretrained``, a trainer's own ``_save``): every ``state_dict()`` leaves out the Mixout targets, and
+    every module that holds a config carrying a surgery record holds a plain copy of it (the record's
+    changes undone, no record; one copy per config object, shared as before). Everything is put back on exit;
+    the model stays surgered. MSD heads and dropout values hold no tensors: nothing to hide.
+
+    Raises:
+        SurgeryError: a record without a plain form (a layer-weighted MSD head), anywhere in the model.
+    """
+    root = unwrap(model)
+    why = next((w for _, r in records(root) if (w := no_plain_form(r, "a plain save"))), None)
+    if why:
+        raise SurgeryError(why)
+    swaps, copies = [], {}
+    for m in root.modules():
+        for attr, cfg in list(vars(m).items()):
+            if is_config(cfg) and getattr(cfg, CONFIG_KEY, None) is not None:
+                if id(cfg) not in copies:
+                    copies[id(cfg)] = copy.deepcopy(cfg)
+                    restore_config(copies[id(cfg)])
+                swaps.append((m, attr, cfg))
+                vars(m)[attr] = copies[id(cfg)]
+    try:
+        with _targets_hidden(root):
+            yield model
+    finally:
+        for m, attr, cfg in swaps:
+            vars(m)[attr] = cfg
 
 
 def _export_adapter(peft: nn.Module, path: Path, state_dict=None) -> Path:
@@ -266,7 +298,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = unwrap(model)
-    why = no_plain_form(get_record(root, required=False), "surgery.export")
+    why = next((w for _, r in records(root) if (w := no_plain_form(r, "surgery.export"))), None)  # at any depth
     if why:
         raise SurgeryError(why)
     path = Path(path)

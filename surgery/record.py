@@ -48,7 +48,7 @@ from .regularizers.mixout import TARGET_SUFFIX
 from .schema import COUNT, LIST, OBJECT, STR, STRS, brief, check_depth, check_fields, non_finite, parse_json, short
 
 __all__ = ["Record", "Skip", "TARGET_SUFFIX", "CONFIG_KEY", "FORMAT", "VERSION", "get_record", "unwrap",
-           "no_plain_form", "check_record", "claim", "release", "claimant"]
+           "no_plain_form", "check_record", "claim", "release", "claimant", "records"]
 
 FORMAT = "surgery"
 VERSION = 1
@@ -251,6 +251,13 @@ def unwrap(model):
     from .wrappers import unwrap as _unwrap
 
     return _unwrap(model)
+
+
+def records(model) -> list[tuple[str, Record]]:
+    """Every live record in ``model``'s tree, ``(module name, record)``, the model's own first: surgery
+    applied to a sub-module (``surgery.apply(model.bert, ...)``) lives on that sub-module, and a save of
+    the whole model must see it there."""
+    return [(n, vars(m)[ATTR]) for n, m in unwrap(model).named_modules() if ATTR in vars(m)]
 
 
 def get_record(model, *, required: bool = True) -> Record | None:

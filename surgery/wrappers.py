@@ -5,7 +5,8 @@ Two kinds:
 * **model wrappers** hold the whole model: ``DistributedDataParallel``, ``DataParallel``,
   FSDP1's ``FullyShardedDataParallel``, DeepSpeed's engine (what Accelerate hands back for
   those), ``torch.compile``'s ``OptimizedModule``, PEFT's ``PeftModel`` / ``PeftMixedModel``
-  and its tuner models (``LoraModel``, ...). :func:`unwrap` peels them off down to the model
+  and its tuner models (``LoraModel``, ...), and the averaging copies (``torch.optim.swa_utils.AveragedModel``,
+  timm's ``ModelEmaV2`` / ``ModelEmaV3``: the copy they hold). :func:`unwrap` peels them off down to the model
   that owns the weights; surgery keeps its record there, so the record survives every usual
   unwrapping (``merge_and_unload()`` returns that model, ``accelerator.unwrap_model`` too).
 * **layer wrappers** hold one layer inside the model: PEFT's tuner layers (a LoRA layer keeps
@@ -46,6 +47,9 @@ def model_wrappers() -> list[tuple[type, str]]:
         ("peft.peft_model", "PeftModel", "base_model"),
         ("peft.mixed_model", "PeftMixedModel", "base_model"),
         ("peft.tuners.tuners_utils", "BaseTuner", "model"),
+        ("torch.optim.swa_utils", "AveragedModel", "module"),  # an averaging copy: the copy it holds
+        ("timm.utils.model_ema", "ModelEmaV2", "module"),
+        ("timm.utils.model_ema", "ModelEmaV3", "module"),
     ):
         cls = loaded_class(module, name)
         if isinstance(cls, type):

@@ -222,6 +222,12 @@ class MixoutParams(MixoutLayer, nn.Module):
         new.train(module.training)
         return new
 
+    def loaded_target(self, state_dict, prefix: str):
+        weights = [state_dict.get(prefix + name) for name, _ in self.mixout_layout]
+        if self.mixout_base or any(w is None for w in weights) or len({w.shape[0] for w in weights}) != 1:
+            return None
+        return torch.cat([w.detach().reshape(w.shape[0], -1) for w in weights], dim=1)  # make_target's layout
+
     def _sizes(self) -> list[tuple[str, int]]:
         return [(name, math.prod(self._weight(name).shape[1:])) for name, _ in self.mixout_layout]
 

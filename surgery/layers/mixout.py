@@ -240,6 +240,9 @@ class MixLinear(MixoutLayer, nn.Linear):
     def target(self) -> torch.Tensor:
         return getattr(self, TARGET_SUFFIX)
 
+    def loaded_target(self, state_dict, prefix: str):
+        return state_dict.get(prefix + "weight")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.mixout_p
         if not self.training or p == 0.0:

@@ -18,6 +18,7 @@ head computes exactly what it computed before.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 
@@ -133,6 +134,7 @@ class MultiSampleDropout:
     def install(self, head: nn.Module) -> None:
         self.handles += [head.register_forward_pre_hook(self.pre, with_kwargs=True),
                          head.register_forward_hook(self.post, with_kwargs=True)]
+        forget_compiled()
 
     def check(self, view, rec) -> None:
         """Nothing to check: hooks are removed wherever the head is now."""
@@ -140,6 +142,17 @@ class MultiSampleDropout:
     def undo(self, view, rec) -> None:
         for h in self.handles:
             h.remove()
+        forget_compiled()
+
+
+def forget_compiled() -> None:
+    """Drop every graph ``torch.compile`` made so far, so that the next call of a compiled model traces it as it is
+    now. Compiled graphs do not guard a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a model
+    compiled and run before ``apply(msd=K)`` (``Trainer(torch_compile=True)``, Accelerate) would go on without the
+    head's hooks, and after ``revert`` with them. Nothing to do when dynamo was never imported."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
 
 
 @contextlib.contextmanager

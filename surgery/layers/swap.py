@@ -22,6 +22,8 @@ import warnings
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..record import TARGET_SUFFIX
+
 __all__ = ["MixoutLayer", "carry_over", "rebindable", "unswappable", "MODULE_STATE"]
 
 # what every nn.Module holds in its instance dict: parameters, buffers, children, hook dictionaries, flags
@@ -123,6 +125,23 @@ class MixoutLayer:
     def to_module(self) -> nn.Module:
         """The original module (same object and class) holding this layer's current Parameters."""
         raise NotImplementedError
+
+    def loaded_target(self, state_dict, prefix: str):
+        """The target a plain state dict (one without this layer's target) gives: what its weights are, or
+        None when it does not hold them all. A family with a target copy overrides it."""
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A state dict loaded into the surgered model that holds this layer's weight but not its target is a
+        plain one (pretrained weights loaded after ``apply``, ``load_state_dict(sd, strict=False)``): the target
+        follows the weight it loads, as if ``apply`` had run after the load. A surgered state dict (a
+        checkpoint, resume) brings its own target. ``state_dict`` is torch's copy of the caller's."""
+        key = prefix + TARGET_SUFFIX
+        if key not in state_dict and TARGET_SUFFIX in self._parameters:
+            target = self.loaded_target(state_dict, prefix)
+            if target is not None:
+                state_dict[key] = target
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _warn_frozen(self, fix: str) -> None:
         """Once per ``apply`` (all its layers share the flag): a Mixout layer is training with a frozen weight."""

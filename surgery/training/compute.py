@@ -15,9 +15,10 @@ from ..errors import NotSurgeredError, SurgeryError, SurgeryTypeError
 from ..layers.msd import msd_samples
 from ..record import get_record, unwrap
 from .losses import check_alpha, check_task, logits_of, msd_sample_loss, rdrop_loss
+from .pooling import pool_like
 from .rdrop import STRATEGIES, call, rdrop_forward
 
-__all__ = ["compute_loss", "msd_loss", "TrainingLoss", "infer_task", "consistency_mask", "shifts_labels",
+__all__ = ["compute_loss", "msd_loss", "msd_loss_default", "TrainingLoss", "infer_task", "consistency_mask", "shifts_labels",
            "next_token"]
 
 
@@ -40,9 +41,11 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
         task: ``"classification"`` or ``"regression"``.
         loss_fn: optional per-sample loss ``loss_fn(sample_output, target) -> scalar``.
         postprocess: optional ``postprocess(samples) -> samples`` for models that transform
-            the head output before returning it (GPT-2 / Llama sequence classification apply
-            ``score`` to every token and then pick the last one:
-            ``lambda s: s[:, torch.arange(B), last_index]``).
+            the head output before returning it in a way surgery does not find by itself.
+            Without it the samples are pooled as the model pooled their mean
+            (:func:`surgery.training.pooling.pool_like`): GPT-2 / Llama sequence classifiers
+            score every token and return the last real one, a multiple-choice model returns
+            its ``(B * choices, 1)`` scores as ``(B, choices)``; each sample is pooled the same way.
 
     A causal language model (transformers' ``...ForCausalLM``, or a decoder-only
     ``...ForConditionalGeneration``) scores token ``t + 1`` with the output at position ``t``:
@@ -78,9 +81,7 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
     if len(got) != 1:
         raise SurgeryError(f"the multi-sample-dropout head ran {len(got)} times in one forward; msd_loss needs exactly "
                            "one call (compute the loss from surgery.msd_samples(model) yourself for other models)")
-    samples = got[0]
-    if postprocess is not None:
-        samples = postprocess(samples)
+    samples = postprocess(got[0]) if postprocess is not None else pool_like(got[0], outputs)
     if shift:
         samples, target = next_token(samples, target)
     if (loss_fn is None and isinstance(samples, torch.Tensor) and isinstance(target, torch.Tensor)
@@ -99,8 +100,11 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
             and task == "classification" and samples.dim() != target.dim() + 2):
         raise SurgeryError(
             f"the head's per-sample outputs have shape {tuple(samples.shape)} (K, B, ...) but the target has shape "
-            f"{tuple(target.shape)}: this model transforms the head output before returning it (GPT-2 / Llama pick "
-            "the last token's score); pass postprocess= to map the (K, B, ...) samples to per-sample logits"
+            f"{tuple(target.shape)}: this model transforms the head output before returning it in a way surgery "
+            "could not match to its logits (not one token per example, not a reshape). Compute the loss with "
+            "surgery.msd_loss(model, batch, postprocess=...) mapping the (K, B, ...) samples to per-example logits "
+            "(in your loop, or in a Trainer subclass's compute_loss), or pass msd_loss=False to train on the head's "
+            "averaged output"
         )
     return msd_sample_loss(samples, target, task=task, loss_fn=loss_fn, ignore_index=ignore_index), outputs
 
@@ -142,9 +146,9 @@ class TrainingLoss(NamedTuple):
     outputs: Any  # the (first pass's) model outputs
 
 
-def infer_task(model: nn.Module) -> str:
-    """``"regression"`` for a transformers model with ``problem_type="regression"`` or one label,
-    else ``"classification"``.
+def infer_task(model: nn.Module, labels: Any = None) -> str:
+    """``"regression"`` for a transformers model with ``problem_type="regression"`` or one label, or for a
+    model without a config and float ``labels`` (real-valued targets); else ``"classification"``.
 
     Raises:
         SurgeryError: ``problem_type="multi_label_classification"`` (per-label Bernoulli outputs;
@@ -158,6 +162,8 @@ def infer_task(model: nn.Module) -> str:
                            "value; compute your own loss from surgery.rdrop_forward / surgery.msd_samples")
     if problem == "regression" or (problem is None and getattr(cfg, "num_labels", None) == 1):
         return "regression"
+    if cfg is None and isinstance(labels, torch.Tensor) and labels.dtype.is_floating_point:
+        return "regression"  # a module without a config says nothing; its float targets are values, not classes
     return "classification"
 
 
@@ -186,12 +192,15 @@ def consistency_mask(inputs: Mapping, logits: torch.Tensor, *, decoder: bool | N
     return None
 
 
-def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, msd_loss: bool = False,
+def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, msd_loss: bool | None = None,
                  task: str | None = None, strategy: str = "auto") -> TrainingLoss:
     """The training loss of ``model`` on ``batch`` (a dict with ``labels``).
 
     * neither option: the model's own loss, one forward;
-    * ``msd_loss=True``: the mean of the K per-sample losses of the MSD head (one forward);
+    * ``msd_loss=True``: the mean of the K per-sample losses of the MSD head (one forward), the
+      paper's loss. The default ``msd_loss=None`` is True for a model with an MSD head
+      (``apply(model, msd=K)``) in training mode; ``msd_loss=False`` trains on the model's own
+      loss of the head's averaged output instead (:func:`msd_loss_default`);
     * ``rdrop_alpha > 0``: two passes (:func:`surgery.rdrop_forward`), the model's own loss
       averaged over them plus ``rdrop_alpha * C`` on the logits (padding excluded with
       :func:`consistency_mask`);
@@ -214,7 +223,8 @@ def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, 
         raise SurgeryError("compute_loss needs a dict batch with 'labels' (the model's keyword arguments)")
     if not isinstance(model, nn.Module):
         raise SurgeryTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    task = check_task(task) if task is not None else infer_task(model)
+    task = check_task(task) if task is not None else infer_task(model, batch["labels"])
+    msd_loss = msd_loss_default(model, msd_loss)
     if msd_loss:
         get_record(model)  # NotSurgeredError with the apply() hint
     else:
@@ -239,6 +249,7 @@ def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, 
             raise SurgeryError(f"the multi-sample-dropout head ran {len(got)} times in two R-Drop passes; expected one "
                                "call per forward")
         samples = got[0] if len(got) == 1 else torch.cat(got, dim=1)  # (K, 2B, ...) in both strategies
+        samples = pool_like(samples, torch.cat([logits_of(out1, "model output"), logits_of(out2, "model output")]))
         target = torch.cat([labels, labels])
         if shifts_labels(model):
             samples, target = next_token(samples, target)
@@ -247,6 +258,18 @@ def compute_loss(model: nn.Module, batch: Mapping, *, rdrop_alpha: float = 0.0, 
     decoder = bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
     consistency = rdrop_loss(out1, out2, task=task, alpha=1.0, mask=consistency_mask(batch, logits, decoder=decoder))
     return TrainingLoss(task_loss + alpha * consistency, task_loss.detach(), consistency.detach(), out1)
+
+
+def msd_loss_default(model: nn.Module | None, msd_loss: bool | None) -> bool:
+    """``msd_loss`` as given; None (the default): True when ``model`` has a multi-sample-dropout head and is in
+    training mode, so that a model surgered with ``apply(msd=K)`` trains on the paper's loss (the mean of the K
+    per-sample losses) unless ``msd_loss=False`` asks for the head's averaged output."""
+    if msd_loss is not None:
+        if not isinstance(msd_loss, bool):
+            raise SurgeryTypeError(f"msd_loss must be True, False or None (the default), got {msd_loss!r}")
+        return msd_loss
+    rec = get_record(model, required=False) if isinstance(model, nn.Module) else None
+    return bool(rec is not None and rec.msd and model.training)
 
 
 def _check_takes_labels(model: nn.Module, alpha: float) -> None:

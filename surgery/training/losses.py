@@ -221,7 +221,9 @@ def msd_sample_loss(samples: torch.Tensor, target: torch.Tensor, *, task: str = 
     task = check_task(task)
     if task == "classification" and samples.shape[-1] < 2:
         raise SurgeryError(f"task='classification' needs a class dimension of size >= 2, got per-sample outputs "
-                           f"{tuple(samples.shape[1:])}; for a one-output head use task='regression'")
+                           f"{tuple(samples.shape[1:])}: a one-output head is a regression head (task='regression'), "
+                           "or scores one row of a group (multiple choice: map the samples to one row per example "
+                           "with postprocess=, e.g. lambda s: s.view(s.shape[0], -1, num_choices))")
     t = check_target(target, samples[0], task).to(samples.device)
     if task == "classification":
         # every sample has the same valid positions, so the mean over all K*B rows is the mean of the K means

@@ -26,10 +26,12 @@ from ..checkpoint.save import save
 from ..distributed import refuse_deepspeed
 from ..errors import SurgeryError
 from .. import exporting
-from ..record import Record, get_record, no_plain_form, unwrap
+from ..record import Record, get_record, no_plain_form, records, unwrap
+from ..regularizers.mixout.copies import layout
 from ..wrappers import loaded_class
-from .compute import compute_loss, shifts_labels
+from .compute import compute_loss, msd_loss_default, shifts_labels
 from .hub import push_from_checkpoint
+from .own_format import TARGETS_FILE, load_targets, own_format, targets_record, write_targets
 from .losses import check_alpha, check_task
 from .rdrop import STRATEGIES
 from .state import check_same_surgery, checkpoint_record
@@ -54,12 +56,15 @@ def _is_pretrained(model) -> bool:
 
 
 def _saved_record(checkpoint: str) -> dict | None:
-    """The record a checkpoint folder carries: ``surgery.json`` beside a PEFT adapter checkpoint, else
+    """The record a checkpoint folder carries: ``surgery.json`` beside a PEFT adapter checkpoint, the header of
+    the targets file beside a checkpoint in a trainer's own format, else
     :func:`~surgery.training.state.checkpoint_record`."""
     path = os.path.join(checkpoint, RECORD_FILE)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return Record.from_dict(f.read()).to_dict()
+    if os.path.isfile(os.path.join(checkpoint, TARGETS_FILE)):
+        return targets_record(checkpoint)
     return checkpoint_record(checkpoint)
 
 
@@ -83,7 +88,10 @@ class SurgeryTrainerMixin:
 
     Args (keyword, on top of the Trainer's):
         rdrop_alpha: R-Drop weight (0 = off); see :func:`compute_loss`.
-        msd_loss: train with the paper-form multi-sample-dropout loss (needs ``apply(msd=K)``).
+        msd_loss: train with the paper-form multi-sample-dropout loss, the mean of the K per-sample
+            losses (needs ``apply(msd=K)``). Default None: on for a model with an MSD head where the
+            trainer trains on the model's own loss; a trainer with a loss of its own (DPO, label
+            smoothing, ``compute_loss_func``) trains on the head's averaged output. ``False`` opts out.
         task: ``"classification"`` / ``"regression"``; default from the model config.
         rdrop_strategy: ``"auto"`` / ``"concat"`` / ``"separate"``.
         plain_save: a ``save_model()`` *you* call writes a plain checkpoint with
@@ -102,10 +110,9 @@ class SurgeryTrainerMixin:
             on a model without an MSD head; resuming with different surgery.
     """
 
-    def __init__(self, *args, rdrop_alpha: float = 0.0, msd_loss: bool = False, task: str | None = None,
+    def __init__(self, *args, rdrop_alpha: float = 0.0, msd_loss: bool | None = None, task: str | None = None,
                  rdrop_strategy: str = "auto", plain_save: bool = True, seed_per_rank: bool = True, **kwargs):
         self.rdrop_alpha = check_alpha(rdrop_alpha)
-        self.msd_loss = bool(msd_loss)
         self.task = check_task(task) if task is not None else None
         if rdrop_strategy not in STRATEGIES:
             raise SurgeryError(f"unknown rdrop_strategy {rdrop_strategy!r}; use one of "
@@ -113,17 +120,24 @@ class SurgeryTrainerMixin:
         self.rdrop_strategy = rdrop_strategy
         self.plain_save = plain_save
         model = kwargs.get("model", args[0] if args else None)
+        targs, loss_func = kwargs.get("args", args[1] if len(args) > 1 else None), kwargs.get("compute_loss_func")
+        if msd_loss is None:  # the paper's loss for a model with an MSD head, where the trainer trains on the model's own
+            rec = get_record(model, required=False) if model is not None else None
+            msd_loss = bool(rec is not None and rec.msd) and self._foreign_loss(targs, loss_func) is None
+        self.msd_loss = msd_loss_default(model, msd_loss)
         if self.msd_loss and model is not None:
             rec = get_record(model, required=False)
             if rec is None or not rec.msd:
                 raise SurgeryError("msd_loss=True needs a multi-sample-dropout head; call "
                                    "surgery.apply(model, msd=K) first")
         if self.rdrop_alpha > 0 or self.msd_loss:  # before the base trainer prepares anything
-            self._check_own_loss(kwargs.get("args", args[1] if len(args) > 1 else None), kwargs.get("compute_loss_func"))
+            self._check_own_loss(targs, loss_func)
         self._pushing = False
+        self._final_save = False
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled and get_record(self.model, required=False) is not None:
             refuse_deepspeed()
+        self._check_synced_reference()
         if self.rdrop_alpha > 0 or self.msd_loss:
             # compute_loss returns a per-batch mean, never normalised by num_items_in_batch, so every
             # transformers version must divide it by the accumulation steps: < 4.46 accelerate does;
@@ -146,6 +160,16 @@ class SurgeryTrainerMixin:
             SurgeryError: label smoothing, ``compute_loss_func``, an SFT ``loss_type`` other than
                 ``"nll"``, or a Trainer subclass with its own ``compute_loss`` (DPO, GRPO, ...).
         """
+        why = self._foreign_loss(targs, compute_loss_func)
+        if why is not None:
+            raise SurgeryError(
+                "rdrop_alpha/msd_loss train on the model's own loss (its forward with labels) plus surgery's term, in "
+                f"place of the trainer's training loss, but this trainer's loss is not the model's own: {why} would be "
+                "silently dropped. Leave rdrop_alpha/msd_loss off here, or compute the loss yourself in a compute_loss "
+                "override with surgery.rdrop_forward/surgery.rdrop_loss or surgery.msd_samples")
+
+    def _foreign_loss(self, targs, compute_loss_func) -> str | None:
+        """What makes this trainer's training loss something other than the model's own, or None."""
         why = None
         smoothing = getattr(targs, "label_smoothing_factor", 0)
         if smoothing:
@@ -168,12 +192,26 @@ class SurgeryTrainerMixin:
                     continue
                 why = f"{cls.__module__}.{cls.__qualname__}.compute_loss (its own training loss)"
                 break
-        if why is not None:
+        return why
+
+    def _check_synced_reference(self) -> None:
+        """A reference model the trainer syncs with the model by position (TRL's ``sync_ref_model=True``, which
+        mixes ``model.parameters()`` into ``ref.parameters()`` pair by pair) must have the model's parameter
+        layout: a plain reference beside a model with Mixout targets would be paired with the wrong tensors.
+
+        Raises:
+            SurgeryError: the layouts differ, naming the order that works.
+        """
+        ref = getattr(self, "ref_model", None)
+        if ref is None or not getattr(self.args, "sync_ref_model", False) or not records(self.model):
+            return
+        if layout(unwrap(ref)) != layout(unwrap(self.model)):
             raise SurgeryError(
-                "rdrop_alpha/msd_loss train on the model's own loss (its forward with labels) plus surgery's term, in "
-                f"place of the trainer's training loss, but this trainer's loss is not the model's own: {why} would be "
-                "silently dropped. Leave rdrop_alpha/msd_loss off here, or compute the loss yourself in a compute_loss "
-                "override with surgery.rdrop_forward/surgery.rdrop_loss or surgery.msd_samples")
+                "sync_ref_model=True mixes the model's parameters into the reference model's pair by pair, by position, "
+                "but the reference model is not surgered like the model: Mixout's frozen targets (one Parameter after "
+                "each mixed weight) would shift the pairs. Pass ref_model=copy.deepcopy(model) made after "
+                "surgery.apply (the reference then has the same layout; it runs in eval mode, where surgery is "
+                "inert), or sync_ref_model=False")
 
     def _check_fused_head(self) -> None:
         """Refuse surgery on the LM head when the trainer trains through TRL's fused LM head, which reads the
@@ -229,9 +267,9 @@ class SurgeryTrainerMixin:
 
     def _plain_output(self) -> bool:
         """Whether saves the user asks for and hub uploads get the plain model."""
-        rec = get_record(self.model, required=False)  # a layer-weighted MSD head has no plain form
-        return (self.plain_save and rec is not None and no_plain_form(rec, "save_model") is None
-                and not self.is_deepspeed_enabled)
+        recs = [r for _, r in records(self.model)]  # the model's own, or a sub-module's (apply(model.bert, ...))
+        return (self.plain_save and bool(recs) and all(no_plain_form(r, "save_model") is None for r in recs)
+                and not self.is_deepspeed_enabled)  # a layer-weighted MSD head has no plain form
 
     def _write_plain(self, output_dir: str) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -260,6 +298,9 @@ class SurgeryTrainerMixin:
         """
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         rec = get_record(model, required=False)
+        recs = [r for _, r in records(model)]
+        if own_format(type(self), SurgeryTrainerMixin) and recs and all(no_plain_form(r, "save") is None for r in recs):
+            return self._save_own_format(model, output_dir, state_dict)
         if exporting.adapter_model(model) is not None:
             out = super()._save(output_dir, state_dict=state_dict)
             if rec is not None and self.args.should_save:
@@ -276,12 +317,35 @@ class SurgeryTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _save_own_format(self, model, output_dir, state_dict):
+        """The trainer's own save of the plain model; a periodic checkpoint gets the targets file beside it."""
+        with exporting.plain_view(model):
+            out = super()._save(output_dir, state_dict=state_dict)
+        if not self._final_save and self.args.should_save:
+            write_targets(model, os.path.join(output_dir if output_dir is not None else self.args.output_dir,
+                                              TARGETS_FILE))
+        return out
+
+    def _load_from_checkpoint(self, checkpoint, *args, **kwargs):
+        """The trainer's own load, then the Mixout targets a checkpoint in its own format holds beside it."""
+        out = super()._load_from_checkpoint(checkpoint, *args, **kwargs)
+        if own_format(type(self), SurgeryTrainerMixin):
+            load_targets(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), checkpoint)
+        return out
+
     def save_model(self, output_dir=None, _internal_call=False):
         # transformers' push_to_hub saves with _internal_call=True before uploading output_dir:
         # that save is plain too; periodic checkpoints (_internal_call, not pushing) stay surgered
         if not self._plain_output() or (_internal_call and not self._pushing):
             return super().save_model(output_dir, _internal_call=_internal_call)
-        self._write_plain(output_dir if output_dir is not None else self.args.output_dir)
+        if own_format(type(self), SurgeryTrainerMixin):  # the trainer's own format, plain (see _save_own_format)
+            self._final_save = True
+            try:
+                super().save_model(output_dir, _internal_call=_internal_call)
+            finally:
+                self._final_save = False
+        else:
+            self._write_plain(output_dir if output_dir is not None else self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 

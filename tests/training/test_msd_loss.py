@@ -107,18 +107,38 @@ def test_custom_per_sample_loss_fn():
     torch.testing.assert_close(loss, torch.stack([fn(got[0][k], y) for k in range(4)]).mean())
 
 
-def test_model_that_pools_after_the_head_needs_postprocess():
+def test_model_that_pools_after_the_head_is_pooled_the_same_way():
     cfg = AutoConfig.for_model("gpt2", vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32, num_labels=3,
                                pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     m = surgery.apply(AutoModelForSequenceClassification.from_config(cfg), msd=3).train()
     ids, y = torch.randint(5, 50, (2, 6)), torch.tensor([1, 2])
-    with pytest.raises(SurgeryError, match="postprocess="):
-        msd_loss(m, {"input_ids": ids, "labels": y})
     last = lambda s: s[:, torch.arange(2), -1]  # no padding: the last token  # noqa: E731
     torch.manual_seed(4)
     loss, out = msd_loss(m, {"input_ids": ids, "labels": y}, postprocess=last)
     assert loss.ndim == 0 and out.logits.shape == (2, 3) and torch.isfinite(loss)
+    torch.manual_seed(4)
+    assert torch.equal(msd_loss(m, {"input_ids": ids, "labels": y})[0], loss)  # found from the model's logits
+
+
+class _SumsTokens(nn.Module):
+    """Pools its head's per-token output by a sum: no token and no reshape gives its logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.classifier = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.classifier(self.body(x)).sum(1)
+
+
+def test_a_pooling_surgery_cannot_match_is_refused_naming_postprocess():
+    m = surgery.apply(_SumsTokens(), msd=3).train()
+    x, y = torch.randn(2, 5, 6), torch.tensor([1, 2])
+    with pytest.raises(SurgeryError, match=r"postprocess=.*msd_loss=False"):
+        msd_loss(m, x, y)
+    loss, _ = msd_loss(m, x, y, postprocess=lambda s: s.sum(2))
+    assert torch.isfinite(loss)
 
 
 def test_errors_without_a_head_in_eval_and_without_labels():

@@ -211,9 +211,16 @@ FUSED = ("SurgerySFTTrainer trains through TRL's fused LM head: the model's forw
 ])
 def test_fused_lm_head_refuses_surgery_on_the_lm_head(tmp_path, kw, what):
     m = surgery.apply(llama(tie=False), **kw)
-    with pytest.raises(SurgeryError) as e:
-        SFT(model=m, args=sft_args(tmp_path, 1), train_dataset=texts(), processing_class=tokenizer())
+    with pytest.raises(SurgeryError) as e:  # an MSD head trains on its paper loss by default: opted out here
+        SFT(model=m, args=sft_args(tmp_path, 1), train_dataset=texts(), processing_class=tokenizer(),
+            **({"msd_loss": False} if "msd" in kw else {}))
     assert str(e.value) == FUSED.format(what=what)
+
+
+def test_msd_head_on_the_lm_head_trains_on_its_paper_loss_by_default(tmp_path):
+    m = surgery.apply(llama(tie=False), msd=4, head="lm_head")
+    tr = SFT(model=m, args=sft_args(tmp_path, 1), train_dataset=texts(), processing_class=tokenizer())
+    assert tr.msd_loss is True  # the model's own forwards (not the fused head): the MSD head runs
 
 
 def test_fused_lm_head_without_surgery_on_it_trains_and_mixes(tmp_path):

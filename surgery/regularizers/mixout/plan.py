@@ -21,10 +21,12 @@ from ...record import Skip
 from ...wrappers import find_layers
 from .. import Plan, Undo
 from . import MixoutEntry
+from .copies import refuse_copies_made_before
 from .coverage import covered, left_plain
 from .experts import param_wrappers, plan_experts
 from .family import Swap
 from .linear import plan_linear
+from .placement import Placement
 from .selection import select
 
 __all__ = ["plan", "noise", "MixoutPlan", "MixoutUndo"]
@@ -46,14 +48,17 @@ class MixoutPlan(Plan):
 
     def install(self, ctx, rec) -> "MixoutUndo":
         frozen_warning: dict = {}  # one warning per apply when Mixout layers get frozen later (see MixoutLayer)
+        placed = []  # (name, layer, classes): checked at every training forward (Placement)
         for swap, built in zip(self.swaps, self.built):
             layer = swap.layer(built, self.p, self.low_memory)
             parent, _, child = swap.name.rpartition(".")
             setattr(ctx.module(parent), child, layer)
             rec.mixout.append(swap.entry(self.p, layer))
             vars(layer).update(_frozen_warning=frozen_warning, _record_name=swap.name)
+            placed.append((swap.name, layer, _family_classes(rec.mixout[-1])))
         rec.skipped += self.skipped
-        return MixoutUndo()
+        placed = [p for p, e in zip(placed, rec.mixout[len(rec.mixout) - len(placed):]) if e.has_target]
+        return MixoutUndo(ctx.root.register_forward_pre_hook(Placement(ctx.root, placed)) if placed else None)
 
     def coverage(self, ctx, rec, trainable, first) -> dict[str, Any]:
         if not rec.mixout:
@@ -71,6 +76,7 @@ def plan(unit, ctx) -> MixoutPlan | None:
     opts = ctx.opts
     if opts.mixout == 0.0:
         return None
+    refuse_copies_made_before(ctx.root)  # the targets would shift a copy's pairs
     sel = select(ctx)
     wrappers = param_wrappers(ctx.view)
     experts, skipped, taken = plan_experts(ctx, sel, wrappers)
@@ -103,8 +109,9 @@ def _replaced(entry: MixoutEntry, layer: MixoutLayer) -> str | None:
 class MixoutUndo(Undo):
     """Every recorded Mixout layer, found again and checked, swapped back for the module it replaced."""
 
-    def __init__(self):
+    def __init__(self, placement: Any = None):
         self._found: dict[int, tuple[str, MixoutLayer]] = {}
+        self.placement = placement  # the handle of the Placement hook on the model
 
     def check(self, view, rec) -> None:
         found: dict[int, tuple[str, MixoutLayer]] = {}
@@ -122,6 +129,8 @@ class MixoutUndo(Undo):
         self._found = found
 
     def undo(self, view, rec) -> None:
+        if self.placement is not None:
+            self.placement.remove()
         for name, layer in self._found.values():
             parent, _, child = name.rpartition(".")
             setattr(view.root.get_submodule(parent), child, layer.to_module())
