@@ -237,10 +237,6 @@ def _try(model, method: Method, backbone: Backbone, batch, *, check_noop: bool) 
 
     kw = backbone.apply_kwargs(method)
     rec = None
-    if backbone.last_token and method.rdrop_alpha and "msd" in method.knobs and not method.knobs.get("msd_layers"):
-        raise CompareError(f"method {method.label!r}: R-Drop with a multi-sample-dropout head on "
-                           f"{backbone.class_name}, whose head scores every token and picks the last one, is not "
-                           "computed by surgery.compute_loss; compare them as separate methods")
     try:
         if kw:
             surgery.apply(model, **kw)

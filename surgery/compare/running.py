@@ -33,50 +33,13 @@ def eval_steps(total: int, evals: int) -> list[int]:
     return sorted({max(1, round(total * i / evals)) for i in range(1, evals + 1)})
 
 
-def _last_index(input_ids, pad_id):
-    """The position of the last token that is not padding, as GPT-2 / Llama sequence classification pick it."""
-    import torch
-
-    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-    return (positions * (input_ids != pad_id).int()).argmax(-1)
-
-
 def training_loss(model, batch, method: Method, backbone):
     """``(loss, outputs)`` of one training step of ``method``: :func:`surgery.compute_loss` (the model's own
-    loss, R-Drop, the paper's MSD loss), or for a plain MSD head on a model that scores every token and
-    picks the last one (GPT-2, Llama), :func:`surgery.msd_loss` with that pick."""
-    import torch
-
+    loss, R-Drop, the paper's MSD loss, pooled as the model pools: the last real token on GPT-2 / Llama)."""
     import surgery
 
-    if backbone.last_token and "msd" in method.knobs and not method.knobs.get("msd_layers"):
-        last = _last_index(batch["input_ids"], backbone.tokenizer.pad_token_id)
-        rows = torch.arange(len(last), device=last.device)
-        return surgery.msd_loss(model, batch, task=backbone.task, postprocess=lambda s: s[:, rows, last])
     r = surgery.compute_loss(model, batch, rdrop_alpha=method.rdrop_alpha, msd_loss=method.msd_loss, task=backbone.task)
     return r.loss, r.outputs
-
-
-def _trainer_class():
-    import surgery
-
-    class CompareTrainer(surgery.SurgeryTrainer):
-        """``SurgeryTrainer``; a plain MSD head on a last-token model trains with :func:`training_loss`."""
-
-        def __init__(self, *args, method: Method, backbone, **kwargs):
-            self._own = backbone.last_token and "msd" in method.knobs and not method.knobs.get("msd_layers")
-            self._method, self._backbone = method, backbone
-            super().__init__(*args, rdrop_alpha=method.rdrop_alpha, msd_loss=method.msd_loss and not self._own,
-                             task=backbone.task, **kwargs)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not (self._own and model.training):
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            loss, outputs = training_loss(model, inputs, self._method, self._backbone)
-            return (loss, outputs) if return_outputs else loss
-
-    return CompareTrainer
 
 
 @dataclass
@@ -184,10 +147,10 @@ def run_one(plan: RunPlan, backbone, train_ds, val_ds, metric, settings, device:
             # one GPU per comparison: the Trainer would wrap the model in nn.DataParallel, whose replica threads
             # run the MSD head where msd_loss cannot see it, and the costs would be those of several GPUs
             args._n_gpu = 1
-        trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                   data_collator=DataCollatorWithPadding(backbone.tokenizer),
-                                   compute_metrics=compute_metrics, callbacks=[watch], method=plan.method,
-                                   backbone=backbone)
+        trainer = surgery.SurgeryTrainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+            data_collator=DataCollatorWithPadding(backbone.tokenizer), compute_metrics=compute_metrics,
+            callbacks=[watch], rdrop_alpha=plan.method.rdrop_alpha, msd_loss=plan.method.msd_loss, task=backbone.task)
         trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: compare prints one line per run
         load = _load_average()
         with PeakMemory(device) as peak:

@@ -82,8 +82,8 @@ def test_a_sentence_transformers_folder_is_read_through_its_modules_json(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_a_run_trains_through_the_surgery_trainer_and_prices_it(tmp_path, folders, family):
-    """One run of an MSD method (on GPT-2 the head scores every token: compare picks the last one for the
-    paper's loss) and of R-Drop, through the Trainer, evaluated at the planned steps."""
+    """One run of an MSD method (on GPT-2 the head scores every token: compute_loss pools the samples as
+    the model pools, its last real token, for the paper's loss) and of R-Drop, through the Trainer, evaluated at the planned steps."""
     from surgery.compare.metrics import METRICS
     from surgery.compare.running import RunPlan, run_one
     from surgery.compare.settings import Settings
@@ -94,6 +94,8 @@ def test_a_run_trains_through_the_surgery_trainer_and_prices_it(tmp_path, folder
     labels = encode_labels([r["label"] for r in data], None, "auto", "d")
     ds = backbone.encode([r["text"] for r in data], None, labels.train, 16)
     s = Settings(model="m", data="d", batch_size=8, max_steps=4)
+    if family == "gpt2":  # R-Drop with the MSD head: compute_loss pools the samples as GPT-2 pools (its last token)
+        assert check_methods(backbone, ["msd=2+rdrop=0.5"])[1].rdrop_alpha == 0.5
     for method in (msd, rdrop):
         rec = run_one(RunPlan(method, 0, 0, 4, [2, 4]), backbone, ds, ds.select(range(8)), METRICS["accuracy"], s,
                       "cpu", measure_export=True)
@@ -142,8 +144,6 @@ def test_a_sentence_transformers_folder_without_a_transformer_is_refused(tmp_pat
                                 "the model reads no stochastic-depth"),
     ("nodrop", ["no_dropout"], "method 'no_dropout' changes nothing on LlamaForSequenceClassification: it has no "
                                "dropout above 0; leave the method out"),
-    ("gpt2", ["msd=4+rdrop=1"], "R-Drop with a multi-sample-dropout head on GPT2ForSequenceClassification, whose "
-                                "head scores every token and picks the last one"),
     ("xlnet", ["msd=4"], "method 'msd=4' does not fit XLNetForSequenceClassification: no task head found"),
     ("xlnet", ["msd_layers"], "name it with --head NAME"),
     ("bert", ["mixout=0.1+msd_layers+mixot"], "unknown knob 'mixot'; did you mean 'mixout'?"),
