@@ -48,12 +48,12 @@ def signals_blocked():
     if _held or not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield  # nested in a block that already holds them, or nothing this thread can hold
         return
-    handlers = {s: signal.getsignal(s) for s in _SIGNALS}
+    # each signal whose handler Python can put back is swapped; None (a handler set from C) stays as it is,
+    # held back by the mask alone
+    handlers = {s: h for s in _SIGNALS if (h := signal.getsignal(s)) is not None}
     caught: list[int] = []
-    swap = all(h is not None for h in handlers.values())  # None: a handler not set from Python, kept as it is
-    if swap:
-        for s in _SIGNALS:
-            signal.signal(s, lambda signum, frame: caught.append(signum))
+    for s in handlers:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     _held.append(caught)
     try:
@@ -61,11 +61,10 @@ def signals_blocked():
     finally:
         _held.pop()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)  # what was pending is recorded now
-        if swap:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            for s in dict.fromkeys(caught):
-                signal.raise_signal(s)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def signal_pending() -> bool:

@@ -611,6 +611,36 @@ def test_a_signal_that_another_thread_receives_is_held_back_too():
         signal.signal(signal.SIGINT, old)
 
 
+def test_a_handler_set_from_c_for_one_signal_does_not_stop_holding_the_other(monkeypatch):
+    """signal.getsignal gives None for a handler installed from C (not restorable from Python): that
+    signal is only masked, and SIGINT is still held back and delivered once afterwards (it was all or
+    nothing: one None let SIGINT's handler run inside the block)."""
+    from surgery.checkpoint.atomic import signal_pending, signals_blocked
+
+    real = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal", lambda s: None if s == signal.SIGTERM else real(s))
+    import threading
+    import time
+
+    seen = []
+    old = signal.signal(signal.SIGINT, lambda s, f: seen.append(s))
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)  # a thread that does not mask SIGINT
+    t.start()
+    try:
+        with signals_blocked():
+            signal.pthread_kill(t.ident, signal.SIGINT)  # to that thread: CPython runs the handler in the main one
+            deadline = time.monotonic() + 5
+            while not signal_pending() and not seen and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert signal_pending() and seen == []
+        assert seen == [signal.SIGINT]
+    finally:
+        stop.set()
+        t.join(5)
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("then_eof", [False, True], ids=["short-read", "short-then-end"])
 def test_a_short_read_of_the_header_length(scratch, monkeypatch, then_eof):
     """A read may return fewer bytes than asked (libfiu's "reduce" faults do it; so does a file
