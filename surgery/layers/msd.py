@@ -67,13 +67,26 @@ def _head_input(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | N
     return None if key is None else (key, kwargs[key])
 
 
+def _same(stacked: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """``x`` is the stacked input, or an alias of all of it: an engine's forward pre-hook registered after
+    ours may hand the head ``stacked.detach()`` (DeepSpeed ZeRO-3 does, to hook the backward)."""
+    if stacked is None:
+        return False
+    if stacked is x:
+        return True
+    return (x.shape == stacked.shape and x.stride() == stacked.stride() and x.dtype == stacked.dtype
+            and x.device == stacked.device and x.storage_offset() == stacked.storage_offset()
+            and x.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr())
+
+
 class MultiSampleDropout:
     """The hook pair that turns ``head`` into a multi-sample-dropout head (see module doc), and its undo
     (``apply`` keeps it with the live record; ``revert`` calls :meth:`undo`).
 
     Nothing about one call is kept on this shared object: the pre-hook stacks the K samples
     and the post-hook recognises that call by its input tensor (the stacked one, which the
-    forward hooks receive), remembered per thread. So several threads may run the head at
+    forward hooks receive, or an alias of all of it that an engine's hook put in its place),
+    remembered per thread. So several threads may run the head at
     once (``nn.DataParallel`` replicas share these hooks), each getting its own result, and
     :func:`msd_samples` collects, per thread, only what that thread's forwards produced.
     """
@@ -120,7 +133,7 @@ class MultiSampleDropout:
         if not stacked or found is None:
             return None
         x = found[1]
-        i = next((i for i in range(len(stacked) - 1, -1, -1) if stacked[i]() is x), None)
+        i = next((i for i in range(len(stacked) - 1, -1, -1) if _same(stacked[i](), x)), None)
         if i is None:  # this call was not expanded (eval mode, or no tensor input)
             return None
         del stacked[i]

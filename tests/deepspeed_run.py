@@ -1,0 +1,162 @@
+"""Run by ``tests/test_deepspeed.py`` under ``torchrun --nproc_per_node 2`` with ``DS_ACCELERATOR=cpu``: real
+DeepSpeed ZeRO on gloo. Each rank writes ``rank<r>.json`` (what the test asserts) into the output folder.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/deepspeed_run.py loop OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/deepspeed_run.py trainer OUT
+
+``loop``: ``surgery.apply`` then ``deepspeed.initialize`` in an own training loop, ZeRO stages 1, 2, 3, and
+Accelerate's DeepSpeed plugin. ``trainer``: ``SurgeryTrainer`` with DeepSpeed configs (ZeRO-3 builds the model
+under ``zero.Init``, so ``apply`` meets partitioned weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import surgery  # noqa: E402
+from surgery import zero  # noqa: E402
+from surgery.layers.mixout import MixLinear  # noqa: E402
+from training_setup import batch, pretrained  # noqa: E402
+
+TARGET = "mixout_target"
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def config(stage: int, **extra) -> dict:
+    # persistence threshold 0: ZeRO-3 partitions every parameter of the tiny model (by default it keeps
+    # parameters under 100k elements whole on every rank)
+    zo = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
+    return {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zo,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, **extra}
+
+
+def my_batch(rank: int, step: int) -> dict:
+    return batch(n=4, seed=10 * step + rank)
+
+
+def engine(model, stage):
+    eng, opt, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config(stage))
+    return eng, opt
+
+
+def train(eng, rank, steps, first=0, rdrop=0.0, msd_loss=False) -> list[float]:
+    losses = []
+    eng.train()  # (DeepSpeedEngine.train returns None)
+    for i in range(first, first + steps):
+        b = my_batch(rank, i)
+        if rdrop or msd_loss:
+            loss = surgery.compute_loss(eng, b, rdrop_alpha=rdrop, msd_loss=msd_loss).loss
+        else:
+            loss = eng(**b).loss
+        eng.backward(loss)
+        eng.step()
+        losses.append(loss.item())
+    return losses
+
+
+def optimizer_params(opt) -> list:
+    """The parameters DeepSpeed's ZeRO optimizer holds state for (and reduces gradients of)."""
+    groups = getattr(opt, "bit16_groups", None) or getattr(opt, "fp16_groups", None)
+    return [p for g in groups for p in g]
+
+
+def loop(out: str, rank: int) -> dict:
+    res = {}
+    for stage in (1, 2, 3):
+        r = res[f"zero{stage}"] = {}
+        # Mixout layers at p=0 with dropout off train bitwise like the model without surgery
+        torch.manual_seed(5 + rank)
+        eng, _ = engine(pretrained(**NO_DROPOUT), stage)
+        r["plain"] = train(eng, rank, 3)
+        m = surgery.apply(pretrained(), mixout=0.3, dropout=0.0)
+        for layer in m.modules():
+            if isinstance(layer, MixLinear):
+                layer.mixout_p = 0.0
+        torch.manual_seed(5 + rank)
+        eng, _ = engine(m, stage)
+        r["p0"] = train(eng, rank, 3)
+        # Mixout on, MSD, R-Drop: each rank draws its own masks (seeded per rank, as under DDP)
+        m = surgery.apply(pretrained(**NO_DROPOUT), mixout=0.3, msd=4, dropout=0.1)
+        targets = [p for n, p in m.named_parameters() if n.endswith(TARGET)]
+        eng, opt = engine(m, stage)
+        torch.manual_seed(7 + rank)
+        r["mixout"] = train(eng, rank, 2, rdrop=1.0, msd_loss=True)
+        held = optimizer_params(opt)
+        r["targets_in_optimizer"] = sum(any(t is p for p in held) for t in targets)
+        r["optimizer_params"] = len(held)
+        r["trainable"] = sum(1 for p in m.parameters() if p.requires_grad)
+        r["targets_with_grad"] = sum(t.grad is not None for t in targets)
+        total = sum(int(torch.Size(getattr(t, "ds_shape", t.shape)).numel()) for t in targets)
+        r["target_elems"] = total
+        r["target_local"] = sum((t.ds_tensor if zero.is_zero3(t) else t).numel() for t in targets)
+        # DeepSpeed checkpoint, resumed in a fresh engine (RNG state carried by hand, as the Trainer does)
+        ckpt = os.path.join(out, f"ds{stage}")
+        eng.save_checkpoint(ckpt, tag="step2")
+        rng = torch.get_rng_state()
+        r["after"] = train(eng, rank, 2, first=2, rdrop=1.0, msd_loss=True)
+        full = zero.full_state_dict(m)
+        # the eval forward equals the plain model's with the gathered weights
+        eb = batch(n=4, seed=99)
+        with torch.no_grad():
+            eng.eval()
+            logits = eng(**eb).logits
+            plain = pretrained()
+            plain.load_state_dict({k: v for k, v in full.items() if not k.endswith(TARGET)})
+            r["eval_equal"] = torch.equal(plain.eval()(**eb).logits, logits)
+        r["targets_pretrained"] = all(torch.equal(full[k], pretrained().state_dict()[k[:-len(TARGET)] + "weight"])
+                                      for k in full if k.endswith(TARGET))
+        export_dir = os.path.join(out, f"export{stage}")
+        surgery.exporting.export_sharded(eng, export_dir, should_save=rank == 0)
+        if stage == 3:
+            try:
+                surgery.export(eng, os.path.join(out, "one-rank"))
+            except surgery.SurgeryError as e:
+                r["export_refused"] = str(e)
+        m2 = surgery.apply(pretrained(**NO_DROPOUT), mixout=0.3, msd=4, dropout=0.1)
+        eng2, _ = engine(m2, stage)
+        eng2.load_checkpoint(ckpt, tag="step2")
+        torch.set_rng_state(rng)
+        r["resumed"] = train(eng2, rank, 2, first=2, rdrop=1.0, msd_loss=True)
+        full2 = zero.full_state_dict(m2)
+        r["resumed_equal"] = full.keys() == full2.keys() and all(torch.equal(full[k], full2[k]) for k in full)
+        if rank == 0:
+            torch.save(full, os.path.join(out, f"full{stage}.pt"))
+        dist.barrier()
+    # the layer-weighted MSD head under ZeRO-3: its layer weights are partitioned and trained like the rest
+    m = surgery.apply(pretrained(layers=2, **NO_DROPOUT), msd=4, msd_layers=True)
+    eng, _ = engine(m, 3)
+    added = [n for n, p in m.named_parameters() if not n.startswith(("bert.", "classifier."))]
+    before = zero.full_state_dict(m)
+    torch.manual_seed(3 + rank)
+    res["layered"] = {"losses": train(eng, rank, 2), "added": len(added),
+                      "partitioned": all(zero.is_partitioned(m.get_parameter(n)) for n in added)}
+    after = zero.full_state_dict(m)
+    res["layered"]["moved"] = [n for n in added if not torch.equal(before[n], after[n])]
+    # train_noise runs a training forward: under ZeRO-3 too, it lists what it lists without DeepSpeed
+    b = batch(n=2)
+    res["train_noise"] = [surgery.train_noise(eng.module, **b),
+                          surgery.train_noise(surgery.apply(pretrained(layers=2, **NO_DROPOUT), msd=4, msd_layers=True), **b)]
+    return res
+
+
+def main():
+    mode, out = sys.argv[1], sys.argv[2]
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    res = loop(out, rank) if mode == "loop" else None
+    with open(os.path.join(out, f"{mode}{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
