@@ -147,11 +147,100 @@ def loop(out: str, rank: int) -> dict:
     return res
 
 
+def trainer_config(stage: int) -> dict:
+    """A DeepSpeed config for the HF Trainer: no ``train_batch_size`` (on CPU the Trainer counts one process)."""
+    zo = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": zo}
+
+
+def p0(model):
+    """The Mixout layers at p=0 (with dropout off: the model computes what the plain one computes)."""
+    for layer in model.modules():
+        if isinstance(layer, MixLinear):
+            layer.mixout_p = 0.0
+    return model
+
+
+def trainer_run(out, stage, build, steps, resume=None, **kw):
+    from training_setup import dataset, trainer_args
+
+    args = trainer_args(out, steps, save_steps=2, deepspeed=trainer_config(stage), ddp_backend="gloo")
+    model = pretrained(**NO_DROPOUT)  # under a ZeRO-3 config the Trainer's args turn zero.Init on: partitioned here
+    partitioned = any(zero.is_partitioned(p) for p in model.parameters())
+    model = build(model)
+    local = [(p.ds_tensor if zero.is_zero3(p) else p).numel() for n, p in model.named_parameters() if n.endswith(TARGET)]
+    tr = surgery.SurgeryTrainer(model=model, args=args, train_dataset=dataset(), **kw)
+    tr.train(resume_from_checkpoint=resume)
+    tr.save_model(os.path.join(out, "final"))
+    return {"losses": [h["loss"] for h in tr.state.log_history if "loss" in h], "partitioned_at_apply": partitioned,
+            "target_local": sum(local)}
+
+
+def trainer(out: str, rank: int) -> dict:
+    full = dict(rdrop_alpha=1.0, msd_loss=True)
+    res = {}
+    for stage in (1, 2, 3):
+        d = os.path.join(out, f"trainer{stage}")
+        res[f"zero{stage}"] = trainer_run(d, stage, lambda m: surgery.apply(m, mixout=0.3, msd=4, dropout=0.1), 4,
+                                          **full)
+    d = os.path.join(out, "trainer3")
+    res["resumed"] = trainer_run(os.path.join(out, "resumed3"), 3,
+                                 lambda m: surgery.apply(m, mixout=0.3, msd=4, dropout=0.1), 4,
+                                 resume=os.path.join(d, "checkpoint-2"), **full)
+    res["plain"] = trainer_run(os.path.join(out, "plain3"), 3, lambda m: m, 3)
+    res["p0"] = trainer_run(os.path.join(out, "p03"), 3, lambda m: p0(surgery.apply(m, mixout=0.3, dropout=0.0)), 3)
+    res["accelerate"] = accelerate_runs(out, rank)
+    return res
+
+
+def accelerate_runs(out: str, rank: int) -> dict:
+    """Accelerate's DeepSpeed plugin (ZeRO-3) in an own loop: surgery with Mixout at p=0 trains bitwise like no
+    surgery; Mixout on trains with partitioned targets; the plain export of the prepared model."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+    from training_setup import dataset
+
+    res = {}
+    for name, build in (("plain", lambda m: m), ("p0", lambda m: p0(surgery.apply(m, mixout=0.3, dropout=0.0))),
+                        ("mixout", lambda m: surgery.apply(m, mixout=0.3, msd=4, dropout=0.1))):
+        AcceleratorState._reset_state()  # a fresh Accelerator with this plugin (the Trainer made one before)
+        acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config={
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+        torch.manual_seed(0)
+        m = build(pretrained(**NO_DROPOUT))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        loader = torch.utils.data.DataLoader(dataset(8), batch_size=2)
+        model, opt, loader = acc.prepare(m, opt, loader)
+        torch.manual_seed(11 + rank)
+        print("ACC", name, type(model).__name__, flush=True)
+        losses = []
+        for b in loader:
+            loss = surgery.compute_loss(model, b, msd_loss=name == "mixout").loss
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        targets = [p for n, p in m.named_parameters() if n.endswith(TARGET)]
+        res[name] = {"losses": losses, "engine": type(model).__name__,
+                     "target_local": sum(t.ds_tensor.numel() for t in targets if zero.is_zero3(t)),
+                     "targets_whole": sum(t.numel() for t in targets if not zero.is_zero3(t))}
+        if name == "mixout":
+            surgery.exporting.export_sharded(model, os.path.join(out, "accelerate"), should_save=acc.is_main_process)
+            if acc.is_main_process:
+                torch.save(zero.full_state_dict(m), os.path.join(out, "accelerate.pt"))
+            else:
+                zero.full_state_dict(m)
+        acc.free_memory()
+    return res
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    res = loop(out, rank) if mode == "loop" else None
+    res = loop(out, rank) if mode == "loop" else trainer(out, rank)
     with open(os.path.join(out, f"{mode}{rank}.json"), "w") as f:
         json.dump(res, f)
     dist.barrier()

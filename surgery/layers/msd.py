@@ -28,7 +28,7 @@ from ..errors import SurgeryError
 from ..outputs import map_tensors
 from ..record import get_record
 
-__all__ = ["MultiSampleDropout", "msd_forward", "draw_masks", "stack_samples", "per_sample", "msd_samples"]
+__all__ = ["MultiSampleDropout", "msd_forward", "draw_masks", "stack_samples", "per_sample", "msd_samples", "tie"]
 
 
 def draw_masks(x: torch.Tensor, k: int, p: float) -> torch.Tensor:
@@ -180,3 +180,31 @@ def msd_samples(model: nn.Module):
     finally:
         for s, b in zip(states, before):
             s._local.collect = b
+
+
+class _Tie(torch.autograd.Function):
+    """``samples`` unchanged, with ``anchor`` in its graph: the backward hands ``anchor`` a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, samples, anchor):
+        ctx.anchor = (anchor.shape, anchor.dtype, anchor.device)
+        return samples.view_as(samples)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.anchor
+        return g, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def tie(samples, outputs):
+    """The collected ``samples`` with the model's returned ``outputs`` (their first tensor that requires grad,
+    the logits) in their graph, at zero gradient: a loss on the samples alone then still runs the backward of
+    whatever an engine's forward hooks wrapped the head's returned output in. DeepSpeed ZeRO-3 gathers the
+    head's weights for its backward there; without it the head's backward would meet a released shard.
+    The samples' values and gradients are unchanged (``g + 0``)."""
+    found: list = []
+    map_tensors(outputs, lambda t: found.append(t) or t)
+    anchor = next((t for t in found if t.requires_grad and t.dim() > 0), None)
+    if anchor is None:
+        return samples
+    return map_tensors(samples, lambda t: _Tie.apply(t, anchor) if t.requires_grad else t)

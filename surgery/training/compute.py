@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import NotSurgeredError, SurgeryError, SurgeryTypeError
-from ..layers.msd import msd_samples
+from ..layers.msd import msd_samples, tie
 from ..record import get_record, unwrap
 from .losses import check_alpha, check_task, logits_of, msd_sample_loss, rdrop_loss
 from .rdrop import STRATEGIES, call, rdrop_forward
@@ -78,7 +78,7 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
     if len(got) != 1:
         raise SurgeryError(f"the multi-sample-dropout head ran {len(got)} times in one forward; msd_loss needs exactly "
                            "one call (compute the loss from surgery.msd_samples(model) yourself for other models)")
-    samples = got[0]
+    samples = tie(got[0], outputs)  # the backward runs through the output an engine's hooks wrapped (ZeRO-3)
     if postprocess is not None:
         samples = postprocess(samples)
     if shift:
