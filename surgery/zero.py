@@ -18,10 +18,11 @@ unless such a parameter exists, so the core install does not need it).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch-free at import: ``describe`` (which reads records without torch) asks is_zero3
+    import torch
+    from torch import nn
 
 __all__ = ["is_zero3", "is_partitioned", "zero3_params", "gathered", "partition_new", "full_state_dict"]
 
@@ -64,10 +65,12 @@ def partition_new(model: nn.Module, before: Iterable[torch.Tensor]) -> int:
     """Partition the parameters of ``model`` that are not ZeRO-3 parameters when ``before`` (the model's
     parameters before ``apply``) held some: they are what ``apply`` added, and are partitioned as the
     weights are. Returns how many."""
+    before = list(before)
     zp = zero3_params(before)
     if not zp:
         return 0
-    new = [p for p in model.parameters() if not is_zero3(p)]
+    old = {id(p) for p in before}
+    new = [p for p in model.parameters() if id(p) not in old and not is_zero3(p)]
     if new:
         zp[0].convert_to_zero_parameters(new)
     return len(new)

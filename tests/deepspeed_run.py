@@ -127,6 +127,13 @@ def loop(out: str, rank: int) -> dict:
         r["resumed"] = train(eng2, rank, 2, first=2, rdrop=1.0, msd_loss=True)
         full2 = zero.full_state_dict(m2)
         r["resumed_equal"] = full.keys() == full2.keys() and all(torch.equal(full[k], full2[k]) for k in full)
+        if stage == 3:  # describe counts DeepSpeed's partitions; revert gives the plain layers their weights back
+            r["describe"] = surgery.describe(m2)
+            surgery.revert(m2)
+            plain2 = zero.full_state_dict(m2)
+            r["revert_plain"] = (plain2.keys() == {k for k in full2 if not k.endswith(TARGET)}
+                                 and all(torch.equal(plain2[k], full2[k]) for k in plain2)
+                                 and type(m2.classifier) is torch.nn.Linear)
         if rank == 0:
             torch.save(full, os.path.join(out, f"full{stage}.pt"))
         dist.barrier()

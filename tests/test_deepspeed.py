@@ -77,6 +77,7 @@ def test_own_loop_trains_exactly_under_each_zero_stage(loop, stage):
         if stage == 3:  # each rank holds its partition of the targets (DeepSpeed's own ds_tensor sizes)
             assert r["target_local"] * 2 == r["target_elems"]
             assert "export_sharded" in r["export_refused"] and "partitioned by DeepSpeed ZeRO-3" in r["export_refused"]
+            assert "sharded:" in r["describe"] and r["revert_plain"]
         else:  # ZeRO-1/2 keep a full target per rank, as DDP does
             assert r["target_local"] == r["target_elems"] == 1968
     assert ranks[0]["zero1"]["mixout"] != ranks[1]["zero1"]["mixout"]  # each rank its own batch and masks
