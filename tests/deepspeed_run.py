@@ -147,6 +147,15 @@ def loop(out: str, rank: int) -> dict:
                       "partitioned": all(zero.is_partitioned(m.get_parameter(n)) for n in added)}
     after = zero.full_state_dict(m)
     res["layered"]["moved"] = [n for n in added if not torch.equal(before[n], after[n])]
+    # bf16 targets with low_memory (the layer keeps the weight and target, not the mixed weight, for backward)
+    res["bf16_low_memory"] = {}
+    for stage in (2, 3):
+        m = surgery.apply(pretrained(**NO_DROPOUT), mixout=0.3, target_dtype=torch.bfloat16, low_memory=True)
+        eng3, _ = engine(m, stage)
+        torch.manual_seed(3 + rank)
+        losses = train(eng3, rank, 2)
+        dtypes = {str(v.dtype) for k, v in zero.full_state_dict(m).items() if k.endswith(TARGET)}
+        res["bf16_low_memory"][stage] = {"losses": losses, "dtypes": sorted(dtypes)}
     # train_noise runs a training forward: under ZeRO-3 too, it lists what it lists without DeepSpeed
     b = batch(n=2)
     res["train_noise"] = [surgery.train_noise(eng.module, **b),

@@ -89,13 +89,17 @@ def test_own_loop_trains_exactly_under_each_zero_stage(loop, stage):
 
 
 @pytest.mark.slow
-def test_layer_weighted_head_and_train_noise_under_zero3(loop):
+def test_layer_weighted_head_train_noise_and_bf16_low_memory_targets_under_zero(loop):
     _, ranks = loop
     for r in ranks:
         lay = r["layered"]
         assert lay["added"] == 1 and lay["partitioned"] and lay["moved"]  # partitioned like the weights, trained
         assert all(torch.isfinite(torch.tensor(lay["losses"])))
         assert r["train_noise"][0] == r["train_noise"][1]  # what it lists without DeepSpeed
+        low = r["bf16_low_memory"]  # target_dtype=bf16 + low_memory: bf16 targets, partitioned, the same training
+        assert low["2"]["dtypes"] == low["3"]["dtypes"] == ["torch.bfloat16"]
+        assert low["3"]["losses"][0] == low["2"]["losses"][0]
+        torch.testing.assert_close(low["3"]["losses"], low["2"]["losses"], rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow
