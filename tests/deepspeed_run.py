@@ -76,6 +76,12 @@ def loop(out: str, rank: int) -> dict:
         torch.manual_seed(5 + rank)
         eng, _ = engine(pretrained(**NO_DROPOUT), stage)
         r["plain"] = train(eng, rank, 3)
+        keys = list(eng.module.state_dict())
+        try:  # apply after deepspeed.initialize: refused, the model unchanged
+            surgery.apply(eng, mixout=0.3)
+        except surgery.SurgeryError as e:
+            r["engine_refused"] = str(e)
+        r["engine_unchanged"] = list(eng.module.state_dict()) == keys and not surgery.is_surgered(eng)
         m = surgery.apply(pretrained(), mixout=0.3, dropout=0.0)
         for layer in m.modules():
             if isinstance(layer, MixLinear):
