@@ -304,11 +304,12 @@ def export_sharded(model: nn.Module, path: str | os.PathLike, *, should_save: bo
     """:func:`export` for a model whose weights are spread over the ranks: FSDP2 (``fully_shard``) or DeepSpeed
     (ZeRO-3 partitions the weights; the engine itself may be passed). Every rank calls it (the full state dict
     is gathered, a collective), the rank with ``should_save`` writes the plain checkpoint."""
-    root = unwrap(model)
-    if zero.zero3_params(root.parameters()):
-        sd = zero.full_state_dict(root)
+    engine = loaded_class("deepspeed.runtime.engine", "DeepSpeedEngine")
+    src = model.module if engine is not None and isinstance(model, engine) else model  # the keys export expects
+    if zero.zero3_params(src.parameters()):
+        sd = zero.full_state_dict(src)
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = get_model_state_dict(src, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return export(model, path, state_dict=sd, **kwargs) if should_save else None
