@@ -16,6 +16,7 @@ from . import regularizers
 from .patterns import group_names
 from .record import TARGET_SUFFIX, Record, get_record, unwrap
 from .wording import pct
+from .zero import is_zero3
 
 __all__ = ["describe", "target_bytes"]
 
@@ -60,11 +61,16 @@ def _left_alone_lines(rec: Record) -> list[str]:
 
 def target_bytes(model) -> tuple[int, int | None]:
     """Bytes of all Mixout targets of a live model, and the bytes this rank holds when they are
-    sharded (FSDP2 ``DTensor`` targets), else None."""
+    sharded (FSDP2 ``DTensor`` targets, DeepSpeed ZeRO-3 partitions), else None."""
     tensor_mod = sys.modules.get("torch.distributed.tensor")
     total, local, sharded = 0, 0, False
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[-1] != TARGET_SUFFIX:
+            continue
+        if is_zero3(p):  # DeepSpeed's full size and this rank's partition, whether gathered now or not
+            sharded = True
+            total += p.ds_numel * p.element_size()
+            local += p.ds_tensor.numel() * p.element_size()
             continue
         total += p.numel() * p.element_size()
         if tensor_mod is not None and isinstance(p, tensor_mod.DTensor):

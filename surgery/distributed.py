@@ -13,12 +13,17 @@ A Mixout target (``<layer>.mixout_target``) is a frozen ``nn.Parameter``
   while that layer computes. A ``target_dtype`` different from the weight's is fine (FSDP2 needs
   one dtype among *trainable* parameters only and gathers mixed dtypes as bytes).
 
+* **DeepSpeed ZeRO-1/2/3**: see :mod:`surgery.zero` (ZeRO-3 partitions and gathers the targets with
+  their weights; ZeRO-1/2 keep a full target per rank, as DDP does).
+
 Supported: one process, DDP (also through the HF Trainer / Accelerate), FSDP2 with
-``fully_shard`` called *after* ``surgery.apply`` (also Accelerate / Trainer ``fsdp_version=2``).
+``fully_shard`` called *after* ``surgery.apply`` (also Accelerate / Trainer ``fsdp_version=2``),
+DeepSpeed ZeRO stages 1-3 with ``surgery.apply`` before ``deepspeed.initialize`` (also the Trainer and
+Accelerate with a DeepSpeed config; ``apply`` on weights ``zero.Init`` already partitioned works).
 Refused with :class:`~surgery.errors.SurgeryError` before anything changes (at ``apply``/``revert``)
 or at the first training forward: FSDP1 (``FullyShardedDataParallel``; with its default
 ``use_orig_params=False`` torch itself refuses to flatten the frozen target with the trainable
-weight), DeepSpeed ZeRO-3, tensor-parallel (DTensor) weights, ``apply``/``revert`` after
+weight), ``apply`` on a DeepSpeed engine (after ``deepspeed.initialize``), tensor-parallel (DTensor) weights, ``apply``/``revert`` after
 ``fully_shard``, or a weight whose shape no longer matches its target (an engine that partitions
 parameters in a way surgery cannot see through). A target that code unfroze (``requires_grad_(True)``
 on everything) is frozen again at the next training forward.
@@ -37,12 +42,14 @@ from torch import nn
 
 from .errors import SurgeryError
 from .layers.mixout import TARGET_CHECKS
+from .zero import is_partitioned
 
-__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_revert", "check_target", "is_dtensor", "refuse_deepspeed"]
+__all__ = ["SUPPORTED_ENGINES", "check_apply", "check_revert", "check_target", "is_dtensor"]
 
 SUPPORTED_ENGINES = ("one process, DDP (torch.nn.parallel.DistributedDataParallel; the HF Trainer and Accelerate "
                      "in multi-process mode) and FSDP2 (torch.distributed.fsdp.fully_shard called after "
-                     "surgery.apply; Accelerate/Trainer with fsdp_version=2)")
+                     "surgery.apply; Accelerate/Trainer with fsdp_version=2) and DeepSpeed ZeRO-1/2/3 (surgery.apply before "
+                     "deepspeed.initialize; the Trainer and Accelerate with a DeepSpeed config)")
 
 _ORDER = ("call surgery.apply(model, ...) on the plain model first, then fully_shard(layer) for each layer and "
           "fully_shard(model): the Mixout targets are then sharded and gathered with their weights")
@@ -63,19 +70,13 @@ def _fsdp2_type():
     return getattr(mod, "FSDPModule", None) if mod is not None else None
 
 
-_DEEPSPEED = ("DeepSpeed is not supported: it could not be run on this project's test machines, and ZeRO-3 would "
-              "partition the weights without surgery being able to check that the targets follow (see "
-              "docs/training.md, Distributed). Train with FSDP2 (fsdp_version=2) or DDP instead.")
-
-
-def refuse_deepspeed():
-    """Raise the DeepSpeed error (the Trainer/Accelerate was configured with a DeepSpeed engine)."""
-    raise _refuse("the Trainer is configured with DeepSpeed", _DEEPSPEED)
+_DEEPSPEED_ORDER = ("Apply to the model before deepspeed.initialize (or before the Trainer/accelerator.prepare): "
+                    "DeepSpeed then partitions and gathers the Mixout targets with their weights")
 
 
 def check_apply(model: nn.Module, view) -> None:
     """Refuse, before ``apply`` changes anything, a model already inside an engine surgery cannot
-    work through: FSDP2 already applied, DTensor (tensor-parallel) weights, DeepSpeed. (FSDP1 is
+    work through: FSDP2 already applied, DTensor (tensor-parallel) weights, a DeepSpeed engine. (FSDP1 is
     refused by ``wrappers.check_swappable``.)
 
     ``model`` is what the user passed (a wrapper included; DDP around it is fine), ``view`` the
@@ -83,15 +84,13 @@ def check_apply(model: nn.Module, view) -> None:
     """
     fsdp2 = _fsdp2_type()
     if type(model).__name__ == "DeepSpeedEngine":
-        raise _refuse("the model is a DeepSpeed engine", _DEEPSPEED)
+        raise _refuse("the model is a DeepSpeed engine (deepspeed.initialize already ran)", _DEEPSPEED_ORDER + ".")
     for m in [model, *view.modules.values()]:
         if fsdp2 is not None and isinstance(m, fsdp2):
             name = next(iter(view.names.get(id(m), [])), None)
             where = f"module {name!r}" if name else "the model"
             raise _refuse(f"{where} is already sharded with fully_shard (FSDP2)", "Apply first: " + _ORDER + ".")
     for name, p in view.params.items():
-        if hasattr(p, "ds_id"):
-            raise _refuse(f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3", _DEEPSPEED)
         if is_dtensor(p):
             raise _refuse(f"parameter {name!r} is a DTensor (sharded or tensor-parallel)",
                           "Apply to the plain model: " + _ORDER + "; tensor parallelism is not supported.")
@@ -111,8 +110,8 @@ def check_revert(view) -> None:
 
 def _plain(weight: torch.Tensor, target: torch.Tensor) -> bool:
     """The cheap per-forward test: the weight and target Mixout will mix are plain, full, frozen."""
-    return not (target.requires_grad or target.shape != weight.shape or hasattr(weight, "ds_id")
-                or is_dtensor(weight) or is_dtensor(target))
+    return not (target.requires_grad or target.shape != weight.shape or is_partitioned(weight)
+                or is_partitioned(target) or is_dtensor(weight) or is_dtensor(target))
 
 
 def check_target(weight: torch.Tensor, target: torch.Tensor) -> None:
@@ -124,8 +123,10 @@ def check_target(weight: torch.Tensor, target: torch.Tensor) -> None:
         raise _refuse("a Mixout layer computes with a target that is a view requiring grad, not its frozen Parameter: "
                       "FSDP1 (FullyShardedDataParallel, use_orig_params=True) or another engine flattened it together "
                       "with the trainable weights", "Use FSDP2: " + _ORDER + ".")
-    if hasattr(weight, "ds_id") or hasattr(target, "ds_id"):
-        raise _refuse("a Mixout layer's weight is managed by DeepSpeed ZeRO", _DEEPSPEED)
+    if is_partitioned(weight) or is_partitioned(target):
+        raise _refuse("a Mixout layer computes with a ZeRO-3 shard of its weight or target, not the gathered tensor "
+                      "(DeepSpeed gathers a layer's own parameters before its forward; this layer was swapped in after "
+                      "deepspeed.initialize or is called outside its module)", _DEEPSPEED_ORDER + ".")
     if is_dtensor(weight) or is_dtensor(target):
         raise _refuse("a Mixout layer computes with a DTensor weight or target (tensor parallelism, or a layer "
                       "sharded by an engine that does not gather its targets)",

@@ -15,7 +15,7 @@ import textwrap
 
 from torch import nn
 
-from . import configs, distributed, regularizers
+from . import configs, distributed, regularizers, zero
 from .coverage import coverage
 from .describing import describe
 from .errors import AlreadySurgeredError, SurgeryError, SurgeryTypeError
@@ -131,19 +131,21 @@ def apply(model: nn.Module, /, **options) -> nn.Module:
     root, wrappers = _root(model)
     view = View(root)  # the one walk of the module tree
     check_swappable([*wrappers, *view.modules.values()], "apply")
-    distributed.check_apply(model, view)  # fully_shard already applied, DTensor weights, DeepSpeed
+    distributed.check_apply(model, view)  # fully_shard already applied, DTensor weights, a DeepSpeed engine
     _check_unsurgered(view)
-    ctx = Context(view, opts)
-    plans = _install_order(_plan(ctx))
-    rec = Record(args=regularizers.record_args(opts, ctx.task_head()))
-    copies = configs.plan_copies(view.held, view.title)  # the model's own configs: a shared one stays as it is
-    for _, plan in plans:
-        plan.build()  # allocations that can fail, before the first change
-    copies.take()
-    rec.undos.append(copies)  # the last undo: revert hands the original config objects back
-    for _, plan in plans:
-        rec.undos.append(plan.install(ctx, rec))
-    rec.coverage = coverage(ctx, rec, [p for _, p in plans])
+    with zero.gathered(view.params.values()):  # ZeRO-3 partitioned weights (zero.Init): whole while apply reads them
+        ctx = Context(view, opts)
+        plans = _install_order(_plan(ctx))
+        rec = Record(args=regularizers.record_args(opts, ctx.task_head()))
+        copies = configs.plan_copies(view.held, view.title)  # the model's own configs: a shared one stays as it is
+        for _, plan in plans:
+            plan.build()  # allocations that can fail, before the first change
+        copies.take()
+        rec.undos.append(copies)  # the last undo: revert hands the original config objects back
+        for _, plan in plans:
+            rec.undos.append(plan.install(ctx, rec))
+        rec.coverage = coverage(ctx, rec, [p for _, p in plans])
+    zero.partition_new(root, view.params.values())  # what apply added (targets, layer weights), as the weights are
     vars(root)[ATTR] = rec
     claim(root, _claims(view, plans))  # a later apply reaching what this one changed is refused
     rec.undos.append(configs.attach(copies, rec))  # the record, and each sub-model's part of it, into the configs

@@ -30,6 +30,7 @@ from .checkpoint.common import os_error
 from .checkpoint.common import SAFE_INDEX, SAFE_NAME, CheckpointError, is_target_key
 from .checkpoint.safetensors_file import Progress, tensor_item, write_safetensors
 from .checkpoint.swap import Staging
+from . import zero
 from .configs import is_config, restore_config
 from .errors import SurgeryError, SurgeryTypeError
 from .layers.swap import MixoutLayer
@@ -301,6 +302,8 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
     why = next((w for _, r in records(root) if (w := no_plain_form(r, "surgery.export"))), None)  # at any depth
     if why:
         raise SurgeryError(why)
+    if state_dict is None:
+        _check_whole(root)
     path = Path(path)
     peft = adapter_model(model)
     if peft is not None and max_shard_size is not None:
@@ -319,10 +322,26 @@ def export(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | s
         raise CheckpointError(name, f"write failed ({problem})") from None
 
 
-def export_sharded(model: nn.Module, path: str | os.PathLike, *, should_save: bool = True, **kwargs) -> Path | None:
-    """:func:`export` for an FSDP2 (``fully_shard``) model: every rank calls it (the full state dict
-    is gathered, a collective), the rank with ``should_save`` writes the plain checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _check_whole(root: nn.Module) -> None:
+    """Refuse a model whose weights DeepSpeed ZeRO-3 partitioned: one rank holds a shard of each, and
+    gathering them is a collective every rank must join."""
+    name = next((n for n, p in root.named_parameters() if zero.is_partitioned(p)), None)
+    if name is not None:
+        raise SurgeryError(f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (this rank holds a shard of it): "
+                           "call surgery.exporting.export_sharded(model, path, should_save=rank == 0) on every rank, "
+                           "which gathers the weights and writes the plain model once")
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def export_sharded(model: nn.Module, path: str | os.PathLike, *, should_save: bool = True, **kwargs) -> Path | None:
+    """:func:`export` for a model whose weights are spread over the ranks: FSDP2 (``fully_shard``) or DeepSpeed
+    (ZeRO-3 partitions the weights; the engine itself may be passed). Every rank calls it (the full state dict
+    is gathered, a collective), the rank with ``should_save`` writes the plain checkpoint."""
+    engine = loaded_class("deepspeed.runtime.engine", "DeepSpeedEngine")
+    src = model.module if engine is not None and isinstance(model, engine) else model  # the keys export expects
+    if zero.zero3_params(src.parameters()):
+        sd = zero.full_state_dict(src)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(src, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return export(model, path, state_dict=sd, **kwargs) if should_save else None

@@ -22,7 +22,7 @@ PKG = Path(surgery.__file__).parent
 # (surgery/regularizers/<name>/__init__.py, torch-free) sits low, so every reader of a record can loop over
 # the registry; its torch part (the other modules of its package) sits above the layers it installs.
 LAYERS = [
-    ("ground", ["errors", "schema", "patterns", "wording", "options", "entry", "outputs", "interrupts"]),
+    ("ground", ["errors", "schema", "patterns", "wording", "options", "entry", "outputs", "interrupts", "zero"]),
     ("regularizer faces", ["regularizers"]),
     ("the record", ["record", "configs", "describing", "wrappers", "view", "remote_code"]),
     ("layers", ["layers"]),

@@ -374,14 +374,33 @@ def open_checkpoint(path: str | os.PathLike, *, follow_external_symlinks: bool =
     return ck
 
 
+_DEEPSPEED_FILE = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_(model|optim)_states\.pt|(bf16_)?zero_pp_rank_\d+_.*optim_states\.pt")
+
+
+def _deepspeed_folder(path: Path) -> str | None:
+    """The refusal of a DeepSpeed checkpoint folder (``save_checkpoint``: ``latest``, ``global_stepN/`` with ZeRO
+    partition files), naming DeepSpeed's own consolidation; None for any other folder."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    steps = [n for n in names if n.startswith("global_step") and (path / n).is_dir() and not (path / n).is_symlink()]
+    if not (any(_DEEPSPEED_FILE.fullmatch(n) for n in names) or ("latest" in names and steps)):
+        return None
+    where = path.parent if not steps else path
+    return (f"a DeepSpeed checkpoint folder: its ZeRO files hold each rank's partition of the weights and optimizer "
+            f"states, which surgery convert does not read. Consolidate it with DeepSpeed's own script first: python "
+            f"{where / 'zero_to_fp32.py'} {where} OUT --safe_serialization, then surgery convert OUT/model.safetensors DST")
+
+
 def _open_dir(ck: Checkpoint, tree: SourceTree, max_tensors: int) -> None:
     path = ck.path
     for name in (SAFE_NAME, SAFE_INDEX, BIN_NAME, BIN_INDEX):
         if lexists(path / name):
             break
     else:
-        raise CheckpointError(path, f"unknown checkpoint layout: no {SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME} or "
-                                    f"{BIN_INDEX} in this directory")
+        raise CheckpointError(path, _deepspeed_folder(path) or f"unknown checkpoint layout: no {SAFE_NAME}, "
+                                    f"{SAFE_INDEX}, {BIN_NAME} or {BIN_INDEX} in this directory")
     used = {name}
     if name.endswith(".index.json"):
         ck.index, ck.index_name = _read_json(path / name, "the shard index", tree), name

@@ -29,7 +29,7 @@ from ..errors import SurgeryError
 from ..outputs import map_tensors
 from ..record import get_record
 
-__all__ = ["MultiSampleDropout", "msd_forward", "draw_masks", "stack_samples", "per_sample", "msd_samples"]
+__all__ = ["MultiSampleDropout", "msd_forward", "draw_masks", "stack_samples", "per_sample", "msd_samples", "tie"]
 
 
 def draw_masks(x: torch.Tensor, k: int, p: float) -> torch.Tensor:
@@ -68,13 +68,26 @@ def _head_input(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | N
     return None if key is None else (key, kwargs[key])
 
 
+def _same(stacked: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """``x`` is the stacked input, or an alias of all of it: an engine's forward pre-hook registered after
+    ours may hand the head ``stacked.detach()`` (DeepSpeed ZeRO-3 does, to hook the backward)."""
+    if stacked is None:
+        return False
+    if stacked is x:
+        return True
+    return (x.shape == stacked.shape and x.stride() == stacked.stride() and x.dtype == stacked.dtype
+            and x.device == stacked.device and x.storage_offset() == stacked.storage_offset()
+            and x.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr())
+
+
 class MultiSampleDropout:
     """The hook pair that turns ``head`` into a multi-sample-dropout head (see module doc), and its undo
     (``apply`` keeps it with the live record; ``revert`` calls :meth:`undo`).
 
     Nothing about one call is kept on this shared object: the pre-hook stacks the K samples
     and the post-hook recognises that call by its input tensor (the stacked one, which the
-    forward hooks receive), remembered per thread. So several threads may run the head at
+    forward hooks receive, or an alias of all of it that an engine's hook put in its place),
+    remembered per thread. So several threads may run the head at
     once (``nn.DataParallel`` replicas share these hooks), each getting its own result, and
     :func:`msd_samples` collects, per thread, only what that thread's forwards produced.
     """
@@ -121,7 +134,7 @@ class MultiSampleDropout:
         if not stacked or found is None:
             return None
         x = found[1]
-        i = next((i for i in range(len(stacked) - 1, -1, -1) if stacked[i]() is x), None)
+        i = next((i for i in range(len(stacked) - 1, -1, -1) if _same(stacked[i](), x)), None)
         if i is None:  # this call was not expanded (eval mode, or no tensor input)
             return None
         del stacked[i]
@@ -180,3 +193,31 @@ def msd_samples(model: nn.Module):
     finally:
         for s, b in zip(states, before):
             s._local.collect = b
+
+
+class _Tie(torch.autograd.Function):
+    """``samples`` unchanged, with ``anchor`` in its graph: the backward hands ``anchor`` a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, samples, anchor):
+        ctx.anchor = (anchor.shape, anchor.dtype, anchor.device)
+        return samples.view_as(samples)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.anchor
+        return g, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def tie(samples, outputs):
+    """The collected ``samples`` with the model's returned ``outputs`` (their first tensor that requires grad,
+    the logits) in their graph, at zero gradient: a loss on the samples alone then still runs the backward of
+    whatever an engine's forward hooks wrapped the head's returned output in. DeepSpeed ZeRO-3 gathers the
+    head's weights for its backward there; without it the head's backward would meet a released shard.
+    The samples' values and gradients are unchanged (``g + 0``)."""
+    found: list = []
+    map_tensors(outputs, lambda t: found.append(t) or t)
+    anchor = next((t for t in found if t.requires_grad and t.dim() > 0), None)
+    if anchor is None:
+        return samples
+    return map_tensors(samples, lambda t: _Tie.apply(t, anchor) if t.requires_grad else t)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import NotSurgeredError, SurgeryError, SurgeryTypeError
-from ..layers.msd import msd_samples
+from ..layers.msd import msd_samples, tie
 from ..record import get_record, unwrap
 from .losses import check_alpha, check_task, logits_of, msd_sample_loss, rdrop_loss
 from .pooling import pool_like
@@ -81,7 +81,8 @@ def msd_loss(model: nn.Module, batch, target: torch.Tensor | None = None, *, tas
     if len(got) != 1:
         raise SurgeryError(f"the multi-sample-dropout head ran {len(got)} times in one forward; msd_loss needs exactly "
                            "one call (compute the loss from surgery.msd_samples(model) yourself for other models)")
-    samples = postprocess(got[0]) if postprocess is not None else pool_like(got[0], outputs)
+    samples = tie(got[0], outputs)  # the backward runs through the output an engine's hooks wrapped (ZeRO-3)
+    samples = postprocess(samples) if postprocess is not None else pool_like(samples, outputs)
     if shift:
         samples, target = next_token(samples, target)
     if (loss_fn is None and isinstance(samples, torch.Tensor) and isinstance(target, torch.Tensor)

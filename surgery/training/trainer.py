@@ -23,7 +23,6 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint.save import save
-from ..distributed import refuse_deepspeed
 from ..errors import SurgeryError
 from .. import exporting
 from ..record import Record, get_record, no_plain_form, records, unwrap
@@ -135,8 +134,6 @@ class SurgeryTrainerMixin:
         self._pushing = False
         self._final_save = False
         super().__init__(*args, **kwargs)
-        if self.is_deepspeed_enabled and get_record(self.model, required=False) is not None:
-            refuse_deepspeed()
         self._check_synced_reference()
         if self.rdrop_alpha > 0 or self.msd_loss:
             # compute_loss returns a per-batch mean, never normalised by num_items_in_batch, so every
@@ -268,15 +265,14 @@ class SurgeryTrainerMixin:
     def _plain_output(self) -> bool:
         """Whether saves the user asks for and hub uploads get the plain model."""
         recs = [r for _, r in records(self.model)]  # the model's own, or a sub-module's (apply(model.bert, ...))
-        return (self.plain_save and bool(recs) and all(no_plain_form(r, "save_model") is None for r in recs)
-                and not self.is_deepspeed_enabled)  # a layer-weighted MSD head has no plain form
+        return self.plain_save and bool(recs) and all(no_plain_form(r, "save_model") is None for r in recs)
 
     def _write_plain(self, output_dir: str) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # a transformers model: a model directory; a PEFT model: its adapter directory; any other module gets
         # what the Trainer writes for it: model.safetensors
         path = output_dir if exporting.writes_directory(model) else os.path.join(output_dir, "model.safetensors")
-        if self.is_fsdp_enabled:  # every rank gathers the full state dict, the saving rank exports it
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # every rank gathers, the saving rank exports
             exporting.export_sharded(self.model, path, should_save=self.args.should_save)
         elif self.args.should_save:
             exporting.export(model, path)
