@@ -17,12 +17,14 @@ lives in ``zoo.py``.
 from __future__ import annotations
 
 import datetime
+import json
 import importlib.abc
 import importlib.machinery
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -152,6 +154,14 @@ def spawn(fn, args=(), nprocs: int = 2, timeout: float = 240) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(10)
+
+
+def spawn_ranks(fn, name: str, world: int = 2) -> list[dict]:
+    """:func:`spawn` ``fn(rank, world, tmp)`` in ``world`` workers, each writing ``tmp/<name><rank>.json``;
+    what the ranks wrote, in rank order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn(fn, args=(world, tmp), nprocs=world)
+        return [json.load(open(os.path.join(tmp, f"{name}{r}.json"))) for r in range(world)]
 
 
 def init_gloo(rank: int, world: int, tmp: str) -> None:

@@ -31,7 +31,7 @@ import surgery
 import surgery.layers.mixout
 from surgery import SurgeryError, compute_loss
 from training_setup import batch, pretrained
-from conftest import finish_worker, init_gloo, run_python, spawn
+from conftest import finish_worker, init_gloo, run_python, spawn, spawn_ranks
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "benchmarks"))
 from dist_bench import as_buffer_targets  # noqa: E402  (the storage before this change, as the benchmark reproduces it)
@@ -134,9 +134,7 @@ def _ddp_worker(rank, world, tmp):
 
 @pytest.mark.slow
 def test_ddp_syncs_targets_once_and_never_again():
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn(_ddp_worker, args=(2, tmp), nprocs=2)
-        res = [json.load(open(os.path.join(tmp, f"ddp{r}.json"))) for r in range(2)]
+    res = spawn_ranks(_ddp_worker, "ddp")
     for r in res:
         now, before, low = r["parameter"], r["buffer"], r["bf16_low_memory"]
         # target_dtype and low_memory under DDP: bf16 targets (half the bytes) are synced once and never sent again

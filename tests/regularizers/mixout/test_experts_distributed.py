@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import finish_worker, init_gloo, spawn
+from conftest import finish_worker, init_gloo, spawn, spawn_ranks
 from zoo import build
 
 import surgery
@@ -98,9 +98,7 @@ def _ddp_worker(rank, world, tmp):
 
 @pytest.mark.slow
 def test_ddp_syncs_expert_targets_once_and_never_again():
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn(_ddp_worker, args=(2, tmp), nprocs=2)
-        res = [json.load(open(os.path.join(tmp, f"ddp{r}.json"))) for r in range(2)]
+    res = spawn_ranks(_ddp_worker, "ddp")
     for r in res:
         for variant, v in r.items():
             assert v["at_wrap"] == v["params"] + v["targets"] + v["buffers"], variant  # everything once

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import surgery
 import surgery.layers.msd
 from surgery.layers.mixout import MixLinear
 import zoo
-from conftest import finish_worker, init_gloo, spawn
+from conftest import finish_worker, init_gloo, spawn_ranks
 
 ENCODERS = ["bert", "roberta", "xlm-roberta", "deberta-v2", "electra", "albert"]
 K, P, LAYER_P = 5, 0.5, 0.2  # the seed's head
@@ -351,9 +350,7 @@ def _ddp_worker(rank, world, tmp):
 
 @pytest.mark.slow
 def test_ddp_two_processes_gloo():
-    with tempfile.TemporaryDirectory() as tmp:
-        spawn(_ddp_worker, args=(2, tmp), nprocs=2)
-        res = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(2)]
+    res = spawn_ranks(_ddp_worker, "rank")
     for r in res:
         assert r["grad_err"] < 1e-6 and r["params_equal"] and r["pooler_untouched"]
         assert r["weights"] != [-3.0, -3.0, 0.0]
